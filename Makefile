@@ -1,0 +1,26 @@
+# Two entry points for a fresh clone: `make run` and `make test`. Both install into .venv first.
+.PHONY: run test install lint ui clean
+
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+
+install: $(STAMP)
+
+## Run the main job (every asset, in order) on the embedded default config (tide.toml).
+run: $(STAMP)
+	$(VENV)/bin/tide run
+
+## Run the test suite: import contracts, lint, then pytest (slow end-to-end tests included).
+test: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+ui: $(STAMP)
+	$(VENV)/bin/tide ui
+
+clean:
+	rm -rf warehouse .dagster_home

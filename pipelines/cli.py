@@ -1,0 +1,165 @@
+"""`tide`: the command line. Drives Dagster (in-process runs, the UI) and the warehouse."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pipelines.project import REPO_ROOT, Project
+from tide_core.config import CONFIG_ENV, ConfigError
+
+DAGSTER_YAML = "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
+
+
+def dagster_home() -> Path:
+    """Project-local DAGSTER_HOME (runs of `tide run` show up in `tide ui`), unless one is set."""
+    home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / ".dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def _load_project(args) -> Project:
+    if args.config:
+        os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+    return Project.load(args.config)
+
+
+def cmd_run(args) -> int:
+    project = _load_project(args)  # a bad config fails here, before anything runs
+    dagster_home()
+    import dagster as dg
+
+    from pipelines.definitions import CAPTURE_JOB, MODEL_JOB, PUBLISH_JOB, build_definitions
+
+    if args.overwrite:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(project.store_url)
+        if fs.exists(root):
+            print(f"[tide] --overwrite: deleting the activation store at {project.store_url}")
+            fs.rm(root, recursive=True)
+    defs = build_definitions(str(project.config_path or ""))
+    instance = dg.DagsterInstance.get()
+    quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    t0 = time.perf_counter()
+
+    def execute(job_name: str, partition_key: str | None = None) -> None:
+        label = job_name + (f" [{partition_key}]" if partition_key else "")
+        print(f"[tide] {time.perf_counter() - t0:6.0f}s  running {label}", flush=True)
+        job = defs.resolve_job_def(job_name)
+        result = job.execute_in_process(instance=instance, partition_key=partition_key, run_config=quiet,
+                                        raise_on_error=False)
+        if not result.success:
+            raise SystemExit(f"[tide] {label} failed; see the error above (run id {result.run_id})")
+
+    execute(MODEL_JOB)
+    from pipelines.capture_ops import open_store
+
+    done = set(open_store(project).done_shards())
+    keys = project.shard_keys()
+    for i, key in enumerate(keys):
+        if int(key) in done:
+            print(f"[tide] shard {key} already complete: skipping (use --overwrite to redo)")
+            continue
+        print(f"[tide] shard {i + 1}/{len(keys)}")
+        execute(CAPTURE_JOB, key)
+    execute(PUBLISH_JOB)
+    print(_summary(project, time.perf_counter() - t0))
+    return 0
+
+
+def _summary(project: Project, seconds: float) -> str:
+    cfg = f" --config {project.config_path}" if project.config_path else ""
+    return f"""
+[tide] done in {seconds:.0f}s.
+  activation store : {project.store_url}
+  warehouse (SQL)  : {project.duckdb_path}
+  sample quality   : {project.root / 'sample_quality.json'}
+next:
+  tide ui{cfg}                      # the asset graph, runs and metadata in the Dagster UI
+  tide sql{cfg} "SELECT class_name, count(*), avg(judge_pred = class_id) AS acc FROM samples GROUP BY 1 ORDER BY 1"
+  duckdb -readonly {project.duckdb_path}
+"""
+
+
+def cmd_ui(args) -> int:
+    _load_project(args)
+    home = dagster_home()
+    exe = Path(sys.executable).with_name("dagster")
+    argv = [str(exe), "dev", "-m", "pipelines.definitions", "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"[tide] Dagster UI on http://127.0.0.1:{args.port}  (DAGSTER_HOME={home})", flush=True)
+    # Background jobs start with SIGINT ignored; dagster dev then ignores Ctrl-C/TERM. Restore defaults.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.chdir(REPO_ROOT)
+    os.execv(str(exe), argv)
+    return 0  # not reached
+
+
+def cmd_train_dit(args) -> int:
+    from pipelines.model_ops import ensure_dit
+
+    project = _load_project(args)
+    if project.config.model.source != "digits":
+        raise SystemExit(f"[tide] model.source={project.config.model.source!r}: train-dit trains the default "
+                         "'digits' model only")
+    status = ensure_dit(project, log=lambda m: print(f"[tide] {m}", flush=True), force=args.force)
+    print(f"[tide] checkpoint: {status.path} (fingerprint {status.fingerprint})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from tide_core.config import explain
+
+    if args.explain:
+        print("\n".join(explain()))
+        return 0
+    project = _load_project(args)
+    print(f"[tide] config {project.config_path or '(defaults)'} is valid")
+    if args.show:
+        print(project.config.model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tide", description="TIDE activation warehouse for Diffusion Transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", help=f"run config (default: ${CONFIG_ENV} or ./tide.toml)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    r = add("run", cmd_run, "Materialize the whole asset graph in-process through Dagster, stage by stage.")
+    r.add_argument("--overwrite", action="store_true", help="delete the activation store and capture again")
+    r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="Dagster console log level (default INFO)")
+    u = add("ui", cmd_ui, "Start the Dagster UI on 127.0.0.1 with a project-local DAGSTER_HOME.")
+    u.add_argument("--port", type=int, default=3000)
+    t = add("train-dit", cmd_train_dit, "Train the default digits DiT (reused while its config is unchanged).")
+    t.add_argument("--force", action="store_true", help="retrain even if the checkpoint matches the config")
+    c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
+    c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")
+    c.add_argument("--show", action="store_true", help="print the validated config as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

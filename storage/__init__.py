@@ -1,0 +1,1 @@
+"""storage: the Zarr activation store and the DuckDB warehouse (numpy/zarr/pyarrow/duckdb only)."""

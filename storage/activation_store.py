@@ -1,0 +1,393 @@
+"""The Zarr v3 activation store: one per capture run, indexed by step and layer.
+
+Layout (see docs/STORE.md):
+    <store>/zarr.json                          group attrs: schema_version, layout, provenance
+    <store>/samples/{class_id,seed}  [N]       int32 / int64, chunks (shard_size,)
+    <store>/samples/images           [N,H,W,C] uint8, chunks (shard_size, H, W, C)
+    <store>/acts/<site>/layer_<LL>   [S,N,P,D] float16, chunks (1, shard_size, P, D)
+    <store>/acts/token_index         [S,N,P]   int16, only when tokens are subsampled; shared by
+                                                every site and layer (one token draw per sample and step)
+    <store>/shards/<kkkkk>.done                completion marker (JSON), written last
+S counts captured steps (attrs["steps"] maps axis 0 to schedule steps), N samples, P stored tokens,
+D channels. Shard writes never share a chunk, so parallel writers need no locks; a shard without its
+marker is incomplete: it is redone, never read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+# Provenance keys that may differ between runs writing the same store (not part of its identity).
+VOLATILE_KEYS = frozenset({"created_at", "code_version"})
+
+
+class StoreError(ValueError):
+    """The store cannot be used as asked; the message says what to change."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was written with a different configuration."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of a store: everything needed to create its arrays."""
+
+    num_samples: int
+    shard_size: int
+    steps: list[int]  # captured schedule positions (axis 0 of every activation array)
+    layers: list[int]
+    sites: list[str]
+    tokens_total: int  # T: image tokens per image (grid_h * grid_w)
+    tokens_stored: int  # P: tokens stored per image and step (T when not subsampled)
+    token_grid: list[int]  # [grid_h, grid_w]
+    d_model: int
+    image_shape: list[int]  # [H, W, C]
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.shard_size < 1:
+            raise StoreError("num_samples and shard_size must be >= 1")
+        if not 1 <= self.tokens_stored <= self.tokens_total:
+            raise StoreError(f"tokens_stored={self.tokens_stored} must be in 1..{self.tokens_total}")
+        if self.dtype not in ("float16", "float32"):
+            raise StoreError(f"dtype={self.dtype!r}: use float16 or float32 (bfloat16 is not a numpy dtype)")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    @property
+    def subsampled(self) -> bool:
+        return self.tokens_stored < self.tokens_total
+
+    def shard_range(self, shard: int) -> range:
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"shard {shard} out of range: the store has shards 0..{self.num_shards - 1}")
+        return range(shard * self.shard_size, min(self.num_samples, (shard + 1) * self.shard_size))
+
+    def step_axis(self, step: int) -> int:
+        try:
+            return self.steps.index(step)
+        except ValueError:
+            raise StoreError(f"step {step} was not captured; captured steps: {_ranges(self.steps)}") from None
+
+    def act_bytes_per_sample(self) -> int:
+        itemsize = np.dtype(self.dtype).itemsize
+        per_key = len(self.steps) * self.tokens_stored * self.d_model * itemsize
+        return per_key * len(self.layers) * len(self.sites)
+
+
+@dataclass
+class ShardStats:
+    """What writing one shard cost."""
+
+    shard: int
+    samples: int
+    raw_bytes: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def act_path(site: str, layer: int) -> str:
+    return f"acts/{site}/layer_{layer:02d}"
+
+
+class ActivationStore:
+    """Read and write one run's activations. Construct with create() or open()."""
+
+    def __init__(self, url: str, group: zarr.Group):
+        self.url = url.rstrip("/")
+        self.group = group
+        self.layout = StoreLayout(**group.attrs["layout"])
+        self.fs, self._root = fsspec.core.url_to_fs(self.url)
+
+    # ---- creation and identity -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, url: str, layout: StoreLayout, provenance: dict, overwrite: bool = False) -> ActivationStore:
+        """Create the store's arrays once (upstream of parallel shard writers), or reopen it.
+
+        Reopening checks that layout and provenance match and raises StoreMismatchError naming every
+        difference; overwrite=True deletes the old store instead.
+        """
+        url = url.rstrip("/")
+        fs, root = fsspec.core.url_to_fs(url)
+        if fs.exists(f"{root}/zarr.json"):
+            if overwrite:
+                fs.rm(root, recursive=True)
+            else:
+                store = cls.open(url)
+                store.check_matches(layout, provenance)
+                return store
+        _check_writable(fs, root)
+        group = zarr.open_group(url, mode="w")
+        lay = layout
+        codec = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+        n, sh = lay.num_samples, lay.shard_size
+        group.create_array("samples/class_id", shape=(n,), chunks=(sh,), dtype="int32", fill_value=-1)
+        group.create_array("samples/seed", shape=(n,), chunks=(sh,), dtype="int64", fill_value=-1)
+        group.create_array("samples/images", shape=(n, *lay.image_shape), chunks=(sh, *lay.image_shape),
+                           dtype="uint8", fill_value=0)
+        shape = (len(lay.steps), n, lay.tokens_stored, lay.d_model)
+        dims = ["step", "sample", "token", "channel"]
+        for site in lay.sites:
+            for layer in lay.layers:
+                arr = group.create_array(act_path(site, layer), shape=shape, dtype=lay.dtype,
+                                         chunks=(1, sh, lay.tokens_stored, lay.d_model),
+                                         compressors=[codec], fill_value=0, dimension_names=dims)
+                arr.attrs.update({"site": site, "layer": layer})
+        if lay.subsampled:
+            group.create_array("acts/token_index", shape=shape[:3], chunks=(1, sh, lay.tokens_stored),
+                               dtype="int16", fill_value=-1, dimension_names=dims[:3])
+        group.attrs.update({
+            "schema_version": SCHEMA_VERSION,
+            "layout": asdict(lay),
+            "provenance": {**provenance, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        })
+        return cls(url, group)
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r+") -> ActivationStore:
+        url = url.rstrip("/")
+        fs, root = fsspec.core.url_to_fs(url)
+        if not fs.exists(f"{root}/zarr.json"):
+            raise StoreError(f"no activation store at {url}: materialize `activations` first")
+        group = zarr.open_group(url, mode=mode)
+        version = group.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store {url} has schema_version={version}, this code reads {SCHEMA_VERSION}; "
+                             "re-capture it (or use the matching code version)")
+        return cls(url, group)
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self.group.attrs["provenance"])
+
+    def check_matches(self, layout: StoreLayout, provenance: dict) -> None:
+        diffs = _diff("layout", asdict(self.layout), asdict(layout))
+        old = {k: v for k, v in self.provenance.items() if k not in VOLATILE_KEYS}
+        new = {k: v for k, v in json.loads(json.dumps(provenance)).items() if k not in VOLATILE_KEYS}
+        diffs += _diff("provenance", old, new)
+        if diffs:
+            shown = "\n  ".join(diffs[:20])
+            raise StoreMismatchError(
+                f"the store at {self.url} was written with a different config:\n  {shown}\n"
+                "use another warehouse root, restore the old config, or overwrite (tide run --overwrite)"
+            )
+
+    # ---- shard lifecycle --------------------------------------------------------------------
+
+    def _marker(self, shard: int) -> str:
+        return f"{self._root}/shards/{shard:05d}.done"
+
+    def is_done(self, shard: int) -> bool:
+        return self.fs.exists(self._marker(shard))
+
+    def done_shards(self) -> list[int]:
+        return [s for s in range(self.layout.num_shards) if self.is_done(s)]
+
+    def missing_shards(self) -> list[int]:
+        return [s for s in range(self.layout.num_shards) if not self.is_done(s)]
+
+    def begin_shard(self, shard: int) -> range:
+        """Invalidate a shard before (re)writing it: readers skip it until mark_done."""
+        rng = self.layout.shard_range(shard)
+        if self.is_done(shard):
+            self.fs.rm(self._marker(shard))
+        return rng
+
+    def mark_done(self, shard: int, stats: ShardStats) -> None:
+        self.fs.makedirs(f"{self._root}/shards", exist_ok=True)
+        tmp = self._marker(shard) + ".tmp"
+        self.fs.pipe(tmp, json.dumps(asdict(stats)).encode())
+        self.fs.mv(tmp, self._marker(shard))
+
+    def shard_stats(self, shard: int) -> dict:
+        return json.loads(self.fs.cat(self._marker(shard)))
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def write_samples(self, shard: int, images: np.ndarray, class_ids: np.ndarray, seeds: np.ndarray) -> None:
+        rng = self.layout.shard_range(shard)
+        sl = slice(rng.start, rng.stop)
+        if images.shape != (len(rng), *self.layout.image_shape) or images.dtype != np.uint8:
+            raise StoreError(f"images for shard {shard} must be uint8 {(len(rng), *self.layout.image_shape)}, "
+                             f"got {images.dtype} {images.shape}")
+        self.group["samples/images"][sl] = images
+        self.group["samples/class_id"][sl] = class_ids.astype(np.int32)
+        self.group["samples/seed"][sl] = seeds.astype(np.int64)
+
+    def write_step(self, shard: int, step: int, acts: dict[tuple[str, int], np.ndarray],
+                   token_index: np.ndarray | None) -> int:
+        """Write one step of one shard: acts[(site, layer)] is [n, P, D]. Returns bytes written (raw)."""
+        lay = self.layout
+        rng = lay.shard_range(shard)
+        s = lay.step_axis(step)
+        sl = slice(rng.start, rng.stop)
+        expected = (len(rng), lay.tokens_stored, lay.d_model)
+        nbytes = 0
+        for (site, layer), a in acts.items():
+            if a.shape != expected:
+                raise StoreError(f"acts[{site}, layer {layer}] step {step} has shape {a.shape}, "
+                                 f"the store expects {expected}")
+            self.group[act_path(site, layer)][s, sl] = a.astype(lay.dtype, copy=False)
+            nbytes += a.size * np.dtype(lay.dtype).itemsize
+        if lay.subsampled:
+            if token_index is None or token_index.shape != expected[:2]:
+                raise StoreError(f"token_index for step {step} must have shape {expected[:2]}")
+            self.group["acts/token_index"][s, sl] = token_index.astype(np.int16)
+        return nbytes
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def _require_done(self, sample_range: range) -> None:
+        sh = self.layout.shard_size
+        for shard in range(sample_range.start // sh, -(-sample_range.stop // sh)):
+            if not self.is_done(shard):
+                raise StoreError(f"shard {shard} of {self.url} is not complete (no done marker): "
+                                 "materialize its `activations` partition")
+
+    def array(self, site: str, layer: int) -> zarr.Array:
+        key = act_path(site, layer)
+        if site not in self.layout.sites or layer not in self.layout.layers:
+            raise StoreError(f"({site}, layer {layer}) was not captured; captured sites {self.layout.sites}, "
+                             f"layers {self.layout.layers}")
+        return self.group[key]
+
+    def read_step(self, site: str, layer: int, step: int, samples: range | None = None) -> np.ndarray:
+        """Activations of one (layer, step): [n, P, D] over completed samples (default all)."""
+        samples = samples or range(self.layout.num_samples)
+        self._require_done(samples)
+        return self.array(site, layer)[self.layout.step_axis(step), samples.start:samples.stop]
+
+    def read_samples(self, site: str, layer: int, start: int, stop: int) -> np.ndarray:
+        """Activations of a sample range over all captured steps: [S, n, P, D]."""
+        self._require_done(range(start, stop))
+        return self.array(site, layer)[:, start:stop]
+
+    def token_index(self, start: int, stop: int) -> np.ndarray:
+        """Stored token positions [S, n, P] (identity grid when not subsampled)."""
+        lay = self.layout
+        if lay.subsampled:
+            return self.group["acts/token_index"][:, start:stop]
+        return np.broadcast_to(np.arange(lay.tokens_total, dtype=np.int16),
+                               (len(lay.steps), stop - start, lay.tokens_total))
+
+    def samples(self) -> dict[str, np.ndarray]:
+        return {"class_id": self.group["samples/class_id"][:], "seed": self.group["samples/seed"][:]}
+
+    def images(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.group["samples/images"][start:stop]
+
+    def dask(self, site: str, layer: int):
+        """A lazy dask array [S, N, P, D] that respects the Zarr chunks."""
+        import dask.array as da
+
+        self.array(site, layer)  # validates the key
+        return da.from_zarr(self.url, component=act_path(site, layer))
+
+    def stored_bytes(self) -> int:
+        return int(sum(self.fs.du(self._root, total=False).values()))
+
+    def iter_token_batches(self, site: str, layer: int, batch_size: int, seed: int,
+                           sample_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None,
+                           epochs: int = 1, samples_per_block: int | None = None) -> Iterator[TokenBatch]:
+        """Shuffled token batches for SAE training, balanced across steps, memory bounded.
+
+        Reads one block of samples (default one shard) over all steps at a time, shuffles its tokens,
+        and yields batches. Each block holds every step equally, so every batch mixes steps in the
+        proportion they were captured. Memory: one block, S * block * P * D values.
+        """
+        lay = self.layout
+        arr = self.array(site, layer)
+        sample_ids = np.arange(lay.num_samples) if sample_ids is None else np.asarray(sample_ids)
+        if len(sample_ids) == 0:
+            raise StoreError("iter_token_batches got no sample ids")
+        self._require_done(range(int(sample_ids.min()), int(sample_ids.max()) + 1))
+        axes = np.arange(len(lay.steps)) if steps is None else np.array([lay.step_axis(s) for s in steps])
+        block = samples_per_block or lay.shard_size
+        rng = np.random.default_rng(seed)
+        timesteps = np.asarray(self.provenance["capture_timesteps"], np.int64)
+        steps_arr = np.asarray(lay.steps, np.int64)
+        carry: list[np.ndarray] = []
+        carry_meta: list[np.ndarray] = []
+        for _ in range(epochs):
+            order = rng.permutation(sample_ids)
+            for i in range(0, len(order), block):
+                ids = np.sort(order[i:i + block])
+                x = arr.get_orthogonal_selection((axes, ids))  # [s, b, P, D]
+                s_idx = np.broadcast_to(axes[:, None, None], x.shape[:3])
+                sid = np.broadcast_to(ids[None, :, None], x.shape[:3])
+                flat = x.reshape(-1, lay.d_model)  # [s*b*P, D]
+                meta = np.stack([s_idx.reshape(-1), sid.reshape(-1)], 1)  # [s*b*P, 2]
+                perm = rng.permutation(len(flat))
+                carry.append(flat[perm])
+                carry_meta.append(meta[perm])
+                pool = np.concatenate(carry)
+                pool_meta = np.concatenate(carry_meta)
+                n_full = len(pool) // batch_size
+                for j in range(n_full):
+                    sl = slice(j * batch_size, (j + 1) * batch_size)
+                    m = pool_meta[sl]
+                    yield TokenBatch(acts=pool[sl].astype(np.float32), steps=steps_arr[m[:, 0]],
+                                     timesteps=timesteps[m[:, 0]], sample_ids=m[:, 1])
+                carry, carry_meta = [pool[n_full * batch_size:]], [pool_meta[n_full * batch_size:]]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A shuffled batch of stored tokens."""
+
+    acts: np.ndarray  # float32 [B, D]
+    steps: np.ndarray  # int64 [B] schedule position
+    timesteps: np.ndarray  # int64 [B] scheduler timestep value
+    sample_ids: np.ndarray  # int64 [B]
+
+
+def _check_writable(fs, root: str) -> None:
+    try:
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root}/.write_probe"
+        fs.pipe(probe, b"ok")
+        fs.rm(probe)
+    except OSError as err:
+        raise StoreError(f"cannot write the activation store at {root}: {err}; "
+                         "set warehouse.root to a writable location") from None
+
+
+def _diff(prefix: str, old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(f"{prefix}.{key}", a, b)
+        elif a != b:
+            out.append(f"{prefix}.{key}: store has {_short(a)}, config asks for {_short(b)}")
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    xs = list(xs)
+    if xs and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}..{xs[-1]}"
+    return str(xs)
+
+
+def shard_stored_bytes(store: ActivationStore, shard: int) -> int:
+    """Bytes on disk of one shard's activation chunks (chunk key c/<step>/<shard>/0/0)."""
+    pattern = f"{store._root}/acts/*/layer_*/c/*/{shard}/0/0"
+    return int(sum(store.fs.size(p) for p in store.fs.glob(pattern)))

@@ -1,0 +1,336 @@
+"""Warehouse schema: every table and view, declared once and rendered to DDL.
+
+The same declarations drive the DDL, the column validation of ``Warehouse.replace_partition`` and
+the grain checks, so they cannot drift apart. Each table states its grain (the columns that
+identify one row); the grain is also its PRIMARY KEY, and its ``COMMENT ON TABLE`` starts with
+``grain:`` so ``tide sql --schema`` shows it.
+
+Foreign keys are deliberately absent: DuckDB refuses to delete a referenced parent row, which would
+make replacing one partition (say, one run's SAEs) impossible without rewriting every child table.
+The views join with LEFT JOINs instead, so an orphan row stays visible rather than vanishing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPLITS = ("train", "heldout")
+TOP_IMAGE_SCOPES = ("overall", "peak_step")
+OVERALL_STEP = -1  # sae_metrics.step of the aggregate over all diffusion steps
+
+
+@dataclass(frozen=True)
+class Col:
+    """One column: ``type`` is a DuckDB type, ``constraint`` extra DDL such as ``NOT NULL``."""
+
+    name: str
+    type: str
+    doc: str = ""
+    constraint: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table; ``grain`` names the columns that identify a row and form the PRIMARY KEY."""
+
+    name: str
+    grain: tuple[str, ...]
+    grain_doc: str
+    columns: tuple[Col, ...]
+    checks: tuple[str, ...] = ()
+
+    @property
+    def comment(self) -> str:
+        return f"grain: {self.grain_doc} ({', '.join(self.grain)})"
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Col:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(f"table {self.name!r} has no column {name!r}; it has {', '.join(self.column_names)}")
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    comment: str
+    sql: str
+
+
+def _sql_list(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+_METRICS = ("mse", "nmse", "cosine", "explained_variance", "l0", "dead_fraction", "dense_fraction")
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table(
+            "runs",
+            ("run_id",),
+            "one capture run",
+            (
+                Col("run_id", "VARCHAR"),
+                Col("config_json", "JSON", "the full validated run config", "NOT NULL"),
+                Col("code_version", "VARCHAR", "version of the code that produced the run"),
+                Col("model_source", "VARCHAR", "'digits' or a Hub model id"),
+                Col("model_hash", "VARCHAR", "hash of the DiT weights"),
+                Col("created_at", "TIMESTAMP", "UTC", "NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')"),
+            ),
+        ),
+        Table(
+            "samples",
+            ("run_id", "sample_id"),
+            "one generated image",
+            (
+                Col("run_id", "VARCHAR"),
+                Col("sample_id", "BIGINT", "unique within the run"),
+                Col("class_id", "INTEGER", "class the image was conditioned on", "NOT NULL"),
+                Col("class_name", "VARCHAR"),
+                Col("seed", "BIGINT", "noise seed of the image", "NOT NULL"),
+                Col("shard", "INTEGER", "activation-store shard holding its activations", "NOT NULL"),
+                Col("judge_pred", "INTEGER", "class the judge classifier predicts (NULL: not judged)"),
+                Col("judge_conf", "DOUBLE", "judge probability of judge_pred"),
+            ),
+        ),
+        Table(
+            "saes",
+            ("sae_id",),
+            "one trained SAE",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("run_id", "VARCHAR", "capture run whose activations trained it", "NOT NULL"),
+                Col("layer", "INTEGER", "DiT block index", "NOT NULL"),
+                Col("site", "VARCHAR", "resid, attn or mlp", "NOT NULL"),
+                Col("variant", "VARCHAR", "SAE training variant", "NOT NULL"),
+                Col("n_latents", "INTEGER", "dictionary size", "NOT NULL"),
+                Col("k", "INTEGER", "active latents per token (TopK); NULL if not TopK"),
+                Col("path", "VARCHAR", "where the weights are stored"),
+                Col("tokens_seen", "BIGINT", "training tokens"),
+                Col("created_at", "TIMESTAMP", "UTC", "NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')"),
+            ),
+        ),
+        Table(
+            "sae_metrics",
+            ("sae_id", "split", "step"),
+            f"one SAE on one split at one diffusion step; step = {OVERALL_STEP} is the aggregate over all steps",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("split", "VARCHAR", "train or heldout", f"CHECK (split IN ({_sql_list(SPLITS)}))"),
+                Col("step", "INTEGER", f"diffusion step index; {OVERALL_STEP} = all steps together"),
+                *(Col(m, "DOUBLE") for m in _METRICS),
+            ),
+        ),
+        Table(
+            "feature_stats",
+            ("sae_id", "feature_id", "step"),
+            "one SAE latent at one diffusion step",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER", "latent index"),
+                Col("step", "INTEGER", "diffusion step index"),
+                Col("fire_rate", "DOUBLE", "fraction of tokens where the latent is > 0"),
+                Col("mean_act", "DOUBLE", "mean activation over the tokens where it fires"),
+                Col("max_act", "DOUBLE"),
+            ),
+        ),
+        Table(
+            "features",
+            ("sae_id", "feature_id"),
+            "one SAE latent over all steps",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER", "latent index"),
+                Col("fire_rate", "DOUBLE", "fraction of tokens where the latent is > 0"),
+                Col("mean_act", "DOUBLE", "mean activation over the tokens where it fires"),
+                Col("max_act", "DOUBLE"),
+                Col("peak_step", "INTEGER", "diffusion step with the highest fire rate"),
+                Col("top_class", "INTEGER", "class with the highest fire rate"),
+                Col("class_selectivity", "DOUBLE", "how concentrated firing is on top_class"),
+                Col("label", "VARCHAR", "human or automatic label; NULL if unlabelled"),
+                Col("histogram", "DOUBLE[]", "counts of activation values when firing"),
+                Col("histogram_edges", "DOUBLE[]", "bin edges of histogram (one more than bins)"),
+            ),
+        ),
+        Table(
+            "feature_classes",
+            ("sae_id", "feature_id", "class_id"),
+            "one SAE latent on the images of one class",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER"),
+                Col("class_id", "INTEGER"),
+                Col("fire_rate", "DOUBLE"),
+                Col("mean_act", "DOUBLE"),
+            ),
+        ),
+        Table(
+            "top_images",
+            ("sae_id", "feature_id", "scope", "rank"),
+            "one of the top-activating images of a latent, per scope",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER"),
+                Col(
+                    "scope",
+                    "VARCHAR",
+                    "overall: across all steps; peak_step: at the latent's peak step",
+                    f"CHECK (scope IN ({_sql_list(TOP_IMAGE_SCOPES)}))",
+                ),
+                Col("rank", "INTEGER", "1 = strongest"),
+                Col("sample_id", "BIGINT", "", "NOT NULL"),
+                Col("step", "INTEGER", "diffusion step of the activation"),
+                Col("activation", "DOUBLE", "max activation over the image's patches"),
+                Col("heatmap", "FLOAT[]", "activation per patch, the grid_h x grid_w grid row-major"),
+                Col("grid_h", "INTEGER"),
+                Col("grid_w", "INTEGER"),
+            ),
+            checks=("heatmap IS NULL OR len(heatmap) = grid_h * grid_w",),
+        ),
+        Table(
+            "feature_neighbors",
+            ("sae_id", "feature_id", "rank"),
+            "one nearest neighbour of a latent by decoder direction",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER"),
+                Col("rank", "INTEGER", "1 = nearest"),
+                Col("neighbor_id", "INTEGER", "", "NOT NULL"),
+                Col("cosine", "DOUBLE", "cosine of the two decoder directions"),
+            ),
+        ),
+        Table(
+            "edits",
+            ("edit_id", "sample_id"),
+            "one image regenerated under one feature edit",
+            (
+                Col("edit_id", "VARCHAR"),
+                Col("sample_id", "BIGINT"),
+                Col("run_id", "VARCHAR", "run of sample_id"),
+                Col("sae_id", "VARCHAR", "SAE whose latents were edited"),
+                Col("config_json", "JSON", "the edit's full config"),
+                Col("feature_ids", "INTEGER[]", "edited latents"),
+                Col("strength", "DOUBLE"),
+                Col("step_start", "INTEGER", "first diffusion step edited"),
+                Col("step_end", "INTEGER", "last diffusion step edited"),
+                Col("pred_before", "INTEGER", "judge prediction without the edit"),
+                Col("conf_before", "DOUBLE"),
+                Col("pred_after", "INTEGER", "judge prediction with the edit"),
+                Col("conf_after", "DOUBLE"),
+            ),
+        ),
+    )
+}
+
+# Readers (dashboards, `tide sql`) go through these views, which attach the SAE's layer/site/variant
+# and class names so a query rarely needs a join of its own.
+_SAE_COLS = "s.run_id, s.layer, s.site, s.variant, s.n_latents"
+
+VIEWS: dict[str, View] = {
+    v.name: v
+    for v in (
+        View(
+            "v_classes",
+            "one class of one run, with its name and image count",
+            "SELECT run_id, class_id, any_value(class_name) AS class_name, count(*) AS n_samples "
+            "FROM samples GROUP BY run_id, class_id",
+        ),
+        View(
+            "v_features",
+            "features with their SAE (layer, site, variant) and the name of top_class",
+            f"SELECT {_SAE_COLS}, f.*, c.class_name AS top_class_name FROM features f "
+            "LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN v_classes c ON c.run_id = s.run_id AND c.class_id = f.top_class",
+        ),
+        View(
+            "v_feature_stats",
+            "feature_stats with their SAE (layer, site, variant)",
+            f"SELECT {_SAE_COLS}, fs.* FROM feature_stats fs LEFT JOIN saes s USING (sae_id)",
+        ),
+        View(
+            "v_feature_classes",
+            "feature_classes with their SAE and class name",
+            f"SELECT {_SAE_COLS}, fc.*, c.class_name FROM feature_classes fc "
+            "LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN v_classes c ON c.run_id = s.run_id AND c.class_id = fc.class_id",
+        ),
+        View(
+            "v_sae_metrics",
+            f"sae_metrics with their SAE; step = {OVERALL_STEP} is the aggregate over all steps",
+            f"SELECT {_SAE_COLS}, s.k, s.tokens_seen, m.* FROM sae_metrics m LEFT JOIN saes s USING (sae_id)",
+        ),
+        View(
+            "v_top_images",
+            "top_images with their SAE and the image's class, seed and judge verdict",
+            f"SELECT {_SAE_COLS}, t.*, sm.class_id, sm.class_name, sm.seed, sm.judge_pred, sm.judge_conf "
+            "FROM top_images t LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN samples sm ON sm.run_id = s.run_id AND sm.sample_id = t.sample_id",
+        ),
+        View(
+            "v_feature_neighbors",
+            "feature_neighbors with the neighbour's label and fire rate",
+            f"SELECT {_SAE_COLS}, n.*, f.label AS neighbor_label, f.fire_rate AS neighbor_fire_rate "
+            "FROM feature_neighbors n LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN features f ON f.sae_id = n.sae_id AND f.feature_id = n.neighbor_id",
+        ),
+        View(
+            "v_edits",
+            "edits with the edited image's class; flipped = the judge changed its prediction",
+            "SELECT e.*, sm.class_id, sm.class_name, e.pred_after IS DISTINCT FROM e.pred_before AS flipped "
+            "FROM edits e LEFT JOIN samples sm ON sm.run_id = e.run_id AND sm.sample_id = e.sample_id",
+        ),
+    )
+}
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier; only ever called with names from TABLES/VIEWS, never with user input."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def create_table_sql(table: Table) -> str:
+    """CREATE TABLE IF NOT EXISTS with the grain as PRIMARY KEY."""
+    lines = [f"{quote_ident(c.name)} {c.type} {c.constraint}".rstrip() for c in table.columns]
+    lines += [f"CHECK ({check})" for check in table.checks]
+    lines.append(f"PRIMARY KEY ({', '.join(quote_ident(g) for g in table.grain)})")
+    body = ",\n  ".join(lines)
+    return f"CREATE TABLE IF NOT EXISTS {quote_ident(table.name)} (\n  {body}\n)"
+
+
+def table_comments_sql(table: Table) -> list[str]:
+    """COMMENT ON TABLE (the grain) and COMMENT ON COLUMN for every documented column."""
+    name = quote_ident(table.name)
+    stmts = [f"COMMENT ON TABLE {name} IS {_quote_literal(table.comment)}"]
+    stmts += [
+        f"COMMENT ON COLUMN {name}.{quote_ident(c.name)} IS {_quote_literal(c.doc)}"
+        for c in table.columns
+        if c.doc
+    ]
+    return stmts
+
+
+def view_ddl(view: View) -> list[str]:
+    name = quote_ident(view.name)
+    return [
+        f"CREATE OR REPLACE VIEW {name} AS {view.sql}",
+        f"COMMENT ON VIEW {name} IS {_quote_literal(view.comment)}",
+    ]
+
+
+def all_ddl() -> list[str]:
+    """Every statement of the schema, tables before the views that read them (VIEWS is ordered)."""
+    stmts: list[str] = []
+    for table in TABLES.values():
+        stmts += [create_table_sql(table), *table_comments_sql(table)]
+    for view in VIEWS.values():
+        stmts += view_ddl(view)
+    return stmts

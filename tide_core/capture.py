@@ -1,0 +1,176 @@
+"""Activation capture: named, removable forward hooks on chosen DiT blocks and sites.
+
+Sites of a diffusers DiT block (``BasicTransformerBlock`` with adaLN-Zero):
+    resid : the block's output, i.e. the residual stream after the block (default)
+    attn  : output of the self-attention module ``attn1`` (before adaLN's gate scales it)
+    mlp   : output of the feed-forward module ``ff`` (before the gate)
+Under classifier-free guidance the sampler runs [cond; uncond] in one batch; the conditional half is
+captured by default (it is what the class steers), the unconditional half on request.
+
+Token subsampling keeps P of the T image tokens per (sample, step), drawn from a generator seeded by
+(run seed, sample_id, step) and sorted, so it is reproducible and shared by every layer and site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+SITES = ("resid", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to capture."""
+
+    layers: tuple[int, ...]
+    sites: tuple[str, ...] = ("resid",)
+    steps: frozenset[int] | None = None  # None = every step
+    token_fraction: float = 1.0
+    branch: str = "cond"
+    dtype: str = "float16"
+    seed: int = 0
+
+    def tokens_stored(self, tokens_total: int) -> int:
+        return tokens_total if self.token_fraction >= 1.0 else max(1, round(tokens_total * self.token_fraction))
+
+
+@dataclass(frozen=True)
+class CapturedStep:
+    """One step's captured activations for the batch being sampled."""
+
+    step: int
+    timestep: int
+    acts: dict[tuple[str, int], np.ndarray]  # (site, layer) -> [B, P, D]
+    token_index: np.ndarray | None  # int16 [B, P]; None when every token is kept
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no transformer_blocks: not a DiT-style transformer")
+    return blocks
+
+
+def site_module(block: nn.Module, site: str) -> nn.Module:
+    if site == "resid":
+        return block
+    name = {"attn": "attn1", "mlp": "ff"}.get(site)
+    if name is None or not hasattr(block, name):
+        raise ValueError(f"unknown site {site!r}: use one of {SITES}")
+    return getattr(block, name)
+
+
+def validate_spec(spec: CaptureSpec, num_layers: int, num_steps: int) -> None:
+    """Fail before sampling on anything the model or schedule cannot provide."""
+    bad = [x for x in spec.layers if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"capture layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+    bad_sites = [s for s in spec.sites if s not in SITES]
+    if bad_sites:
+        raise ValueError(f"unknown sites {bad_sites}: use one of {SITES}")
+    if spec.steps is not None:
+        bad = sorted(s for s in spec.steps if not 0 <= s < num_steps)
+        if bad:
+            raise ValueError(f"capture steps {bad} outside the schedule: steps are 0..{num_steps - 1}")
+    if not 0.0 < spec.token_fraction <= 1.0:
+        raise ValueError(f"token_fraction={spec.token_fraction} must be in (0, 1]")
+    if spec.branch not in ("cond", "uncond"):
+        raise ValueError(f"branch={spec.branch!r}: use 'cond' or 'uncond'")
+
+
+def token_draw(seed: int, sample_id: int, step: int, total: int, keep: int) -> np.ndarray:
+    """Sorted token positions kept for one (sample, step)."""
+    digest = hashlib.blake2b(f"{seed}:{sample_id}:{step}:tokens".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    return np.sort(rng.choice(total, size=keep, replace=False)).astype(np.int16)
+
+
+class ActivationCapture:
+    """Hooks that collect activations per step and hand them to ``sink`` (a StepObserver).
+
+    Use as a context manager around ``Sampler.sample(..., observer=capture)``; ``set_samples`` tells it
+    which sample ids the next batch holds (for the token draw).
+    """
+
+    def __init__(self, model: nn.Module, spec: CaptureSpec, sink: Callable[[CapturedStep], None]):
+        self.model = model
+        self.spec = spec
+        self.sink = sink
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._buffer: dict[tuple[str, int], np.ndarray] = {}
+        self._active = False
+        self._batch = 0
+        self._guided = False
+        self._step = 0
+        self._timestep = 0
+        self._sample_ids: Sequence[int] = ()
+        self._index: torch.Tensor | None = None  # [B, P] token positions of the current step
+
+    # -- hook management --
+    def install(self) -> ActivationCapture:
+        blocks = blocks_of(self.model)
+        validate_spec(self.spec, len(blocks), 10**9)
+        for layer in self.spec.layers:
+            for site in self.spec.sites:
+                module = site_module(blocks[layer], site)
+                self._handles.append(module.register_forward_hook(self._make_hook(site, layer)))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ActivationCapture:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def set_samples(self, sample_ids: Sequence[int]) -> None:
+        self._sample_ids = list(sample_ids)
+
+    # -- StepObserver --
+    def begin_step(self, step: int, timestep: int, batch: int, guided: bool) -> None:
+        self._active = self.spec.steps is None or step in self.spec.steps
+        self._step, self._timestep, self._batch, self._guided = step, timestep, batch, guided
+        self._buffer = {}
+        self._index = None
+        if len(self._sample_ids) != batch:
+            raise RuntimeError(f"capture was told {len(self._sample_ids)} sample ids for a batch of {batch}; "
+                               "call set_samples before sampling")
+
+    def end_step(self, step: int) -> None:
+        if not self._active:
+            return
+        index = None if self._index is None else self._index.numpy().astype(np.int16)
+        self.sink(CapturedStep(step=step, timestep=self._timestep, acts=self._buffer, token_index=index))
+        self._active = False
+
+    def _make_hook(self, site: str, layer: int):
+        def hook(_module, _inputs, output):
+            if self._active:
+                self._buffer[(site, layer)] = self._take(output)
+
+        return hook
+
+    def _take(self, out: torch.Tensor) -> np.ndarray:
+        out = out[0] if isinstance(out, tuple) else out  # [2B or B, T, D]
+        b = self._batch
+        if self._guided:
+            out = out[:b] if self.spec.branch == "cond" else out[b:2 * b]  # [B, T, D]
+        total = out.shape[1]
+        keep = self.spec.tokens_stored(total)
+        if keep < total:
+            if self._index is None:
+                draws = [token_draw(self.spec.seed, int(i), self._step, total, keep) for i in self._sample_ids]
+                self._index = torch.from_numpy(np.stack(draws).astype(np.int64))  # [B, P]
+            idx = self._index.to(out.device)
+            out = torch.gather(out, 1, idx[:, :, None].expand(-1, -1, out.shape[2]))  # [B, P, D]
+        return out.detach().to(getattr(torch, self.spec.dtype)).cpu().numpy()

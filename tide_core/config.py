@@ -1,0 +1,323 @@
+"""The run config: one validated TOML file (default ``tide.toml``) with a section per stage.
+
+Every field has a default and a docstring (shown by ``tide config --explain``). Loading is strict:
+unknown keys, wrong types and out-of-range values fail here, before any training or sampling, with
+one message naming the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ENV = "TIDE_CONFIG"
+DEFAULT_CONFIG_NAME = "tide.toml"
+DIGITS_SOURCE = "digits"
+# Hub checkpoints whose shape we know without downloading them (for validating layer indices).
+KNOWN_HUB_MODELS: dict[str, int] = {"facebook/DiT-XL-2-256": 28, "facebook/DiT-XL-2-512": 28}
+SITES = ("resid", "attn", "mlp")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DigitsDiTConfig(_Section):
+    """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
+
+    image_size: int = Field(16, ge=8, le=64)
+    """Side of the square pixel-space images the DiT sees (the 8x8 digits are upsampled to this)."""
+    patch_size: int = Field(2, ge=1, le=8)
+    """Patch side in pixels; the token grid is (image_size / patch_size) squared."""
+    num_layers: int = Field(6, ge=1, le=48)
+    """Number of transformer blocks."""
+    num_heads: int = Field(4, ge=1, le=32)
+    """Attention heads per block."""
+    head_dim: int = Field(32, ge=8, le=256)
+    """Channels per head; the residual width is num_heads * head_dim."""
+    train_steps: int = Field(5000, ge=1)
+    """Optimizer steps of DiT training."""
+    batch_size: int = Field(64, ge=1)
+    """Images per optimizer step."""
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = Field(200, ge=0)
+    """Linear warm-up length in optimizer steps."""
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    """Decay of the exponential moving average of weights; the EMA weights are what is saved."""
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability of replacing the class by the null class in training (enables guidance)."""
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    """Noise schedule of training and sampling (cosine suits small images)."""
+    num_train_timesteps: int = Field(1000, ge=10)
+    """Length of the diffusion process in training timesteps."""
+    seed: int = 0
+    """Seed of weight init, batch order and noise: the same seed gives the same checkpoint."""
+    checkpoint_dir: str = "models/digits-dit"
+    """Where the checkpoint lives (diffusers layout), relative to the repo root or absolute."""
+
+    @model_validator(mode="after")
+    def _patch_divides(self) -> DigitsDiTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.digits.patch_size={self.patch_size} must divide image_size={self.image_size}"
+            )
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not where they are stored)."""
+        payload = self.model_dump(exclude={"checkpoint_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class JudgeConfig(_Section):
+    """The digit classifier that judges generated images."""
+
+    epochs: int = Field(40, ge=1)
+    """Training epochs over the judge's training split."""
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """Held-out fraction of the digits used to report the judge's accuracy."""
+    seed: int = 0
+    """Seed of the split, init and batch order."""
+    quality_samples: int = Field(500, ge=10)
+    """Generated images used to measure class accuracy and Frechet distance of the DiT."""
+
+
+class ModelConfig(_Section):
+    """Which DiT to run."""
+
+    source: str = DIGITS_SOURCE
+    """"digits" (the embedded default, trained locally), a hub id (e.g. "facebook/DiT-XL-2-256") or a
+    local diffusers directory with transformer/ (and vae/, scheduler/)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run: auto picks CUDA when present."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Compute dtype of the DiT (half precision only makes sense on CUDA)."""
+    digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
+    """The embedded default DiT."""
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """The digit classifier used to judge samples."""
+
+    @model_validator(mode="after")
+    def _known_source(self) -> ModelConfig:
+        if self.source == DIGITS_SOURCE or self.source in KNOWN_HUB_MODELS:
+            return self
+        if Path(self.source).is_dir():
+            if not (Path(self.source) / "transformer" / "config.json").exists():
+                raise ValueError(
+                    f"model.source={self.source!r} is a directory without transformer/config.json; "
+                    "point it at a diffusers DiT directory (transformer/, vae/, scheduler/)"
+                )
+            return self
+        raise ValueError(
+            f"model.source={self.source!r} is unknown: use 'digits', one of "
+            f"{sorted(KNOWN_HUB_MODELS)}, or an existing local diffusers directory"
+        )
+
+    def num_layers(self) -> int:
+        """Transformer depth of the configured model, read without loading weights."""
+        if self.source == DIGITS_SOURCE:
+            return self.digits.num_layers
+        if self.source in KNOWN_HUB_MODELS:
+            return KNOWN_HUB_MODELS[self.source]
+        cfg = json.loads((Path(self.source) / "transformer" / "config.json").read_text())
+        return int(cfg["num_layers"])
+
+
+class SamplingConfig(_Section):
+    """How images are sampled (and activations captured along the way)."""
+
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    """Sampler: deterministic DDIM (eta=0) or ancestral DDPM."""
+    num_steps: int = Field(50, ge=1, le=1000)
+    """Denoising steps; step 0 is the noisiest."""
+    guidance_scale: float = Field(4.0, ge=1.0, le=50.0)
+    """Classifier-free guidance scale; 1 disables guidance (one forward pass per step)."""
+    num_samples: int = Field(512, ge=1)
+    """Images in the run; sample_id runs from 0 to num_samples-1."""
+    shard_size: int = Field(64, ge=1)
+    """Samples per shard: the unit of work, of Dagster partitions, of resume and of Zarr chunks."""
+    batch_size: int = Field(64, ge=1)
+    """Images per forward pass (results do not depend on it)."""
+    seed: int = 0
+    """Run seed: a sample's noise depends only on (seed, sample_id)."""
+    classes: list[int] | None = None
+    """Classes to sample, assigned round-robin by sample_id; default all classes of the model."""
+
+
+class CaptureConfig(_Section):
+    """Which activations are stored."""
+
+    layers: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    """Transformer block indices (0-based) to capture."""
+    sites: list[Literal["resid", "attn", "mlp"]] = Field(default_factory=lambda: ["resid"])
+    """Where in the block: resid = block output; attn / mlp = attention / feed-forward output."""
+    steps: list[int] | None = None
+    """Sampling steps to capture (0 = noisiest); default all."""
+    token_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of image tokens stored per image and step (TIDE trains on 1/16); 1 = all tokens."""
+    branch: Literal["cond", "uncond"] = "cond"
+    """Under classifier-free guidance, which half of the batch is captured."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of activations."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> CaptureConfig:
+        if not self.layers:
+            raise ValueError("capture.layers must name at least one layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"capture.layers={self.layers} has duplicates")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"capture.sites={self.sites} has duplicates")
+        return self
+
+
+class SAEConfig(_Section):
+    """Sparse autoencoders trained on the captured activations (one per layer and variant)."""
+
+    variants: list[Literal["tide", "topk", "relu"]] = Field(default_factory=lambda: ["tide", "topk"])
+    """tide = TopK with timestep modulation; topk = plain TopK; relu = ReLU + L1 baseline."""
+    n_latents: int = Field(1024, ge=1)
+    """Dictionary width."""
+    k: int = Field(16, ge=1)
+    """Active latents per token (TopK); the L1 baseline is tuned towards the same L0."""
+    train_tokens: int = Field(2_000_000, ge=1)
+    """Tokens seen in training."""
+    batch_size: int = Field(1024, ge=1)
+    """Tokens per optimizer step."""
+    lr: float = Field(4e-4, gt=0)
+    """Peak AdamW learning rate."""
+    seed: int = 0
+    """Seed of init and batch order."""
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> SAEConfig:
+        if self.k > self.n_latents:
+            raise ValueError(f"sae.k={self.k} must be <= sae.n_latents={self.n_latents}")
+        return self
+
+
+class FeaturesConfig(_Section):
+    """Feature statistics and top-activating images."""
+
+    top_n: int = Field(16, ge=1, le=1000)
+    """Top-activating images kept per feature."""
+
+
+class WarehouseConfig(_Section):
+    """Where results are written."""
+
+    root: str = "warehouse"
+    """Local directory for the DuckDB file, the judge, plots and dashboards (relative paths are relative
+    to the config file's directory)."""
+    store_url: str | None = None
+    """Where the Zarr activation store goes: a local path or any fsspec URL (s3://..., memory://...).
+    Default: <root>/activations.zarr."""
+
+
+class TideConfig(_Section):
+    """The whole run config."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Which DiT to run."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """How images are sampled."""
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    """Which activations are stored."""
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    """Sparse autoencoders."""
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    """Feature statistics."""
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
+    """Output location."""
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> TideConfig:
+        n_layers = self.model.num_layers()
+        bad = [layer for layer in self.capture.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise ValueError(
+                f"capture.layers contains {bad}: model {self.model.source!r} has {n_layers} layers, "
+                f"so layers must be in 0..{n_layers - 1}"
+            )
+        if self.capture.steps is not None:
+            bad = [s for s in self.capture.steps if not 0 <= s < self.sampling.num_steps]
+            if bad:
+                raise ValueError(
+                    f"capture.steps contains {bad}: sampling.num_steps={self.sampling.num_steps}, "
+                    f"so steps must be in 0..{self.sampling.num_steps - 1}"
+                )
+        return self
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `tide config --explain` lists every field)"
+        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"  {where}: {msg}{got}")
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "<dict>") -> TideConfig:
+    """Validate a config mapping; raise ConfigError naming each bad field."""
+    try:
+        return TideConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def resolve_config_path(path: str | os.PathLike | None = None) -> Path | None:
+    """The config file in force: the argument, else $TIDE_CONFIG, else ./tide.toml if present."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_NAME)
+    return default if default.exists() else None
+
+
+def load_config(path: str | os.PathLike | None = None) -> TideConfig:
+    """Load and validate the run config (see resolve_config_path for which file)."""
+    resolved = resolve_config_path(path)
+    if resolved is None:
+        return TideConfig()
+    if not resolved.exists():
+        raise ConfigError(f"config file {resolved} does not exist (set --config or ${CONFIG_ENV})")
+    try:
+        data = tomllib.loads(resolved.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {resolved} is not valid TOML: {err}") from None
+    return parse_config(data, origin=str(resolved))
+
+
+def explain(model: type[BaseModel] = TideConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, default, docstring (for `tide config --explain`)."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.append(f"[{dotted}]  {field.description or ''}")
+            out.extend(explain(ann, dotted + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            out.append(f"  {dotted} = {default!r}  # {field.description or ''}")
+    return out

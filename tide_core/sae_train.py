@@ -1,0 +1,439 @@
+"""Training sparse autoencoders from a stream of token batches (knows nothing of where the tokens live).
+
+* Input: any iterable of ``TokenBatch`` (numpy or torch). The stream is re-cut into batches of exactly
+  ``batch_size`` tokens, so results depend only on the token ORDER, never on how the source chunks it, and
+  nothing beyond one batch (plus the init sample) is held in memory.
+* Several SAEs (e.g. tide, topk and relu of one layer) train from ONE pass over the data: each sees the
+  same batches and has its own AdamW optimizer.
+* Init: the first ``init_tokens`` tokens of the stream set every fresh SAE's input scale and ``b_dec``
+  (``SparseAutoencoder.init_from_sample``); those tokens are then trained on like any others.
+* Schedule: linear warm-up over ``warmup_tokens``, then cosine (or linear) decay to ``final_lr_frac`` of
+  the peak at ``total_tokens``; gradients are clipped to ``grad_clip`` after the decoder-norm projection.
+* Resume: ``save_state(dir)`` writes the SAEs, the optimizer states, the step / token counters and the torch
+  RNG state; ``SAETrainer.load_state(dir)`` restores them, and ``fit`` continues from ``tokens_seen``. Given
+  the stream re-positioned at that token (seek in the source, or ``skip_tokens``), the resumed run reaches
+  bit-identical weights to an uninterrupted one. The step itself draws no random numbers; the RNG state is
+  saved so that callers' own randomness continues identically too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tide_core.sae import SAESpec, SparseAutoencoder
+
+STATE_FILE = "trainer.json"
+OPTIM_FILE = "optim.pt"
+SAES_DIR = "saes"
+STATE_FORMAT = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Tokens of one or more images at one or more sampling steps."""
+
+    acts: torch.Tensor | np.ndarray  # [B, d_in] float activations
+    timesteps: torch.Tensor | np.ndarray  # [B] int: diffusion timestep of each token (what TIDE conditions on)
+    steps: torch.Tensor | np.ndarray  # [B] int: sampling step index of each token (0 = noisiest)
+
+    def __post_init__(self) -> None:
+        n = len(self.acts)
+        if np.ndim(self.acts) != 2:
+            raise ValueError(f"TokenBatch.acts must be [tokens, d_in]; got shape {tuple(self.acts.shape)}")
+        if len(self.timesteps) != n or len(self.steps) != n:
+            raise ValueError(
+                f"TokenBatch has {n} activation rows but {len(self.timesteps)} timesteps and "
+                f"{len(self.steps)} steps: all three must have one entry per token"
+            )
+
+    def __len__(self) -> int:
+        return len(self.acts)
+
+    def to_torch(self, device: str | torch.device = "cpu") -> TokenBatch:
+        """float32 activations and int64 timesteps / steps on ``device``."""
+        return TokenBatch(
+            acts=torch.as_tensor(self.acts).to(device=device, dtype=torch.float32),
+            timesteps=torch.as_tensor(self.timesteps).to(device=device, dtype=torch.int64),
+            steps=torch.as_tensor(self.steps).to(device=device, dtype=torch.int64),
+        )
+
+    def slice(self, start: int, stop: int) -> TokenBatch:
+        return TokenBatch(self.acts[start:stop], self.timesteps[start:stop], self.steps[start:stop])
+
+    @staticmethod
+    def concat(batches: list[TokenBatch]) -> TokenBatch:
+        if len(batches) == 1:
+            return batches[0]
+        parts = [b.to_torch() for b in batches]
+        return TokenBatch(
+            torch.cat([b.acts for b in parts]),
+            torch.cat([b.timesteps for b in parts]),
+            torch.cat([b.steps for b in parts]),
+        )
+
+
+def rebatch(batches: Iterable[TokenBatch], batch_size: int) -> Iterator[TokenBatch]:
+    """Re-cut a stream into batches of exactly ``batch_size`` tokens (the last one may be shorter)."""
+    pending: list[TokenBatch] = []
+    n_pending = 0
+    for batch in batches:
+        start = 0
+        while start < len(batch):
+            take = min(batch_size - n_pending, len(batch) - start)
+            pending.append(batch.slice(start, start + take))
+            n_pending += take
+            start += take
+            if n_pending == batch_size:
+                yield TokenBatch.concat(pending)
+                pending, n_pending = [], 0
+    if n_pending:
+        yield TokenBatch.concat(pending)
+
+
+def skip_tokens(batches: Iterable[TokenBatch], n_tokens: int) -> Iterator[TokenBatch]:
+    """The stream without its first ``n_tokens`` tokens (for sources that cannot seek, on resume)."""
+    to_skip = n_tokens
+    for batch in batches:
+        if to_skip >= len(batch):
+            to_skip -= len(batch)
+            continue
+        yield batch.slice(to_skip, len(batch)) if to_skip else batch
+        to_skip = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config and records
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SAETrainConfig(BaseModel):
+    """How SAEs are trained (shared by all SAEs trained in one pass)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    total_tokens: int = Field(2_000_000, ge=1)
+    """Training tokens per SAE; training stops there (or earlier if the stream runs out)."""
+    batch_size: int = Field(1024, ge=1)
+    """Tokens per optimizer step."""
+    lr: float = Field(4e-4, gt=0.0)
+    """Peak AdamW learning rate."""
+    warmup_tokens: int = Field(50_000, ge=0)
+    """Length of the linear learning-rate warm-up, in tokens."""
+    decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay from the peak to final_lr_frac * lr after warm-up."""
+    final_lr_frac: float = Field(0.1, ge=0.0, le=1.0)
+    """Learning rate at the end of training, as a fraction of the peak."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay (0: sparsity, not decay, is the regulariser)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Max global gradient norm per SAE; 0 disables clipping."""
+    init_tokens: int = Field(16_384, ge=1)
+    """Tokens at the start of the stream used to set the input scale and b_dec of fresh SAEs."""
+    seed: int = 0
+    """Seed of the weights of SAEs built from specs; all get the same seed, so variants start alike."""
+    log_every: int = Field(50, ge=1)
+    """Optimizer steps per logged (averaged) record."""
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.total_tokens / self.batch_size)
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_tokens / self.batch_size)
+
+
+def lr_at(step: int, cfg: SAETrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - 1 - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.decay == "cosine" else 1.0 - frac
+    return cfg.lr * (cfg.final_lr_frac + (1 - cfg.final_lr_frac) * shape)
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """Training metrics of one SAE, averaged over the steps since the previous record."""
+
+    step: int  # optimizer steps done
+    tokens_seen: int
+    lr: float
+    loss: float
+    mse: float  # scaled space (mean ||x|| = sqrt(d_in)), per channel
+    aux: float
+    l1: float
+    l0: float  # mean active latents per token
+    dead_fraction: float  # at the end of the window
+
+
+@dataclass
+class TrainResult:
+    """Outcome of training one SAE."""
+
+    name: str
+    sae: SparseAutoencoder
+    steps: int
+    tokens_seen: int
+    complete: bool  # reached total_tokens (False: the stream ran out, or fit was told to pause)
+    seconds: float  # time spent in this SAE's steps, over all fit calls
+    logs: list[TrainLog] = field(default_factory=list)
+
+    @property
+    def final(self) -> TrainLog | None:
+        return self.logs[-1] if self.logs else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SAETrainer:
+    """Trains named SAEs on one shared stream of token batches; resumable (see the module docstring)."""
+
+    def __init__(self, saes: Mapping[str, SparseAutoencoder | SAESpec], cfg: SAETrainConfig):
+        if not saes:
+            raise ValueError("SAETrainer needs at least one SAE (name -> SparseAutoencoder or SAESpec)")
+        bad = [name for name in saes if not _NAME_RE.match(name)]
+        if bad:
+            raise ValueError(f"SAE names {bad} must match {_NAME_RE.pattern} (they become directory names)")
+        self.cfg = cfg
+        self.saes = {
+            name: s if isinstance(s, SparseAutoencoder) else SparseAutoencoder(s, seed=cfg.seed)
+            for name, s in saes.items()
+        }
+        widths = {name: s.spec.d_in for name, s in self.saes.items()}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"SAEs trained in one pass see the same activations, but their d_in differ: {widths}")
+        self.optimizers = {
+            name: torch.optim.AdamW(s.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            for name, s in self.saes.items()
+        }
+        self.step = 0
+        self.tokens_seen = 0
+        self.logs: dict[str, list[TrainLog]] = {name: [] for name in self.saes}
+        self.seconds: dict[str, float] = dict.fromkeys(self.saes, 0.0)
+        self._window: dict[str, list[TrainLog]] = {name: [] for name in self.saes}
+
+    @property
+    def complete(self) -> bool:
+        return self.tokens_seen >= self.cfg.total_tokens
+
+    # --- one step --------------------------------------------------------------------------------------
+
+    def _step_one(self, name: str, batch: TokenBatch, lr: float) -> TrainLog:
+        sae, opt = self.saes[name], self.optimizers[name]
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = sae.loss(batch.acts, batch.timesteps)
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        sae.project_decoder_grad_()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        opt.step()
+        sae.normalize_decoder_()
+        sae.record_fires(out.output.fire_counts(), len(batch))
+        self.seconds[name] += time.perf_counter() - t0
+        return TrainLog(
+            step=self.step + 1, tokens_seen=self.tokens_seen + len(batch), lr=lr,
+            loss=out.total.item(), mse=out.mse.item(), aux=out.aux.item(), l1=out.l1.item(),
+            l0=out.output.l0().float().mean().item(), dead_fraction=sae.dead_mask().float().mean().item(),
+        )
+
+    def train_step(self, batch: TokenBatch) -> dict[str, TrainLog]:
+        """One optimizer step of every SAE on ``batch`` (already initialised SAEs; any batch size)."""
+        lr = lr_at(self.step, self.cfg)
+        logs = {}
+        for name, sae in self.saes.items():
+            if not bool(sae.initialised):
+                raise RuntimeError(f"SAE {name!r} has no input scale / b_dec yet: call fit() or init_from_sample()")
+            logs[name] = self._step_one(name, batch.to_torch(sae.W_dec.device), lr)
+        self.step += 1
+        self.tokens_seen += len(batch)
+        return logs
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def _initialise(self, stream: Iterator[TokenBatch]) -> Iterator[TokenBatch]:
+        """Init fresh SAEs from the first init_tokens tokens; return the stream with them put back."""
+        fresh = [s for s in self.saes.values() if not bool(s.initialised)]
+        if not fresh:
+            return stream
+        head, n = [], 0
+        while n < self.cfg.init_tokens:
+            batch = next(stream, None)
+            if batch is None:
+                break
+            head.append(batch)
+            n += len(batch)
+        if not head:
+            raise ValueError("the token stream is empty: nothing to initialise or train the SAEs on")
+        sample = TokenBatch.concat(head).to_torch()
+        for sae in fresh:
+            sae.init_from_sample(sample.acts)
+        return chain(head, stream)
+
+    def fit(
+        self,
+        batches: Iterable[TokenBatch],
+        progress: Callable[[dict[str, TrainLog]], None] | None = None,
+        max_tokens: int | None = None,
+        show_progress: bool = False,
+    ) -> dict[str, TrainResult]:
+        """Train until ``total_tokens`` (or the stream ends, or ``max_tokens`` more tokens: a pause).
+
+        ``batches`` must start at token ``self.tokens_seen`` of the training stream: its beginning for a new
+        trainer, the first unconsumed token after ``load_state``. ``progress`` gets the averaged records
+        every ``log_every`` steps; ``show_progress`` draws a tqdm bar.
+        """
+        stop_at = self.cfg.total_tokens
+        if max_tokens is not None:
+            stop_at = min(stop_at, self.tokens_seen + max_tokens)
+        stream = rebatch(batches, self.cfg.batch_size)
+        if self.tokens_seen < stop_at:
+            stream = self._initialise(stream)
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.total_steps, initial=self.step, desc="SAE", unit="step")
+        try:
+            while self.tokens_seen < stop_at:
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                if len(batch) > stop_at - self.tokens_seen:
+                    batch = batch.slice(0, stop_at - self.tokens_seen)
+                for name, log in self.train_step(batch).items():
+                    self._window[name].append(log)
+                end = self.tokens_seen >= stop_at
+                if self.step % self.cfg.log_every == 0 or end:
+                    records = self._flush_logs()
+                    if progress is not None:
+                        progress(records)
+                    if bar is not None:
+                        bar.set_postfix_str(_postfix(records))
+                if bar is not None:
+                    bar.update(1)
+            if any(self._window.values()):
+                records = self._flush_logs()
+                if progress is not None:
+                    progress(records)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.results()
+
+    def _flush_logs(self) -> dict[str, TrainLog]:
+        records = {}
+        for name, window in self._window.items():
+            if not window:
+                continue
+            last = window[-1]
+            mean = {f: float(np.mean([getattr(w, f) for w in window])) for f in ("loss", "mse", "aux", "l1", "l0")}
+            records[name] = TrainLog(step=last.step, tokens_seen=last.tokens_seen, lr=last.lr,
+                                     dead_fraction=last.dead_fraction, **mean)
+            self.logs[name].append(records[name])
+            self._window[name] = []
+        return records
+
+    def results(self) -> dict[str, TrainResult]:
+        return {
+            name: TrainResult(name=name, sae=sae, steps=self.step, tokens_seen=self.tokens_seen,
+                              complete=self.complete, seconds=self.seconds[name], logs=list(self.logs[name]))
+            for name, sae in self.saes.items()
+        }
+
+    # --- resume ----------------------------------------------------------------------------------------
+
+    def save_state(self, path: str | Path) -> Path:
+        """Write everything needed to resume (atomically): saes/<name>/, trainer.json, optim.pt."""
+        if any(self._window.values()):
+            self._flush_logs()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            for name, sae in self.saes.items():
+                sae.save(tmp / SAES_DIR / name, meta={"tokens_seen": self.tokens_seen, "name": name})
+            state = {
+                "format": STATE_FORMAT, "cfg": self.cfg.model_dump(mode="json"), "step": self.step,
+                "tokens_seen": self.tokens_seen, "names": list(self.saes), "seconds": self.seconds,
+                "logs": {name: [asdict(r) for r in recs] for name, recs in self.logs.items()},
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            optim = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                     "torch_rng": torch.get_rng_state()}
+            torch.save(optim, tmp / OPTIM_FILE)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                path.rename(old / path.name)
+                tmp.rename(path)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    @classmethod
+    def load_state(cls, path: str | Path, device: str | torch.device = "cpu") -> SAETrainer:
+        """A trainer exactly as it was when ``save_state`` wrote ``path``; continue with ``fit``."""
+        path = Path(path)
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"{path} is not an SAE training state: {STATE_FILE} is missing")
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"training state {path} has format {state.get('format')}; expected {STATE_FORMAT}")
+        saes = {n: SparseAutoencoder.load(path / SAES_DIR / n, device=device) for n in state["names"]}
+        trainer = cls(saes, SAETrainConfig.model_validate(state["cfg"]))
+        optim = torch.load(path / OPTIM_FILE, weights_only=True)
+        for name, opt in trainer.optimizers.items():
+            opt.load_state_dict(optim["optimizers"][name])
+        torch.set_rng_state(optim["torch_rng"])
+        trainer.step = state["step"]
+        trainer.tokens_seen = state["tokens_seen"]
+        trainer.seconds = dict(state["seconds"])
+        trainer.logs = {n: [TrainLog(**r) for r in recs] for n, recs in state["logs"].items()}
+        return trainer
+
+
+def _postfix(records: dict[str, TrainLog]) -> str:
+    return " ".join(f"{n}: loss={r.loss:.4f} L0={r.l0:.1f} dead={r.dead_fraction:.2f}" for n, r in records.items())
+
+
+def train_saes(
+    saes: Mapping[str, SparseAutoencoder | SAESpec],
+    batches: Iterable[TokenBatch],
+    cfg: SAETrainConfig,
+    progress: Callable[[dict[str, TrainLog]], None] | None = None,
+    show_progress: bool = False,
+) -> dict[str, TrainResult]:
+    """Train several SAEs from one pass over ``batches`` (the common case; use SAETrainer to pause/resume)."""
+    return SAETrainer(saes, cfg).fit(batches, progress=progress, show_progress=show_progress)
