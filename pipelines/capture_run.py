@@ -94,7 +94,7 @@ def capture_shard(store: ActivationStore, plan: CapturePlan, shard: int) -> Shar
             seeds.append(out.seeds)
         class_ids = np.array([class_for(i, plan.classes) for i in ids])
         writer.submit(store.write_samples, shard, np.concatenate(images), class_ids, np.concatenate(seeds))
-    stats = ShardStats(shard=shard, samples=n, raw_bytes=writer.stats.bytes,
+    stats = ShardStats(shard=shard, samples=len(ids), raw_bytes=writer.stats.bytes,
                        seconds=round(time.perf_counter() - t0, 3),
                        extra={"writer_busy_seconds": round(writer.stats.busy_seconds, 3)})
     store.mark_done(shard, stats)
