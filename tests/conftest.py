@@ -1,0 +1,102 @@
+"""Shared fixtures: seeding, a tiny config, and a tiny trained DiT + judge built once per session."""
+
+from __future__ import annotations
+
+import json
+import random
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_TOML = """
+[model.digits]
+num_layers = 2
+num_heads = 2
+head_dim = 16
+train_steps = 30
+batch_size = 16
+warmup_steps = 5
+checkpoint_dir = "dit"
+[model.judge]
+epochs = 2
+quality_samples = 20
+[sampling]
+num_steps = 4
+num_samples = 24
+shard_size = 8
+batch_size = 8
+guidance_scale = 2.0
+[capture]
+layers = [0, 1]
+[sae]
+n_latents = 64
+k = 4
+"""
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same RNG state (torch, numpy, random)."""
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    torch.set_num_threads(2)
+    yield
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_toml(data: dict, prefix: str = "") -> str:
+    """Just enough TOML for config tests: nested tables of scalars and lists."""
+    scalars = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    lines = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(dump_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(lines) + "\n"
+
+
+def write_config(directory: Path, overrides: dict | None = None) -> Path:
+    """The tiny config, with `overrides` deep-merged in, written to directory/tide.toml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tide.toml"
+    path.write_text(dump_toml(merge(tomllib.loads(TINY_TOML), overrides or {})))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory holding a tiny trained digits DiT (./dit) and judge, shared by the session."""
+    from pipelines.model_ops import ensure_dit, ensure_judge
+    from pipelines.project import Project
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    project = Project.load(write_config(d))
+    ensure_dit(project, log=lambda m: None)
+    ensure_judge(project, log=lambda m: None)
+    return d
+
+
+@pytest.fixture
+def tiny_project(tiny_model_dir, tmp_path):
+    """A Project in a fresh directory that reuses the session's tiny DiT checkpoint."""
+    from pipelines.project import Project
+
+    def make(overrides: dict | None = None, name: str = "run"):
+        shared = {"model": {"digits": {"checkpoint_dir": str(tiny_model_dir / "dit")}}}
+        project = Project.load(write_config(tmp_path / name, merge(shared, overrides or {})))
+        (project.root / "judge").mkdir(parents=True, exist_ok=True)
+        for f in (tiny_model_dir / "warehouse" / "judge").iterdir():
+            (project.root / "judge" / f.name).write_bytes(f.read_bytes())
+        return project
+
+    return make
