@@ -15,7 +15,7 @@ from tide_core.sampling import Sampler, class_for
 
 
 def capture_all(project):
-    store = capture_ops.create_store(project)
+    capture_ops.create_store(project)
     for shard in range(project.num_shards):
         capture_ops.write_shard(project, shard)
     return ActivationStore.open(project.store_url, mode="r")
