@@ -128,6 +128,35 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_sql(args) -> int:
+    from storage.warehouse import Warehouse, WarehouseError, format_table, write_table
+
+    project = _load_project(args)
+    wh = Warehouse(project.duckdb_path)
+    try:
+        if args.schema:
+            for rel in wh.schema():
+                grain = f"grain ({', '.join(rel.grain)})" if rel.grain else (rel.comment or '')
+                print(f"{rel.kind:5} {rel.name:22} {grain}")
+                if args.verbose:
+                    for col in rel.columns:
+                        print(f"        {col.name:22} {col.type:12} {col.comment or ''}")
+            return 0
+        if not args.query:
+            raise SystemExit("[tide] give a query, e.g. tide sql \"SELECT * FROM samples LIMIT 5\", or --schema")
+        table = wh.query(args.query)
+    except WarehouseError as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 1
+    if args.output:
+        fmt = args.format if args.format != "table" else Path(args.output).suffix.lstrip(".") or "csv"
+        path = write_table(table, fmt, args.output)
+        print(f"[tide] wrote {table.num_rows} rows to {path}")
+    else:
+        print(format_table(table, args.format if args.format != "parquet" else "table", max_rows=args.max_rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tide", description="TIDE activation warehouse for Diffusion Transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=3000)
     t = add("train-dit", cmd_train_dit, "Train the default digits DiT (reused while its config is unchanged).")
     t.add_argument("--force", action="store_true", help="retrain even if the checkpoint matches the config")
+    q = add("sql", cmd_sql, "Query the DuckDB warehouse read-only (tables and views; --schema lists them).")
+    q.add_argument("query", nargs="?", help="a SELECT statement")
+    q.add_argument("--schema", action="store_true", help="list tables and views with their grain")
+    q.add_argument("--verbose", "-v", action="store_true", help="with --schema: list columns too")
+    q.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    q.add_argument("--output", "-o", help="write the result to this file (csv, json lines or parquet)")
+    q.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
     c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
     c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")
     c.add_argument("--show", action="store_true", help="print the validated config as JSON")

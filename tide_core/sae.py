@@ -4,7 +4,7 @@ One module, read top to bottom:
 
 1. ``SAESpec``: the validated architecture (what ``cfg.json`` stores).
 2. Helpers: the DiT-style sinusoidal timestep embedding, a geometric median for ``b_dec``.
-3. ``_SelectedPreActs``: the custom gradient that makes TopK training cheap (see below).
+3. The sparse machinery that makes TopK training cheap: ``topk_exact`` and two custom autograd functions.
 4. ``SparseAutoencoder``: the model, its loss and the decoder-norm recipe, save / load.
 5. ``DenseTopKReference``: the plainest correct dense TopK SAE, for benchmarks and equality tests.
 
@@ -26,10 +26,13 @@ Recipe (OpenAI, "Scaling and evaluating sparse autoencoders", plus TIDE, arXiv 2
   MLP from the DiT's own adaLN timestep embedder; we do not: it starts at the identity and is learned.)
 
 Why TopK training is fast here: the encoder matmul x @ W_enc^T ([B, n_latents]) is unavoidable, but nothing
-else needs the dense latent. The top-k indices are picked without autograd, their values get a custom
-backward that touches only the k selected encoder rows (a sparse [n_latents, B] @ [B, d_in] product), and
-decoding is an ``embedding_bag`` over the k active decoder rows. A plain dense implementation does about
-five [B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does about two.
+else needs the dense latent. The top-k indices are picked without autograd (``topk_exact``, ~2x faster than
+torch.topk on CPU), their values get a custom backward that touches only the k selected encoder rows, and
+decoding is an ``embedding_bag`` over the k active decoder rows. Both weight gradients are sparse
+[n_latents, B] @ [B, d_in] products sharing one sort of the (token, latent) pairs. A plain dense version
+does five [B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does one.
+Measured on one CPU thread, d_in=128 (training step incl. AdamW, vs ``DenseTopKReference``): ~2x at
+n_latents=1024, k=32, B=1024; ~2.7x at 2048/32/2048; ~3.5x at 4096/16/4096.
 """
 
 from __future__ import annotations

@@ -1,0 +1,149 @@
+"""Capture overhead: sample the same seeds with capture off and on, in one process.
+
+    .venv/bin/python bench/capture.py [--samples 128] [--repeats 2] [--config tide.toml]
+
+Prints the wall-time ratio (on / off), the MB/s the store path writes (raw activation bytes / time
+the writer thread was busy) against a plain numpy write of the same bytes to the same disk, and the
+peak RSS of a capture run with N and 2N samples (separate processes) to show memory stays flat.
+Last line: capture_overhead=<ratio>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipelines.project import Project  # noqa: E402
+
+
+def load(project: Project):
+    from tide_core.dit import build_digits_dit, load_model
+
+    try:
+        return load_model(project.config.model, project.base_dir)
+    except FileNotFoundError:  # timing does not depend on the weights: use a fresh model of the same shape
+        from tide_core.digits import CLASS_NAMES
+        from tide_core.dit import DiTBundle, digits_scheduler_config
+
+        d = project.config.model.digits
+        print("(no trained checkpoint: timing a freshly initialised DiT of the same architecture)")
+        return DiTBundle(build_digits_dit(d).eval().requires_grad_(False), None, digits_scheduler_config(d),
+                         10, list(CLASS_NAMES), "digits", d.fingerprint())
+
+
+def run_capture(project: Project, bundle, n: int, store_dir: Path):
+    from pipelines.capture_run import capture_shard, make_plan
+    from storage.activation_store import ActivationStore
+
+    project.config.sampling.num_samples = n
+    plan = make_plan(project.config, bundle)
+    store = ActivationStore.create(str(store_dir), plan.layout, plan.provenance, overwrite=True)
+    t0 = time.perf_counter()
+    stats = [capture_shard(store, plan, s) for s in range(plan.layout.num_shards)]
+    return time.perf_counter() - t0, stats
+
+
+def run_plain(project: Project, bundle, n: int) -> float:
+    from tide_core.sampling import Sampler, class_for
+
+    s = project.config.sampling
+    sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed)
+    t0 = time.perf_counter()
+    for i in range(0, n, s.batch_size):
+        ids = list(range(i, min(n, i + s.batch_size)))
+        sampler.sample(ids, [class_for(j, list(range(10))) for j in ids])
+    return time.perf_counter() - t0
+
+
+def plain_write_rate(nbytes: int, directory: Path) -> float:
+    """MB/s of np.ndarray.tofile for the same number of bytes, in 1 MB-ish pieces like the chunks."""
+    piece = np.random.default_rng(0).standard_normal(512 * 1024).astype(np.float16)  # 1 MB
+    count = max(1, nbytes // piece.nbytes)
+    t0 = time.perf_counter()
+    for i in range(count):
+        path = directory / f"plain_{i}.npy"
+        piece.tofile(path)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(directory)
+    return count * piece.nbytes / 1e6 / elapsed
+
+
+def child(args) -> None:
+    """Run one capture of args.samples samples and print peak RSS (MB) as JSON."""
+    project = Project.load(args.config)
+    bundle = load(project)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+        run_capture(project, bundle, args.samples, Path(d) / "acts.zarr")
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tmp", default=None, help="directory on the disk to measure (default: ./bench/out)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.tmp = args.tmp or str(Path(__file__).parent / "out")
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    if args.child:
+        return child(args)
+    project = Project.load(args.config)
+    import torch
+
+    bundle = load(project)
+    c = project.config
+    print(f"model {c.model.source}: {bundle.num_layers} layers, d={bundle.hidden_size}; torch threads "
+          f"{torch.get_num_threads()}; {args.samples} samples x {c.sampling.num_steps} steps, guidance "
+          f"{c.sampling.guidance_scale}, capture layers {c.capture.layers} sites {c.capture.sites}")
+    off, on, busy, raw = [], [], [], 0
+    for r in range(args.repeats):
+        off.append(run_plain(project, bundle, args.samples))
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            t, stats = run_capture(project, bundle, args.samples, Path(d) / "acts.zarr")
+        on.append(t)
+        busy.append(sum(s.extra["writer_busy_seconds"] for s in stats))
+        raw = sum(s.raw_bytes for s in stats)
+        print(f"  repeat {r}: off {off[-1]:.1f}s  on {on[-1]:.1f}s")
+    ratio = min(on) / min(off)
+    store_rate = raw / 1e6 / min(busy)
+    numpy_rate = plain_write_rate(raw, Path(tempfile.mkdtemp(dir=args.tmp)))
+    rss = {}
+    for n in (args.samples // 2, args.samples):
+        out = subprocess.run([sys.executable, __file__, "--child", "--samples", str(n), "--tmp", args.tmp]
+                             + (["--config", args.config] if args.config else []),
+                             capture_output=True, text=True, check=True)
+        rss[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    rows = [
+        ("sampling, capture off (s)", f"{min(off):.2f}"),
+        ("sampling, capture on + write (s)", f"{min(on):.2f}"),
+        ("capture overhead (on / off)", f"{ratio:.3f}"),
+        ("activation bytes written (MB)", f"{raw / 1e6:.1f}"),
+        ("end-to-end write rate (MB/s of wall time)", f"{raw / 1e6 / min(on):.1f}"),
+        ("store write rate (MB/s, writer busy time)", f"{store_rate:.1f}"),
+        ("plain numpy write rate (MB/s)", f"{numpy_rate:.1f}"),
+        ("store / plain write", f"{store_rate / numpy_rate:.3f}"),
+        *[(f"peak RSS, {n} samples (MB)", f"{v:.0f}") for n, v in rss.items()],
+        ("peak RSS ratio (2N / N)", f"{rss[args.samples] / rss[args.samples // 2]:.3f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"capture_overhead={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
