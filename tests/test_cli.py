@@ -1,0 +1,79 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tide(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_sql_reads_and_refuses_writes(tmp_path):
+    from storage.warehouse import Warehouse
+
+    cfg = tmp_path / "tide.toml"
+    cfg.write_text('[warehouse]\nroot = "wh"\n')
+    wh = Warehouse(tmp_path / "wh" / "warehouse.duckdb")
+    wh.init_schema()
+    wh.replace_partition("samples", {"run_id": "r1"}, {
+        "sample_id": [0, 1], "class_id": [3, 7], "class_name": ["3", "it's 7"], "seed": [11, 12],
+        "shard": [0, 0]})
+    out = tide("sql", "--config", str(cfg), "SELECT sample_id, class_name FROM samples ORDER BY 1")
+    assert out.returncode == 0 and "it's 7" in out.stdout and "(2 rows)" in out.stdout
+    out = tide("sql", "--config", str(cfg), "--format", "csv", "SELECT class_id FROM samples ORDER BY 1")
+    assert [v.strip('"') for v in out.stdout.split()] == ["class_id", "3", "7"]
+    pq = tmp_path / "x.parquet"
+    out = tide("sql", "--config", str(cfg), "--output", str(pq), "SELECT * FROM samples")
+    assert out.returncode == 0 and pq.exists()
+    bad = tide("sql", "--config", str(cfg), "SELEC 1")
+    assert bad.returncode == 1 and "syntax error" in bad.stderr
+    write = tide("sql", "--config", str(cfg), "DROP TABLE samples")
+    assert write.returncode == 1 and "read-only" in write.stderr
+    schema = tide("sql", "--config", str(cfg), "--schema")
+    assert "samples" in schema.stdout and "grain (run_id, sample_id)" in schema.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_asset_graph_and_stops_on_term(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dh"), "TIDE_CONFIG": str(REPO / "tide.toml")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = b""
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                query = b'{"query": "{ assetNodes { assetKey { path } } }"}'
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                             headers={"Content-Type": "application/json"})
+                body = urllib.request.urlopen(req, timeout=5).read()
+                if b"activations" in body:
+                    break
+            except OSError:
+                time.sleep(1)
+        for name in (b"digits", b"dit_model", b"digit_classifier", b"activations", b"samples"):
+            assert name in body
+        assert (tmp_path / "dh" / "dagster.yaml").read_text().startswith("telemetry")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
