@@ -58,9 +58,6 @@ WEIGHTS_FILE = "sae.safetensors"
 CHECKPOINT_FORMAT = 1
 TOPK_VARIANTS = ("tide", "topk")
 
-# torch warns once that CSR tensors are "beta"; the two products used here are tested against dense ones.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The spec
@@ -80,8 +77,9 @@ class SAESpec(BaseModel):
     """Active latents per token for the TopK variants (tide, topk); ignored by relu."""
     variant: Literal["tide", "topk", "relu"] = "tide"
     """tide = TopK with timestep modulation of the input; topk = plain TopK; relu = ReLU + L1 baseline."""
-    l1_coeff: float = Field(5e-3, ge=0.0)
-    """relu only: weight of sum_i z_i * ||W_dec row i|| (in the scaled space where mean ||x|| = sqrt(d_in))."""
+    l1_coeff: float = Field(0.05, ge=0.0)
+    """relu only: weight of sum_i z_i * ||W_dec row i|| against the per-channel MSE (both in the scaled space
+    where mean ||x|| = sqrt(d_in)). A starting point: tune it until L0 is near the TopK variants' k."""
     aux_k: int | None = Field(None, ge=1)
     """Dead latents used by the AuxK loss; default min(n_latents, max(k, d_in // 2)) (OpenAI: ~d_in / 2)."""
     aux_coeff: float = Field(1 / 32, ge=0.0)
@@ -279,7 +277,10 @@ class _Pairs:
     def latent_sums(self, weights: Tensor, rows: Tensor) -> Tensor:
         """out[l] = sum over pairs (b, j) with idx[b, j] = l of weights[b, j] * rows[b]  ->  [n_latents, d]."""
         w = weights.reshape(-1)[self.order]  # [B*k], in pair order
-        csr = torch.sparse_csr_tensor(self.crow, self.tokens, w, self.shape, check_invariants=False)  # [n, B]
+        with warnings.catch_warnings():
+            # torch calls CSR tensors "beta"; this product is tested against the dense reference.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            csr = torch.sparse_csr_tensor(self.crow, self.tokens, w, self.shape, check_invariants=False)  # [n, B]
         return csr @ rows
 
 

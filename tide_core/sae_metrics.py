@@ -117,7 +117,7 @@ def evaluate(sae: SparseAutoencoder, batches: Iterable[TokenBatch], max_tokens: 
     was_training = sae.training
     sae.eval()
     try:
-        for raw in batches:
+        for raw in map(TokenBatch.coerce, batches):
             if max_tokens is not None and seen >= max_tokens:
                 break
             if max_tokens is not None and len(raw) > max_tokens - seen:

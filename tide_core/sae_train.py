@@ -1,6 +1,7 @@
 """Training sparse autoencoders from a stream of token batches (knows nothing of where the tokens live).
 
-* Input: any iterable of ``TokenBatch`` (numpy or torch). The stream is re-cut into batches of exactly
+* Input: any iterable of ``TokenBatch`` (numpy or torch), or of anything with ``.acts``, ``.timesteps`` and
+  ``.steps`` (such as the activation store's batches). The stream is re-cut into batches of exactly
   ``batch_size`` tokens, so results depend only on the token ORDER, never on how the source chunks it, and
   nothing beyond one batch (plus the init sample) is held in memory.
 * Several SAEs (e.g. tide, topk and relu of one layer) train from ONE pass over the data: each sees the
@@ -28,11 +29,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tide_core.sae import SAESpec, SparseAutoencoder
 
@@ -69,6 +70,18 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.acts)
 
+    @staticmethod
+    def coerce(batch: object) -> TokenBatch:
+        """Any batch with ``.acts``, ``.timesteps`` and ``.steps`` (e.g. the activation store's) as a TokenBatch."""
+        if isinstance(batch, TokenBatch):
+            return batch
+        try:
+            return TokenBatch(batch.acts, batch.timesteps, batch.steps)
+        except AttributeError:
+            raise TypeError(
+                f"expected token batches with .acts, .timesteps and .steps; got {type(batch).__name__}"
+            ) from None
+
     def to_torch(self, device: str | torch.device = "cpu") -> TokenBatch:
         """float32 activations and int64 timesteps / steps on ``device``."""
         return TokenBatch(
@@ -96,7 +109,7 @@ def rebatch(batches: Iterable[TokenBatch], batch_size: int) -> Iterator[TokenBat
     """Re-cut a stream into batches of exactly ``batch_size`` tokens (the last one may be shorter)."""
     pending: list[TokenBatch] = []
     n_pending = 0
-    for batch in batches:
+    for batch in map(TokenBatch.coerce, batches):
         start = 0
         while start < len(batch):
             take = min(batch_size - n_pending, len(batch) - start)
@@ -113,7 +126,7 @@ def rebatch(batches: Iterable[TokenBatch], batch_size: int) -> Iterator[TokenBat
 def skip_tokens(batches: Iterable[TokenBatch], n_tokens: int) -> Iterator[TokenBatch]:
     """The stream without its first ``n_tokens`` tokens (for sources that cannot seek, on resume)."""
     to_skip = n_tokens
-    for batch in batches:
+    for batch in map(TokenBatch.coerce, batches):
         if to_skip >= len(batch):
             to_skip -= len(batch)
             continue
@@ -155,6 +168,15 @@ class SAETrainConfig(BaseModel):
     """Seed of the weights of SAEs built from specs; all get the same seed, so variants start alike."""
     log_every: int = Field(50, ge=1)
     """Optimizer steps per logged (averaged) record."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> SAETrainConfig:
+        if self.warmup_tokens >= self.total_tokens:
+            raise ValueError(
+                f"warmup_tokens={self.warmup_tokens} must be < total_tokens={self.total_tokens}: "
+                "shorten the warm-up (a few % of training is typical)"
+            )
+        return self
 
     @property
     def total_steps(self) -> int:
@@ -268,11 +290,14 @@ class SAETrainer:
     def train_step(self, batch: TokenBatch) -> dict[str, TrainLog]:
         """One optimizer step of every SAE on ``batch`` (already initialised SAEs; any batch size)."""
         lr = lr_at(self.step, self.cfg)
-        logs = {}
+        logs, on_device = {}, {}
         for name, sae in self.saes.items():
             if not bool(sae.initialised):
                 raise RuntimeError(f"SAE {name!r} has no input scale / b_dec yet: call fit() or init_from_sample()")
-            logs[name] = self._step_one(name, batch.to_torch(sae.W_dec.device), lr)
+            device = sae.W_dec.device
+            if device not in on_device:  # convert (e.g. float16 numpy -> float32 torch) once per device
+                on_device[device] = batch.to_torch(device)
+            logs[name] = self._step_one(name, on_device[device], lr)
         self.step += 1
         self.tokens_seen += len(batch)
         return logs
@@ -325,29 +350,29 @@ class SAETrainer:
         try:
             while self.tokens_seen < stop_at:
                 batch = next(stream, None)
-                if batch is None:
+                if batch is None:  # the stream ran out: close the log window
+                    self._report(progress, bar)
                     break
                 if len(batch) > stop_at - self.tokens_seen:
                     batch = batch.slice(0, stop_at - self.tokens_seen)
                 for name, log in self.train_step(batch).items():
                     self._window[name].append(log)
-                end = self.tokens_seen >= stop_at
-                if self.step % self.cfg.log_every == 0 or end:
-                    records = self._flush_logs()
-                    if progress is not None:
-                        progress(records)
-                    if bar is not None:
-                        bar.set_postfix_str(_postfix(records))
+                if self.step % self.cfg.log_every == 0 or self.complete:
+                    self._report(progress, bar)
                 if bar is not None:
                     bar.update(1)
-            if any(self._window.values()):
-                records = self._flush_logs()
-                if progress is not None:
-                    progress(records)
         finally:
             if bar is not None:
                 bar.close()
+        # A pause (max_tokens) leaves the log window open; save_state keeps it, so logs match a straight run.
         return self.results()
+
+    def _report(self, progress: Callable[[dict[str, TrainLog]], None] | None, bar: Any) -> None:
+        records = self._flush_logs()
+        if records and progress is not None:
+            progress(records)
+        if records and bar is not None:
+            bar.set_postfix_str(_postfix(records))
 
     def _flush_logs(self) -> dict[str, TrainLog]:
         records = {}
@@ -373,8 +398,6 @@ class SAETrainer:
 
     def save_state(self, path: str | Path) -> Path:
         """Write everything needed to resume (atomically): saes/<name>/, trainer.json, optim.pt."""
-        if any(self._window.values()):
-            self._flush_logs()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -385,6 +408,7 @@ class SAETrainer:
                 "format": STATE_FORMAT, "cfg": self.cfg.model_dump(mode="json"), "step": self.step,
                 "tokens_seen": self.tokens_seen, "names": list(self.saes), "seconds": self.seconds,
                 "logs": {name: [asdict(r) for r in recs] for name, recs in self.logs.items()},
+                "window": {name: [asdict(r) for r in recs] for name, recs in self._window.items()},
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             optim = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -421,6 +445,7 @@ class SAETrainer:
         trainer.tokens_seen = state["tokens_seen"]
         trainer.seconds = dict(state["seconds"])
         trainer.logs = {n: [TrainLog(**r) for r in recs] for n, recs in state["logs"].items()}
+        trainer._window = {n: [TrainLog(**r) for r in recs] for n, recs in state["window"].items()}
         return trainer
 
 

@@ -1,0 +1,282 @@
+"""SAE model, trainer and metrics: tiny CPU problems, a few seconds in all."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tide_core.sae import (
+    DenseTopKReference,
+    SAESpec,
+    SparseAutoencoder,
+    timestep_embedding,
+    topk_exact,
+)
+from tide_core.sae_metrics import evaluate
+from tide_core.sae_train import SAETrainConfig, SAETrainer, TokenBatch, rebatch, skip_tokens, train_saes
+
+D_IN, N_DIRS, N_STEPS = 32, 64, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Bit-exact comparisons and speed on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _synthetic(n_tokens: int, chunk: int, seed: int, shift: float = 1.0):
+    """Tokens = 2 of 64 fixed unit directions in d=32, then a per-step scale and shift (an affine distortion
+    that depends on the timestep). The dictionary is fixed; ``seed`` only changes which tokens are drawn."""
+    g = torch.Generator().manual_seed(123)
+    dirs = torch.nn.functional.normalize(torch.randn(N_DIRS, D_IN, generator=g), dim=1)  # [64, 32]
+    scale = 0.5 + 1.5 * torch.rand(N_STEPS, 1, generator=g)  # [S, 1]
+    offset = shift * torch.randn(N_STEPS, D_IN, generator=g)  # [S, 32]
+    g.manual_seed(seed)
+    for _ in range(n_tokens // chunk):
+        idx = torch.rand(chunk, N_DIRS, generator=g).topk(2, dim=1).indices
+        coef = torch.zeros(chunk, N_DIRS).scatter_(1, idx, 0.5 + torch.rand(chunk, 2, generator=g))
+        step = torch.randint(N_STEPS, (chunk,), generator=g)  # [chunk]
+        x = (coef @ dirs) * scale[step] + offset[step]  # [chunk, 32]
+        yield TokenBatch(x, 999 - 125 * step, step)
+
+
+def _sae(variant: str = "topk", n_latents: int = 256, k: int = 8, seed: int = 0, **kw) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SAESpec(d_in=D_IN, n_latents=n_latents, k=k, variant=variant, **kw), seed=seed)
+    sae.init_from_sample(next(_synthetic(512, 512, seed=99)).acts)
+    return sae
+
+
+def _batch(n: int = 64, seed: int = 1) -> TokenBatch:
+    return next(_synthetic(n, n, seed=seed)).to_torch()
+
+
+# --- spec -------------------------------------------------------------------------------------------------
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"k=9 must be <= n_latents=8"):
+        SAESpec(d_in=4, n_latents=8, k=9)
+    with pytest.raises(ValueError, match="d_in"):
+        SAESpec(d_in=0, n_latents=8, k=1)
+    with pytest.raises(ValueError, match="time_embed_dim"):
+        SAESpec(d_in=4, n_latents=8, k=1, time_embed_dim=5)
+    with pytest.raises(ValueError, match="warmup_tokens=100 must be < total_tokens=100"):
+        SAETrainConfig(total_tokens=100, warmup_tokens=100)
+    assert SAESpec(d_in=128, n_latents=1024, k=32).aux_k == 64  # ~d_in / 2
+    assert SAESpec(d_in=8, n_latents=16, k=4).aux_k == 4  # at least k
+
+
+# --- forward, sparsity, sparse == dense -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tide", "topk", "relu"])
+def test_shapes(variant):
+    sae, b = _sae(variant), _batch()
+    out = sae(b.acts, b.timesteps)
+    assert out.x_hat.shape == (64, D_IN)
+    assert out.dense_latents().shape == (64, 256)
+    assert sae.encode(b.acts, b.timesteps).shape == (64, 256)
+    assert sae.decode(sae.encode(b.acts, b.timesteps)).shape == (64, D_IN)
+    loss = sae.loss(b.acts, b.timesteps)
+    assert loss.total.ndim == 0 and torch.isfinite(loss.total)
+    assert (loss.l1 > 0) == (variant == "relu")
+
+
+def test_topk_gives_k_nonnegative_latents():
+    sae, b = _sae("topk"), _batch()
+    z = sae.encode(b.acts)
+    assert (z >= 0).all() and ((z > 0).sum(1) <= 8).all()
+    with torch.no_grad():
+        sae.b_enc.add_(100.0)  # every pre-activation positive: ReLU keeps all k
+    z = sae.encode(b.acts)
+    assert ((z > 0).sum(1) == 8).all()
+    sparse = sae.encode_sparse(b.acts)
+    assert sparse.idx.shape == (64, 8) and (sparse.idx.sort(1).values.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("n", [512, 100])  # grouped two-stage path, single-stage fallback
+def test_topk_exact_matches_torch_topk(n):
+    torch.manual_seed(0)
+    pre = torch.randn(300, n)
+    ties = torch.randint(0, 5, (300, n)).float()  # many exact ties
+    masked = pre.masked_fill(torch.rand(300, n) < 0.9, float("-inf"))  # AuxK: only "dead" latents finite
+    for x, k in ((pre, 16), (ties, 16), (masked, 4)):
+        sel = topk_exact(x, k)
+        assert torch.equal(sel.values.sort(1).values, x.topk(k, dim=1).values.sort(1).values)
+        assert torch.equal(x.gather(1, sel.indices), sel.values)
+        assert (sel.indices.sort(1).values.diff(dim=1) > 0).all()  # distinct latents
+
+
+def test_sparse_path_equals_dense_reference_values_and_gradients():
+    sae = _sae("topk", n_latents=256, k=8)  # 256 latents: exercises the grouped top-k
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+    ref = DenseTopKReference.from_sae(sae)
+    b = _batch(128)
+    ours, theirs = sae.loss(b.acts), ref(b.acts)
+    assert ours.aux == 0  # nothing is dead yet
+    torch.testing.assert_close(ours.output.x_hat * sae.input_scale, theirs.xs_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.output.dense_latents(), theirs.z, rtol=1e-5, atol=1e-5)
+    ours.total.backward()
+    theirs.mse.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-7)
+
+
+def test_tide_at_init_equals_topk_with_the_same_weights():
+    tide, topk, b = _sae("tide"), _sae("topk"), _batch()
+    assert torch.equal(tide.W_dec, topk.W_dec) and torch.equal(tide.b_dec, topk.b_dec)
+    assert torch.equal(tide(b.acts, b.timesteps).x_hat, topk(b.acts).x_hat)
+    assert torch.equal(tide.loss(b.acts, b.timesteps).total, topk.loss(b.acts).total)
+
+
+def test_tide_without_timesteps_is_a_clear_error():
+    sae, b = _sae("tide"), _batch()
+    with pytest.raises(ValueError, match="needs the diffusion timestep"):
+        sae(b.acts)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        sae(b.acts, torch.full((64,), 1000))
+
+
+def test_timestep_embedding_is_schedule_length_invariant():
+    t = torch.tensor([0, 250, 999])
+    torch.testing.assert_close(timestep_embedding(t, 16, 1000), timestep_embedding(t * 2, 16, 2000))
+
+
+def test_input_scale_normalises_norm_and_api_stays_in_original_scale():
+    sae, b = _sae("topk"), _batch(512, seed=99)
+    norms = (b.acts * sae.input_scale).norm(dim=1)
+    assert abs(norms.mean().item() - D_IN**0.5) < 1e-3
+    big = SparseAutoencoder(sae.spec, seed=0)
+    big.init_from_sample(b.acts * 1000)
+    torch.testing.assert_close(big(b.acts * 1000).x_hat / 1000, sae(b.acts).x_hat, rtol=1e-4, atol=1e-4)
+
+
+# --- recipe: decoder norms, dead latents ------------------------------------------------------------------
+
+
+def test_decoder_rows_stay_unit_norm_and_dead_counters_count_tokens():
+    sae = _sae("topk", dead_tokens_threshold=100)
+    trainer = SAETrainer({"topk": sae}, SAETrainConfig(total_tokens=10_000, batch_size=64, lr=1e-2, warmup_tokens=0))
+    for batch in _synthetic(64 * 5, 64, seed=3):
+        trainer.train_step(batch)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), rtol=0, atol=1e-5)
+    assert trainer.tokens_seen == 320 and trainer.step == 5
+    counters = sae.tokens_since_fired
+    assert counters.max() <= 320 and (counters % 64 == 0).all()
+
+
+def test_aux_loss_only_with_dead_latents():
+    sae, b = _sae("topk", dead_tokens_threshold=100), _batch()
+    assert sae.loss(b.acts).aux == 0
+    with torch.no_grad():
+        sae.tokens_since_fired[:200] = 100  # 200 dead latents
+    loss = sae.loss(b.acts)
+    assert loss.aux > 0
+    loss.total.backward()
+    assert sae.W_enc.grad[:200].abs().sum() > 0  # dead latents get a gradient through AuxK
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tide", "relu"])
+def test_save_load_round_trip(tmp_path, variant):
+    sae, b = _sae(variant), _batch()
+    with torch.no_grad():
+        sae.tokens_since_fired[:3] = 7
+    sae.save(tmp_path / "sae", meta={"layer": 3, "site": "resid"})
+    sae.save(tmp_path / "sae")  # overwrite in place
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.spec == sae.spec and loaded.meta == {"layer": 3, "site": "resid"}
+    assert torch.equal(loaded.input_scale, sae.input_scale) and loaded.input_scale != 1
+    assert torch.equal(loaded.tokens_since_fired, sae.tokens_since_fired)
+    assert torch.equal(loaded(b.acts, b.timesteps).x_hat, sae(b.acts, b.timesteps).x_hat)
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["variant"] == variant and cfg["spec"]["d_in"] == D_IN
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temp dirs left behind
+    with pytest.raises(ValueError, match=rf"SAE at {tmp_path / 'sae'} expects d_in=32 but the activations have 64"):
+        loaded.check_input(64)
+
+
+# --- trainer ----------------------------------------------------------------------------------------------
+
+
+def _train_cfg(**kw) -> SAETrainConfig:
+    base = dict(total_tokens=256 * 150, batch_size=256, lr=1e-2, warmup_tokens=256 * 10, init_tokens=1024,
+                log_every=50)
+    return SAETrainConfig(**(base | kw))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = _train_cfg(total_tokens=100 * 20, batch_size=100, init_tokens=300, warmup_tokens=300)
+    specs = {"tide": SAESpec(d_in=D_IN, n_latents=128, k=4, variant="tide", dead_tokens_threshold=300),
+             "relu": SAESpec(d_in=D_IN, n_latents=128, k=4, variant="relu")}
+    straight = SAETrainer(specs, cfg)
+    straight.fit(_synthetic(2000, 80, seed=5))  # source chunks (80) differ from batches (100)
+
+    first = SAETrainer(specs, cfg)
+    first.fit(_synthetic(2000, 80, seed=5), max_tokens=700)
+    assert first.tokens_seen == 700 and not first.complete
+    first.save_state(tmp_path / "state")
+    resumed = SAETrainer.load_state(tmp_path / "state")
+    assert resumed.tokens_seen == 700 and resumed.step == 7
+    results = resumed.fit(skip_tokens(_synthetic(2000, 80, seed=5), resumed.tokens_seen))
+
+    assert results["tide"].complete and results["tide"].tokens_seen == 2000
+    assert [r.step for r in results["tide"].logs] == [r.step for r in straight.logs["tide"]]
+    for name in specs:
+        for (key, a), b in zip(straight.saes[name].state_dict().items(),
+                               resumed.saes[name].state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{name}.{key} differs after resume"
+
+
+def test_rebatch_keeps_token_order_whatever_the_source_chunking():
+    source = list(_synthetic(1000, 50, seed=2))
+    as_numpy = [TokenBatch(b.acts.numpy(), b.timesteps.numpy(), b.steps.numpy()) for b in source]
+    out = list(rebatch(as_numpy, 128))
+    assert [len(b) for b in out] == [128] * 7 + [104]
+    assert torch.equal(torch.cat([b.to_torch().acts for b in out]), torch.cat([b.acts for b in source]))
+    duck = [SimpleNamespace(acts=b.acts, timesteps=b.timesteps, steps=b.steps, sample_ids=None) for b in source]
+    assert sum(len(b) for b in rebatch(duck, 128)) == 1000  # e.g. the activation store's own batch type
+    rest = list(skip_tokens(source, 975))
+    assert torch.equal(torch.cat([b.steps for b in rest]), torch.cat([b.steps for b in source])[975:])
+
+
+def test_training_reaches_low_nmse_and_tide_matches_topk():
+    specs = {v: SAESpec(d_in=D_IN, n_latents=128, k=4, variant=v, dead_tokens_threshold=256 * 20)
+             for v in ("tide", "topk")}
+    seen = []
+    results = train_saes(specs, _synthetic(256 * 150, 256, seed=0), _train_cfg(), progress=seen.append)
+    assert len(seen) == 3 and set(seen[-1]) == {"tide", "topk"}
+    nmse = {name: evaluate(r.sae, _synthetic(4096, 512, seed=1)).overall.nmse for name, r in results.items()}
+    assert nmse["topk"] < 0.1 and nmse["tide"] < 0.1, nmse
+    assert nmse["tide"] <= 1.25 * nmse["topk"] + 0.005, nmse  # TIDE at least matches TopK
+
+
+# --- metrics ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_are_batch_size_independent_and_consistent():
+    sae = _sae("tide", n_latents=128, k=4)
+    whole = evaluate(sae, _synthetic(1200, 1200, seed=4))
+    rows = torch.cat([b.acts for b in _synthetic(1200, 1200, seed=4)])
+    small = evaluate(sae, rebatch(_synthetic(1200, 1200, seed=4), 70))
+    assert set(whole.per_step) == set(range(N_STEPS)) and whole.overall.tokens == 1200
+    for a, b in [(whole.overall, small.overall)] + [(whole.per_step[s], small.per_step[s]) for s in whole.per_step]:
+        for field in ("mse", "nmse", "cosine", "l0", "dead_fraction", "dense_fraction"):
+            assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-6, abs=1e-9), field
+    assert sum(m.tokens for m in whole.per_step.values()) == 1200
+    x_hat = sae(rows, torch.cat([b.timesteps for b in _synthetic(1200, 1200, seed=4)])).x_hat.detach()
+    direct = ((rows - x_hat) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum()
+    assert whole.overall.nmse == pytest.approx(direct.item(), rel=1e-5)
+    assert whole.overall.explained_variance == pytest.approx(1 - whole.overall.nmse)
+    assert whole.overall.l0 <= 4 and np.isclose(whole.fire_counts.sum(), whole.overall.l0 * 1200)
