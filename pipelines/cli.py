@@ -36,7 +36,14 @@ def cmd_run(args) -> int:
     dagster_home()
     import dagster as dg
 
-    from pipelines.definitions import CAPTURE_JOB, MODEL_JOB, PUBLISH_JOB, build_definitions
+    from pipelines.definitions import (
+        CAPTURE_JOB,
+        MODEL_JOB,
+        PUBLISH_JOB,
+        REPORT_JOB,
+        SAE_JOB,
+        build_definitions,
+    )
 
     if args.overwrite:
         import fsspec
@@ -71,6 +78,9 @@ def cmd_run(args) -> int:
         print(f"[tide] shard {i + 1}/{len(keys)}")
         execute(CAPTURE_JOB, key)
     execute(PUBLISH_JOB)
+    for layer in sorted(project.config.capture.layers):
+        execute(SAE_JOB, f"{layer:02d}")
+    execute(REPORT_JOB)
     print(_summary(project, time.perf_counter() - t0))
     return 0
 

@@ -300,12 +300,14 @@ class ActivationStore:
 
     def iter_token_batches(self, site: str, layer: int, batch_size: int, seed: int,
                            sample_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None,
-                           epochs: int = 1, samples_per_block: int | None = None) -> Iterator[TokenBatch]:
+                           epochs: int = 1, samples_per_block: int | None = None,
+                           drop_last: bool = True) -> Iterator[TokenBatch]:
         """Shuffled token batches for SAE training, balanced across steps, memory bounded.
 
         Reads one block of samples (default one shard) over all steps at a time, shuffles its tokens,
         and yields batches. Each block holds every step equally, so every batch mixes steps in the
-        proportion they were captured. Memory: one block, S * block * P * D values.
+        proportion they were captured. Memory: one block, S * block * P * D values. drop_last=False also
+        yields the final short batch (evaluation wants every token).
         """
         lay = self.layout
         arr = self.array(site, layer)
@@ -341,6 +343,10 @@ class ActivationStore:
                     yield TokenBatch(acts=pool[sl].astype(np.float32), steps=steps_arr[m[:, 0]],
                                      timesteps=timesteps[m[:, 0]], sample_ids=m[:, 1])
                 carry, carry_meta = [pool[n_full * batch_size:]], [pool_meta[n_full * batch_size:]]
+        rest, rest_meta = np.concatenate(carry), np.concatenate(carry_meta)
+        if len(rest) and not drop_last:
+            yield TokenBatch(acts=rest.astype(np.float32), steps=steps_arr[rest_meta[:, 0]],
+                             timesteps=timesteps[rest_meta[:, 0]], sample_ids=rest_meta[:, 1])
 
 
 @dataclass(frozen=True)

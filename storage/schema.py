@@ -127,6 +127,23 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
+            "sae_splice",
+            ("sae_id", "split"),
+            "one SAE spliced into its block: images sampled with the block output replaced by the"
+            " reconstruction at every step, against the unspliced images of the same seeds",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("split", "VARCHAR", "which samples' seeds were resampled", f"CHECK (split IN ({_sql_list(SPLITS)}))"),
+                Col("n_samples", "INTEGER", "images compared"),
+                Col("accuracy_spliced", "DOUBLE", "judge class accuracy of the spliced images (NULL: no judge)"),
+                Col("accuracy_unspliced", "DOUBLE", "judge class accuracy of the original images"),
+                Col("frechet_spliced", "DOUBLE", "Frechet distance to real digits, judge features"),
+                Col("frechet_unspliced", "DOUBLE", "the same for the original images"),
+                Col("pixel_mse", "DOUBLE", "mean squared pixel difference, images in [-1, 1]"),
+                Col("agreement", "DOUBLE", "fraction of images the judge labels the same with and without"),
+            ),
+        ),
+        Table(
             "feature_stats",
             ("sae_id", "feature_id", "step"),
             "one SAE latent at one diffusion step",

@@ -203,6 +203,14 @@ class SAEConfig(_Section):
     """Peak AdamW learning rate."""
     seed: int = 0
     """Seed of init and batch order."""
+    heldout_fraction: float = Field(0.125, gt=0.0, lt=1.0)
+    """Fraction of shards (the last ones) never used in training: their seeds are the held-out split."""
+    eval_tokens: int = Field(200_000, ge=1)
+    """Tokens evaluated per split (train and held-out) for the per-step metrics."""
+    splice_samples: int = Field(64, ge=0)
+    """Held-out images resampled with the SAE spliced in (0 skips the spliced evaluation)."""
+    checkpoint_every_tokens: int = Field(500_000, ge=1)
+    """Training state is saved this often, so a killed `sae` partition resumes where it stopped."""
 
     @model_validator(mode="after")
     def _k_fits(self) -> SAEConfig:

@@ -1,0 +1,222 @@
+"""SAE-stage operations behind the `sae` asset: train every variant of one layer from one pass over the
+store, evaluate per step on train and held-out samples, splice into the DiT, publish to DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.capture_ops import open_store
+from pipelines.project import Project
+from storage.activation_store import ActivationStore, StoreError
+
+Log = Callable[[str], None]
+SITE = "resid"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Sample ids for training and for held-out evaluation (whole shards, so seeds never overlap)."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+
+
+def split_samples(store: ActivationStore, heldout_fraction: float) -> Split:
+    lay = store.layout
+    if lay.num_shards >= 2:
+        n_held = max(1, round(lay.num_shards * heldout_fraction))
+        cut = lay.shard_range(lay.num_shards - n_held).start
+    else:  # one shard: hold out its tail
+        cut = max(1, int(lay.num_samples * (1 - heldout_fraction)))
+    ids = np.arange(lay.num_samples)
+    return Split(train=ids[:cut], heldout=ids[cut:])
+
+
+def sae_id(layer: int, site: str, variant: str, n_latents: int, k: int, run_id: str) -> str:
+    return f"L{layer:02d}-{site}-{variant}-n{n_latents}-k{k}-{run_id[:8]}"
+
+
+@dataclass(frozen=True)
+class SAEReport:
+    """One trained SAE with its metrics."""
+
+    sae_id: str
+    variant: str
+    path: str
+    tokens_seen: int
+    seconds: float
+    metrics: dict[str, dict[int, dict]]  # split -> step (-1 = overall) -> metric -> value
+    splice: dict | None
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    run_id: str
+    reports: list[SAEReport]
+
+
+def check_inputs(project: Project, layer: int) -> ActivationStore:
+    """Fail before training on what cannot work: no store, missing shards, an uncaptured layer."""
+    store = open_store(project)
+    if layer not in store.layout.layers:
+        raise StoreError(f"layer {layer} was not captured: the store has layers {store.layout.layers}; add it to "
+                         "capture.layers and re-capture")
+    if SITE not in store.layout.sites:
+        raise StoreError(f"site {SITE!r} was not captured (store has {store.layout.sites})")
+    missing = store.missing_shards()
+    if missing:
+        raise StoreError(f"the store has incomplete shards {missing[:10]}: materialize `activations` first")
+    return store
+
+
+def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
+    import torch
+
+    from tide_core.sae import SAESpec, SparseAutoencoder
+    from tide_core.sae_train import SAETrainConfig, SAETrainer, skip_tokens
+
+    store = check_inputs(project, layer)
+    cfg = project.config.sae
+    split = split_samples(store, cfg.heldout_fraction)
+    run_id = store.provenance["run_id"]
+    num_train_timesteps = int(store.provenance["sampling"]["scheduler_config"].get("num_train_timesteps", 1000))
+    d = store.layout.d_model
+    ids = {v: sae_id(layer, SITE, v, cfg.n_latents, cfg.k, run_id) for v in cfg.variants}
+    tcfg = SAETrainConfig(total_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                          warmup_tokens=min(50_000, cfg.train_tokens // 10), init_tokens=min(16_384, cfg.train_tokens))
+    state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{run_id[:8]}"
+    torch.manual_seed(cfg.seed)
+    if (state_dir / "trainer.json").exists():
+        trainer = SAETrainer.load_state(state_dir)
+        log(f"resuming layer {layer} SAEs from {state_dir} at {trainer.tokens_seen} tokens")
+    else:
+        specs = {v: SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v,
+                            num_train_timesteps=num_train_timesteps) for v in cfg.variants}
+        trainer = SAETrainer(specs, tcfg)
+    per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
+    epochs = -(-cfg.train_tokens // per_epoch)
+
+    def stream():
+        return store.iter_token_batches(SITE, layer, cfg.batch_size, seed=cfg.seed, sample_ids=split.train,
+                                        epochs=epochs)
+
+    def progress(logs) -> None:
+        parts = [f"{n}: mse {r.mse:.4f} L0 {r.l0:.1f} dead {r.dead_fraction:.3f}" for n, r in logs.items()]
+        log(f"  layer {layer} {next(iter(logs.values())).tokens_seen:>9} tokens | " + " | ".join(parts))
+
+    results = {}
+    while trainer.tokens_seen < cfg.train_tokens:
+        before = trainer.tokens_seen
+        results = trainer.fit(skip_tokens(stream(), before), progress=progress, max_tokens=cfg.checkpoint_every_tokens)
+        if trainer.tokens_seen < cfg.train_tokens:
+            trainer.save_state(state_dir)
+        if trainer.tokens_seen == before:
+            raise RuntimeError(f"the store ran out of tokens at {before}: lower sae.train_tokens")
+    reports = []
+    for variant, result in results.items():
+        sae = result.sae
+        path = project.root / "saes" / ids[variant]
+        sae.save(path, meta={"sae_id": ids[variant], "layer": layer, "site": SITE, "run_id": run_id,
+                             "tokens_seen": trainer.tokens_seen})
+        metrics = evaluate_sae(store, sae, layer, split, cfg.eval_tokens, cfg.seed)
+        splice = splice_eval(project, store, SparseAutoencoder.load(path), layer, split, cfg.splice_samples, log)
+        reports.append(SAEReport(sae_id=ids[variant], variant=variant, path=str(path),
+                                 tokens_seen=trainer.tokens_seen, seconds=round(result.seconds, 1),
+                                 metrics=metrics, splice=splice))
+        log(f"  {ids[variant]}: heldout nmse {metrics['heldout'][-1]['nmse']:.4f} cosine "
+            f"{metrics['heldout'][-1]['cosine']:.4f} dead {metrics['heldout'][-1]['dead_fraction']:.4f}")
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    report = LayerReport(layer=layer, run_id=run_id, reports=reports)
+    publish(project, report)
+    return report
+
+
+def evaluate_sae(store: ActivationStore, sae, layer: int, split: Split, eval_tokens: int, seed: int) -> dict:
+    from tide_core.sae_metrics import evaluate
+
+    out = {}
+    for name, ids in (("train", split.train), ("heldout", split.heldout)):
+        batches = store.iter_token_batches(SITE, layer, 4096, seed=seed + 7, sample_ids=ids, drop_last=False)
+        res = evaluate(sae, batches, max_tokens=eval_tokens)
+        per = {int(s): asdict(m) for s, m in res.per_step.items()}
+        per[-1] = asdict(res.overall)
+        out[name] = per
+    return out
+
+
+def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split: Split, n: int,
+                log: Log) -> dict | None:
+    """Resample held-out seeds with the SAE spliced in; compare with the stored (unspliced) images."""
+    if n == 0:
+        return None
+    from tide_core.dit import load_model
+    from tide_core.sampling import Sampler, class_for, to_uint8
+    from tide_core.splice import SAESplice
+
+    cfg = project.config
+    bundle = load_model(cfg.model, project.base_dir)
+    s = cfg.sampling
+    sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed)
+    ids = split.heldout[:n]
+    classes_all = store.provenance["sampling"]["classes"]
+    classes = [class_for(int(i), classes_all) for i in ids]
+    spliced = []
+    with SAESplice(bundle.transformer, layer, sae) as splice:
+        for i in range(0, len(ids), s.batch_size):
+            spliced.append(sampler.sample(ids[i:i + s.batch_size], classes[i:i + s.batch_size],
+                                          observer=splice).images)
+    spliced_u8 = to_uint8(np.concatenate(spliced))  # [n, H, W, C]
+    original = store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]]
+    to_float = lambda u8: u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0  # noqa: E731
+    out = {"split": "heldout", "n_samples": len(ids),
+           "pixel_mse": float(((to_float(spliced_u8) - to_float(original)) ** 2).mean())}
+    if cfg.model.source == "digits" and (project.judge_dir / "judge.safetensors").exists():
+        from tide_core.digits import load_digits
+        from tide_core.digits import split as split_digits
+        from tide_core.judge import frechet_distance, judge_images, load_judge
+
+        judge = load_judge(project.judge_dir)
+        real = split_digits(load_digits(cfg.model.digits.image_size), cfg.model.judge.test_fraction,
+                            cfg.model.judge.seed)[0]
+        real_f = judge_images(judge, real.images).features
+        a, b = judge_images(judge, to_float(spliced_u8)), judge_images(judge, to_float(original))
+        y = np.asarray(classes)
+        out.update(accuracy_spliced=float((a.pred == y).mean()), accuracy_unspliced=float((b.pred == y).mean()),
+                   frechet_spliced=frechet_distance(a.features, real_f),
+                   frechet_unspliced=frechet_distance(b.features, real_f),
+                   agreement=float((a.pred == b.pred).mean()))
+    log(f"  spliced {sae.meta.get('sae_id', '')}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                                  for k, v in out.items()}))
+    return out
+
+
+def publish(project: Project, report: LayerReport) -> None:
+    """Replace this layer's rows in saes, sae_metrics and sae_splice."""
+    from storage.warehouse import Warehouse
+
+    wh = Warehouse(project.duckdb_path)
+    wh.init_schema()
+    cfg = project.config.sae
+    for r in report.reports:
+        wh.replace_partition("saes", {"sae_id": r.sae_id}, [{
+            "run_id": report.run_id, "layer": report.layer, "site": SITE, "variant": r.variant,
+            "n_latents": cfg.n_latents, "k": cfg.k if r.variant != "relu" else None, "path": r.path,
+            "tokens_seen": r.tokens_seen}])
+        rows = [{"split": split, "step": step, **{k: v for k, v in m.items() if k != "tokens"}}
+                for split, per in r.metrics.items() for step, m in per.items()]
+        wh.replace_partition("sae_metrics", {"sae_id": r.sae_id}, rows)
+        if r.splice is not None:
+            wh.replace_partition("sae_splice", {"sae_id": r.sae_id}, [r.splice])
+
+
+def sae_paths(project: Project) -> list[Path]:
+    return sorted(p for p in (project.root / "saes").glob("L*") if (p / "cfg.json").exists())
