@@ -1,0 +1,104 @@
+"""SAE training speed: our trainer vs the plainest correct dense PyTorch TopK SAE, same batches, one run.
+
+    .venv/bin/python bench/sae_train.py [--config tide.toml] [--layer 3] [--steps 60] [--batch 1024]
+
+Reads stored activations (run `make run` first), preloads --steps batches so I/O is not timed, then times
+(a) our SAETrainer step for the `topk` and `tide` variants (sparse decode over the k active rows, TopK
+backward that never builds the dense latent gradient, AuxK, decoder-norm projection, AdamW), and (b) a
+dense TopK SAE step (scatter to dense z, dense decode, plain autograd, AdamW). It also times a bare
+torch matmul of the encoder's shape [B, d] x [d, n] to give the machine's matmul rate, and reports how
+close our step gets to that limit. Last line: sae_speedup=<topk ours / dense>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from pipelines.capture_ops import open_store  # noqa: E402
+from pipelines.project import Project  # noqa: E402
+from tide_core.sae import DenseTopKReference, SAESpec  # noqa: E402
+from tide_core.sae_train import SAETrainConfig, SAETrainer, TokenBatch  # noqa: E402
+
+
+def timed(fn, batches, warmup: int = 5) -> float:
+    """Seconds per call, median of 3 passes over the batches after a warm-up."""
+    for b in batches[:warmup]:
+        fn(b)
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for b in batches:
+            fn(b)
+        runs.append((time.perf_counter() - t0) / len(batches))
+    return sorted(runs)[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--n-latents", type=int, default=None)
+    p.add_argument("--k", type=int, default=None)
+    args = p.parse_args()
+    project = Project.load(args.config)
+    cfg = project.config.sae
+    store = open_store(project)
+    layer = args.layer if args.layer is not None else store.layout.layers[len(store.layout.layers) // 2]
+    bs, n, k = args.batch or cfg.batch_size, args.n_latents or cfg.n_latents, args.k or cfg.k
+    d = store.layout.d_model
+    stream = store.iter_token_batches("resid", layer, bs, seed=0)
+    batches = [TokenBatch(b.acts, b.timesteps, b.steps).to_torch() for _, b in zip(range(args.steps), stream, strict=False)]
+    print(f"layer {layer}: d={d} n_latents={n} k={k} batch={bs}, {len(batches)} stored batches; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    tcfg = SAETrainConfig(total_tokens=10**9, batch_size=bs, warmup_tokens=0, init_tokens=bs)
+    results = {}
+    for variant in ("topk", "tide"):
+        trainer = SAETrainer({variant: SAESpec(d_in=d, n_latents=n, k=k, variant=variant)}, tcfg)
+        trainer.saes[variant].init_from_sample(batches[0].acts)
+        results[variant] = timed(trainer.train_step, batches)
+
+    torch.manual_seed(0)
+    dense = DenseTopKReference(d, n, k)
+    opt = torch.optim.AdamW(dense.parameters(), lr=4e-4)
+
+    def dense_step(b: TokenBatch) -> None:
+        out = dense(b.acts)
+        opt.zero_grad(set_to_none=True)
+        out.mse.backward()
+        opt.step()
+
+    results["dense"] = timed(dense_step, batches)
+
+    x = batches[0].acts
+    w = torch.randn(n, d)
+    mm = timed(lambda _b: torch.nn.functional.linear(x, w), batches)  # [B, d] x [d, n]
+    matmul_flops = 2 * bs * d * n / mm
+    rows = [("matmul [B,d]x[d,n] (GFLOP/s)", f"{matmul_flops / 1e9:.1f}")]
+    for name in ("dense", "topk", "tide"):
+        rows.append((f"{name}: ms/step", f"{results[name] * 1e3:.2f}"))
+        rows.append((f"{name}: tokens/s", f"{bs / results[name]:,.0f}"))
+    limit_dense = matmul_flops / (12 * d * n)  # tokens/s if a dense step (6 matmuls of 2Bdn) ran at matmul speed
+    limit_enc = matmul_flops / (2 * d * n)  # tokens/s of the one unavoidable encoder matmul alone
+    for name in ("topk", "tide"):
+        rows.append((f"{name}: dense-equivalent FLOP rate / matmul rate", f"{bs / results[name] / limit_dense:.2f}"))
+        rows.append((f"{name}: tokens/s / encoder-matmul-only limit", f"{bs / results[name] / limit_enc:.3f}"))
+    speedup = results["dense"] / results["topk"]
+    rows += [("speedup topk ours / dense", f"{speedup:.2f}"),
+             ("speedup tide ours / dense", f"{results['dense'] / results['tide']:.2f}")]
+    width = max(len(a) for a, _ in rows)
+    print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
+    print(f"sae_speedup={speedup:.3f}")
+
+
+if __name__ == "__main__":
+    main()
