@@ -125,7 +125,9 @@ class Sampler:
                 # diffusers' randn_tensor draws sample i from generator i: per-sample noise.
                 x = sched.step(eps, t, x, generator=gens).prev_sample
             else:
-                x = sched.step(eps, t, x).prev_sample
+                # Re-derive eps from the clipped x0 estimate: with guidance the raw eps overshoots, and a
+                # clipped x0 paired with the unclipped eps drives DDIM to saturated images.
+                x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
         images = self._decode(x)
         return SampleBatch(images=images, class_ids=np.asarray(class_ids, np.int64),
                            seeds=np.asarray(seeds, np.int64))
