@@ -145,7 +145,7 @@ class SamplingConfig(_Section):
     """Sampler: deterministic DDIM (eta=0) or ancestral DDPM."""
     num_steps: int = Field(50, ge=1, le=1000)
     """Denoising steps; step 0 is the noisiest."""
-    guidance_scale: float = Field(4.0, ge=1.0, le=50.0)
+    guidance_scale: float = Field(2.0, ge=1.0, le=50.0)
     """Classifier-free guidance scale; 1 disables guidance (one forward pass per step)."""
     num_samples: int = Field(512, ge=1)
     """Images in the run; sample_id runs from 0 to num_samples-1."""

@@ -141,14 +141,16 @@ def load_bundle(path_or_id: str | Path, device: str = "cpu", dtype: torch.dtype 
             f"{local} has no transformer/config.json: expected a diffusers DiT directory "
             "(for the default model run `tide train-dit` first)"
         )
-    transformer = DiTTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
+    transformer = DiTTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype,
+                                                        low_cpu_mem_usage=False)
     transformer = transformer.to(device).eval().requires_grad_(False)
     sched = dict(DDPMScheduler.load_config(src, subfolder="scheduler"))
     sched = {k: v for k, v in sched.items() if not k.startswith("_")}
     vae, scaling = None, 1.0
     has_vae = (local / "vae").exists() if local.exists() else True
     if has_vae:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        vae = vae.to(device).eval()
         vae.requires_grad_(False)
         scaling = float(vae.config.scaling_factor)
     meta = json.loads((local / TIDE_MODEL_FILE).read_text()) if (local / TIDE_MODEL_FILE).exists() else {}
