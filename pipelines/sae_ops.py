@@ -98,8 +98,9 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
         trainer = SAETrainer.load_state(state_dir)
         log(f"resuming layer {layer} SAEs from {state_dir} at {trainer.tokens_seen} tokens")
     else:
-        specs = {v: SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v,
-                            num_train_timesteps=num_train_timesteps) for v in cfg.variants}
+        specs = {v: SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v, aux_coeff=cfg.aux_coeff,
+                            dead_tokens_threshold=cfg.dead_tokens, num_train_timesteps=num_train_timesteps)
+                 for v in cfg.variants}
         trainer = SAETrainer(specs, tcfg)
     per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
     epochs = -(-cfg.train_tokens // per_epoch)

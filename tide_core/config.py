@@ -203,6 +203,10 @@ class SAEConfig(_Section):
     """Peak AdamW learning rate."""
     seed: int = 0
     """Seed of init and batch order."""
+    dead_tokens: int = Field(200_000, ge=1)
+    """A latent is dead after this many tokens without firing (counted in tokens); AuxK revives it."""
+    aux_coeff: float = Field(1 / 32, ge=0.0)
+    """Weight of the AuxK loss on dead latents."""
     heldout_fraction: float = Field(0.125, gt=0.0, lt=1.0)
     """Fraction of shards (the last ones) never used in training: their seeds are the held-out split."""
     eval_tokens: int = Field(200_000, ge=1)
