@@ -21,6 +21,36 @@ SAE_JOB = "tide_sae_job"
 REPORT_JOB = "tide_report_job"
 
 
+def fan_out(name: str, upstream: dg.AssetsDefinition, job, partitioned: dg.AssetsDefinition):
+    """A sensor (off by default) requesting every partition of `job` when `upstream` materializes."""
+
+    @dg.asset_sensor(name=name, asset_key=upstream.key, job=job, default_status=dg.DefaultSensorStatus.STOPPED,
+                     description=f"Requests every partition of {partitioned.key.to_user_string()} after "
+                                 f"{upstream.key.to_user_string()} materializes.")
+    def _sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
+        for key in partitioned.partitions_def.get_partition_keys():
+            yield dg.RunRequest(run_key=f"{asset_event.storage_id}-{key}", partition_key=key)
+
+    return _sensor
+
+
+def join(name: str, monitored, partitioned: dg.AssetsDefinition, request_job):
+    """A sensor (off by default) requesting `request_job` once every partition of `partitioned` exists."""
+
+    @dg.run_status_sensor(name=name, run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[monitored],
+                          request_job=request_job, default_status=dg.DefaultSensorStatus.STOPPED,
+                          description=f"Runs {request_job.name} once every partition of "
+                                      f"{partitioned.key.to_user_string()} is materialized.")
+    def _sensor(context: dg.RunStatusSensorContext):
+        done = context.instance.get_materialized_partitions(partitioned.key)
+        missing = sorted(set(partitioned.partitions_def.get_partition_keys()) - set(done))
+        if missing:
+            return dg.SkipReason(f"partitions still missing: {missing[:10]}")
+        return dg.RunRequest(run_key=f"{name}-{context.dagster_run.run_id}")
+
+    return _sensor
+
+
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
     path = config_path if config_path is not None else os.environ.get(CONFIG_ENV, "")
     project = Project.load(path or None)
@@ -47,45 +77,18 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
                                   default_status=dg.DefaultScheduleStatus.STOPPED,
                                   description="Re-runs the pipeline daily; turn on the two sensors as well.")
 
-    @dg.asset_sensor(asset_key=store_asset.key, job=capture_job, default_status=dg.DefaultSensorStatus.STOPPED)
-    def shards_after_store(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
-        """Requests every shard partition once the store has been (re)created."""
-        for key in activations.partitions_def.get_partition_keys():
-            yield dg.RunRequest(run_key=f"{asset_event.storage_id}-{key}", partition_key=key)
-
-    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[capture_job],
-                          request_job=publish_job, default_status=dg.DefaultSensorStatus.STOPPED)
-    def publish_after_shards(context: dg.RunStatusSensorContext):
-        """Publishes once the last shard is done (earlier shard successes find shards missing)."""
-        from pipelines.capture_ops import open_store
-
-        store = open_store(project)
-        if not store.missing_shards():
-            return dg.RunRequest(run_key=f"publish-{store.provenance['run_id']}-{context.dagster_run.run_id}")
-        return dg.SkipReason(f"shards still missing: {store.missing_shards()[:10]}")
-
-    @dg.asset_sensor(asset_key=samples.key, job=sae_job, default_status=dg.DefaultSensorStatus.STOPPED)
-    def saes_after_samples(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
-        """Requests every layer partition of `sae` once the samples table is published."""
-        for key in sae_asset.partitions_def.get_partition_keys():
-            yield dg.RunRequest(run_key=f"{asset_event.storage_id}-{key}", partition_key=key)
-
-    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[sae_job],
-                          request_job=report_job, default_status=dg.DefaultSensorStatus.STOPPED)
-    def report_after_saes(context: dg.RunStatusSensorContext):
-        """Summarises once every layer partition of `sae` has a materialization."""
-        done = context.instance.get_materialized_partitions(sae_asset.key)
-        missing = set(sae_asset.partitions_def.get_partition_keys()) - set(done)
-        if missing:
-            return dg.SkipReason(f"layers still training: {sorted(missing)}")
-        return dg.RunRequest(run_key=f"report-{context.dagster_run.run_id}")
-
+    sensors = [
+        fan_out("shards_after_store", store_asset, capture_job, activations),
+        join("publish_after_shards", capture_job, activations, publish_job),
+        fan_out("saes_after_samples", samples, sae_job, sae_asset),
+        join("report_after_saes", sae_job, sae_asset, report_job),
+    ]
     return dg.Definitions(
         assets=[*model.ASSETS, *cap_assets, *sae_assets],
         asset_checks=[*model.CHECKS, *cap_checks, *sae_checks],
         jobs=[model_job, capture_job, publish_job, sae_job, report_job],
         schedules=[daily],
-        sensors=[shards_after_store, publish_after_shards, saes_after_samples, report_after_saes],
+        sensors=sensors,
         resources={"tide": TideResource(config_path=str(project.config_path or ""))},
     )
 

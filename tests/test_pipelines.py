@@ -14,7 +14,7 @@ def test_definitions_load_for_the_default_config():
     defs = build_definitions(str(REPO / "tide.toml"))
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {"digits", "dit_model", "digit_classifier", "sample_quality", "activation_store", "activations",
-            "samples"} <= keys
+            "samples", "sae", "sae_metrics"} <= keys
     for name in (MODEL_JOB, CAPTURE_JOB, PUBLISH_JOB):
         assert defs.resolve_job_def(name) is not None
     sched = defs.resolve_schedule_def("daily_tide_pipeline")
