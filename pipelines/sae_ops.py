@@ -201,12 +201,17 @@ def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split
 
 
 def publish(project: Project, report: LayerReport) -> None:
-    """Replace this layer's rows in saes, sae_metrics and sae_splice."""
+    """Replace this layer's rows in saes, sae_metrics and sae_splice (the partition is (run, layer):
+    SAEs of this run and layer from an earlier SAE config are removed, not left beside the new ones)."""
     from storage.warehouse import Warehouse
 
     wh = Warehouse(project.duckdb_path)
     wh.init_schema()
     cfg = project.config.sae
+    old = wh.query("SELECT sae_id FROM saes WHERE run_id = ? AND layer = ?", [report.run_id, report.layer])
+    for stale in set(old.column("sae_id").to_pylist()) - {r.sae_id for r in report.reports}:
+        for table in ("sae_metrics", "sae_splice", "saes"):
+            wh.replace_partition(table, {"sae_id": stale}, [])
     for r in report.reports:
         wh.replace_partition("saes", {"sae_id": r.sae_id}, [{
             "run_id": report.run_id, "layer": report.layer, "site": SITE, "variant": r.variant,

@@ -61,3 +61,17 @@ def test_layer_trains_evaluates_splices_and_publishes(tiny_project):
     # a second run replaces rows rather than adding them
     sae_ops.publish(project, report)
     assert wh.query("SELECT count(*) AS n FROM saes").column("n")[0].as_py() == 2
+
+
+@pytest.mark.slow
+def test_new_sae_config_replaces_the_layer_partition(tiny_project):
+    project = captured(tiny_project(SAE))
+    first = sae_ops.train_layer(project, 0, log=lambda m: None)
+    smaller = tiny_project({"sae": {**SAE["sae"], "k": 2, "splice_samples": 0}})
+    smaller = type(smaller)(config=smaller.config, config_path=project.config_path, base_dir=project.base_dir)
+    second = sae_ops.train_layer(smaller, 0, log=lambda m: None)
+    wh = Warehouse(project.duckdb_path)
+    ids = set(wh.query("SELECT sae_id FROM saes").column("sae_id").to_pylist())
+    assert ids == {r.sae_id for r in second.reports} and not ids & {r.sae_id for r in first.reports}
+    left = wh.query("SELECT count(*) AS n FROM sae_metrics WHERE sae_id NOT IN (SELECT sae_id FROM saes)")
+    assert left.column("n")[0].as_py() == 0

@@ -193,7 +193,7 @@ class SAEConfig(_Section):
     """tide = TopK with timestep modulation; topk = plain TopK; relu = ReLU + L1 baseline."""
     n_latents: int = Field(1024, ge=1)
     """Dictionary width."""
-    k: int = Field(16, ge=1)
+    k: int = Field(32, ge=1)
     """Active latents per token (TopK); the L1 baseline is tuned towards the same L0."""
     train_tokens: int = Field(2_000_000, ge=1)
     """Tokens seen in training."""
@@ -203,9 +203,9 @@ class SAEConfig(_Section):
     """Peak AdamW learning rate."""
     seed: int = 0
     """Seed of init and batch order."""
-    dead_tokens: int = Field(200_000, ge=1)
+    dead_tokens: int = Field(20_000, ge=1)
     """A latent is dead after this many tokens without firing (counted in tokens); AuxK revives it."""
-    aux_coeff: float = Field(1 / 32, ge=0.0)
+    aux_coeff: float = Field(0.25, ge=0.0)
     """Weight of the AuxK loss on dead latents."""
     heldout_fraction: float = Field(0.125, gt=0.0, lt=1.0)
     """Fraction of shards (the last ones) never used in training: their seeds are the held-out split."""
