@@ -50,6 +50,7 @@ def make_plan(cfg: TideConfig, bundle: DiTBundle, code_version: str = "") -> Cap
         num_samples=s.num_samples, shard_size=s.shard_size, steps=steps, layers=sorted(c.layers),
         sites=list(c.sites), tokens_total=total, tokens_stored=spec.tokens_stored(total),
         token_grid=[gh, gw], d_model=bundle.hidden_size, image_shape=[side, side, channels], dtype=c.dtype,
+        compression=c.compression,
     )
     timesteps = sampler.timesteps()
     provenance = {
