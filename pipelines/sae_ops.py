@@ -99,6 +99,7 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
         log(f"resuming layer {layer} SAEs from {state_dir} at {trainer.tokens_seen} tokens")
     else:
         specs = {v: SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v, aux_coeff=cfg.aux_coeff,
+                            l1_coeff=cfg.l1_coeff,
                             dead_tokens_threshold=cfg.dead_tokens, num_train_timesteps=num_train_timesteps)
                  for v in cfg.variants}
         trainer = SAETrainer(specs, tcfg)

@@ -16,7 +16,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
-$PIP install --quiet --disable-pip-version-check --upgrade pip >/dev/null
+# pip warns once per package about this machine's extra local index folders; those lines are noise.
+quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+$PIP install --quiet --disable-pip-version-check --upgrade pip 2>&1 | quiet
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if [ -n "${TIDE_TORCH_SPEC:-}" ]; then
     spec="$TIDE_TORCH_SPEC"
@@ -28,11 +30,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "[install] no GPU: installing the CPU build of torch"
   fi
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    $PIP install --quiet "$spec" --index-url "$TORCH_INDEX_URL"
+    $PIP install --quiet "$spec" --index-url "$TORCH_INDEX_URL" 2>&1 | quiet
   else
-    $PIP install --quiet "$spec"
+    $PIP install --quiet "$spec" 2>&1 | quiet
   fi
 fi
-$PIP install --quiet -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+$PIP install --quiet -e '.[dev]' 2>&1 | quiet
 .venv/bin/python -c "import torch, tide_core; print('[install] torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 touch .venv/.installed

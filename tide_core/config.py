@@ -205,6 +205,8 @@ class SAEConfig(_Section):
     """Peak AdamW learning rate."""
     seed: int = 0
     """Seed of init and batch order."""
+    l1_coeff: float = Field(0.05, ge=0.0)
+    """L1 weight of the relu variant (penalty on latent x decoder row norm); TopK variants ignore it."""
     dead_tokens: int = Field(20_000, ge=1)
     """A latent is dead after this many tokens without firing (counted in tokens); AuxK revives it."""
     aux_coeff: float = Field(0.25, ge=0.0)
