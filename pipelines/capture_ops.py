@@ -123,10 +123,9 @@ def publish_samples(project: Project) -> PublishedSamples:
     accuracy = None
     if project.config.model.source == "digits" and (project.judge_dir / "judge.safetensors").exists():
         from tide_core.judge import judge_images, load_judge
+        from tide_core.sampling import from_uint8
 
-        images = store.images()  # uint8 [N, H, W, 1]
-        x = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-        verdict = judge_images(load_judge(project.judge_dir), x)
+        verdict = judge_images(load_judge(project.judge_dir), from_uint8(store.images()))
         pred, conf = verdict.pred.astype(np.int32), verdict.confidence.astype(np.float64)
         accuracy = float((pred == class_id).mean())
     rows = pa.table({

@@ -161,7 +161,7 @@ def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split
     if n == 0:
         return None
     from tide_core.dit import load_model
-    from tide_core.sampling import Sampler, class_for, to_uint8
+    from tide_core.sampling import Sampler, class_for, from_uint8, to_uint8
     from tide_core.splice import SAESplice
 
     cfg = project.config
@@ -178,9 +178,8 @@ def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split
                                           observer=splice).images)
     spliced_u8 = to_uint8(np.concatenate(spliced))  # [n, H, W, C]
     original = store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]]
-    to_float = lambda u8: u8.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0  # noqa: E731
     out = {"split": "heldout", "n_samples": len(ids),
-           "pixel_mse": float(((to_float(spliced_u8) - to_float(original)) ** 2).mean())}
+           "pixel_mse": float(((from_uint8(spliced_u8) - from_uint8(original)) ** 2).mean())}
     if cfg.model.source == "digits" and (project.judge_dir / "judge.safetensors").exists():
         from tide_core.digits import load_digits
         from tide_core.digits import split as split_digits
@@ -190,7 +189,7 @@ def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split
         real = split_digits(load_digits(cfg.model.digits.image_size), cfg.model.judge.test_fraction,
                             cfg.model.judge.seed)[0]
         real_f = judge_images(judge, real.images).features
-        a, b = judge_images(judge, to_float(spliced_u8)), judge_images(judge, to_float(original))
+        a, b = judge_images(judge, from_uint8(spliced_u8)), judge_images(judge, from_uint8(original))
         y = np.asarray(classes)
         out.update(accuracy_spliced=float((a.pred == y).mean()), accuracy_unspliced=float((b.pred == y).mean()),
                    frechet_spliced=frechet_distance(a.features, real_f),

@@ -143,3 +143,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C] for storage and display."""
     x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     return np.transpose(x, (0, 2, 3, 1))
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1] (the inverse of to_uint8, up to rounding)."""
+    return np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 127.5 - 1.0
