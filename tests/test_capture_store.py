@@ -191,3 +191,12 @@ def test_killed_run_resumes_bit_identical(tiny_project):
 
     n = Warehouse(killed.duckdb_path).query("SELECT count(*) AS n, count(DISTINCT sample_id) AS d FROM samples")
     assert n.column("n")[0].as_py() == n.column("d")[0].as_py() == rows.layout.num_samples
+
+
+def test_attn_and_mlp_sites_are_captured_beside_resid(tiny_project):
+    store = capture_all(tiny_project({"sampling": {"num_samples": 8}, "capture": {"sites": ["resid", "attn", "mlp"]}},
+                                     name="sites"))
+    acts = {site: store.read_step(site, 1, 2) for site in ("resid", "attn", "mlp")}
+    assert all(a.shape == (8, 64, 32) for a in acts.values())
+    assert not np.allclose(acts["resid"], acts["attn"]) and not np.allclose(acts["attn"], acts["mlp"])
+    assert all(np.isfinite(a).all() for a in acts.values())
