@@ -98,11 +98,15 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
         trainer = SAETrainer.load_state(state_dir)
         log(f"resuming layer {layer} SAEs from {state_dir} at {trainer.tokens_seen} tokens")
     else:
-        specs = {v: SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v, aux_coeff=cfg.aux_coeff,
-                            l1_coeff=cfg.l1_coeff,
-                            dead_tokens_threshold=cfg.dead_tokens, num_train_timesteps=num_train_timesteps)
-                 for v in cfg.variants}
-        trainer = SAETrainer(specs, tcfg)
+        saes = {v: SparseAutoencoder(SAESpec(d_in=d, n_latents=cfg.n_latents, k=cfg.k, variant=v,
+                                             aux_coeff=cfg.aux_coeff, l1_coeff=cfg.l1_coeff,
+                                             dead_tokens_threshold=cfg.dead_tokens,
+                                             num_train_timesteps=num_train_timesteps), seed=tcfg.seed)
+                for v in cfg.variants}
+        if cfg.tide_init == "adaln" and "tide" in saes:
+            fit = init_from_adaln(project, saes["tide"], layer, num_train_timesteps)
+            log(f"layer {layer}: tide modulation fitted to the DiT's adaLN (mse {fit:.2e})")
+        trainer = SAETrainer(saes, tcfg)
     per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
     epochs = -(-cfg.train_tokens // per_epoch)
 
@@ -140,6 +144,20 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
     report = LayerReport(layer=layer, run_id=run_id, reports=reports)
     publish(project, report)
     return report
+
+
+def init_from_adaln(project: Project, sae, layer: int, num_train_timesteps: int) -> float:
+    """Fit the tide SAE's modulation MLP to the DiT's adaLN (scale, shift) at every training timestep."""
+    import torch
+
+    from tide_core.adaln import adaln_modulation
+    from tide_core.dit import load_model
+
+    bundle = load_model(project.config.model, project.base_dir)
+    t = torch.arange(num_train_timesteps)
+    target = adaln_modulation(bundle.transformer, layer, t, bundle.null_class)  # [T, 2d]
+    sae.meta["time_init"] = "adaln"
+    return sae.fit_time_mlp(t, target)
 
 
 def evaluate_sae(store: ActivationStore, sae, layer: int, split: Split, eval_tokens: int, seed: int) -> dict:

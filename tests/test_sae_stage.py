@@ -75,3 +75,41 @@ def test_new_sae_config_replaces_the_layer_partition(tiny_project):
     assert ids == {r.sae_id for r in second.reports} and not ids & {r.sae_id for r in first.reports}
     left = wh.query("SELECT count(*) AS n FROM sae_metrics WHERE sae_id NOT IN (SELECT sae_id FROM saes)")
     assert left.column("n")[0].as_py() == 0
+
+
+def test_adaln_modulation_is_what_the_next_block_applies():
+    import torch
+    from torch.nn import functional as F
+
+    from tide_core.adaln import adaln_modulation
+    from tide_core.config import DigitsDiTConfig
+    from tide_core.dit import build_digits_dit
+
+    model = build_digits_dit(DigitsDiTConfig(num_layers=2, num_heads=2, head_dim=16)).eval()
+    for p in model.parameters():  # adaLN-Zero starts at zero: give it something to reproduce
+        torch.nn.init.normal_(p, std=0.05)
+    t = torch.tensor([3, 500, 999])
+    mod = adaln_modulation(model, 0, t, null_class=10)  # [3, 2d] scale, shift of block 1
+    scale, shift = mod.chunk(2, dim=1)
+    x = torch.randn(3, 64, 32)
+    with torch.no_grad():
+        out = model.transformer_blocks[1].norm1(x, timestep=t, class_labels=torch.full_like(t, 10))[0]
+    expected = F.layer_norm(x, (32,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert adaln_modulation(model, 1, t, 10).shape == (3, 64)  # last block: the final norm's modulation
+
+
+def test_tide_modulation_can_start_from_the_dit_adaln(tiny_project):
+    import torch
+
+    from tide_core.sae import SAESpec, SparseAutoencoder
+
+    project = captured(tiny_project({"sae": {**SAE["sae"], "tide_init": "adaln", "variants": ["tide"],
+                                             "splice_samples": 0}}))
+    sae = SparseAutoencoder(SAESpec(d_in=32, n_latents=64, k=4, variant="tide"), seed=0)
+    fit = sae_ops.init_from_adaln(project, sae, 0, 1000)
+    assert fit < 1e-2 and sae.meta["time_init"] == "adaln"
+    emb_before = torch.zeros(())  # the zero-initialised last layer no longer is
+    assert not torch.equal(sae.time_mlp[2].weight, emb_before.expand_as(sae.time_mlp[2].weight))
+    report = sae_ops.train_layer(project, 0, log=lambda m: None)
+    assert report.reports[0].metrics["heldout"][-1]["cosine"] > 0

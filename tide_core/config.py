@@ -205,6 +205,9 @@ class SAEConfig(_Section):
     """Peak AdamW learning rate."""
     seed: int = 0
     """Seed of init and batch order."""
+    tide_init: Literal["identity", "adaln"] = "identity"
+    """How TIDE's modulation starts: identity (zero last layer), or fitted to the DiT's own adaLN
+    (scale, shift) of the next block for the null class (see tide_core/adaln.py)."""
     l1_coeff: float = Field(0.05, ge=0.0)
     """L1 weight of the relu variant (penalty on latent x decoder row norm); TopK variants ignore it."""
     dead_tokens: int = Field(20_000, ge=1)

@@ -425,6 +425,26 @@ class SparseAutoencoder(nn.Module):
                 "use the SAE trained for this layer and site, or retrain it"
             )
 
+    def fit_time_mlp(self, timesteps: Tensor, target: Tensor, steps: int = 400, lr: float = 3e-3) -> float:
+        """Initialise TIDE's modulation from a given (scale, shift) per timestep (e.g. the DiT's adaLN,
+        ``tide_core.adaln``): fit the MLP to ``target`` [T, 2 * d_in] (scale first) at ``timesteps`` [T].
+        Returns the final mean squared error of the fit. Only for the ``tide`` variant."""
+        if self.time_mlp is None:
+            raise ValueError(f"variant {self.spec.variant!r} has no timestep modulation to initialise")
+        if target.shape != (len(timesteps), 2 * self.spec.d_in):
+            raise ValueError(f"target must be [T, 2 * d_in] = [{len(timesteps)}, {2 * self.spec.d_in}], "
+                             f"got {tuple(target.shape)}")
+        emb = timestep_embedding(timesteps, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [T, E]
+        target = target.to(emb)
+        opt = torch.optim.Adam(self.time_mlp.parameters(), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = F.mse_loss(self.time_mlp(emb), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return float(loss.detach())
+
     # --- input handling --------------------------------------------------------------------------------
 
     def _as_acts(self, x: Tensor) -> Tensor:
