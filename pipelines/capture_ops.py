@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 
 from pipelines.project import Project, code_version
-from storage.activation_store import ActivationStore, ShardStats, shard_stored_bytes
+from storage.activation_store import ActivationStore, ShardStats
 
 
 def run_id_of(provenance: dict) -> str:
@@ -51,7 +51,7 @@ def write_shard(project: Project, shard: int) -> ShardReport:
     store.check_matches(plan.layout, plan.provenance)
     stats = capture_shard(store, plan, shard)
     rng = store.layout.shard_range(shard)
-    return ShardReport(stats=stats, stored_bytes=shard_stored_bytes(store, shard),
+    return ShardReport(stats=stats, stored_bytes=store.shard_stored_bytes(shard),
                        images=store.images(rng.start, rng.stop))
 
 

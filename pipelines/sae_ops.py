@@ -127,13 +127,15 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
         if trainer.tokens_seen == before:
             raise RuntimeError(f"the store ran out of tokens at {before}: lower sae.train_tokens")
     reports = []
+    bench = make_splice_bench(project, store, layer, split, cfg.splice_samples) if cfg.splice_samples else None
     for variant, result in results.items():
         sae = result.sae
         path = project.root / "saes" / ids[variant]
         sae.save(path, meta={"sae_id": ids[variant], "layer": layer, "site": SITE, "run_id": run_id,
                              "tokens_seen": trainer.tokens_seen})
         metrics = evaluate_sae(store, sae, layer, split, cfg.eval_tokens, cfg.seed)
-        splice = splice_eval(project, store, SparseAutoencoder.load(path), layer, split, cfg.splice_samples, log)
+        splice = None if bench is None else splice_eval(bench, SparseAutoencoder.load(path),
+                                                        project.config.sampling.batch_size, log)
         reports.append(SAEReport(sae_id=ids[variant], variant=variant, path=str(path),
                                  tokens_seen=trainer.tokens_seen, seconds=round(result.seconds, 1),
                                  metrics=metrics, splice=splice))
@@ -173,45 +175,69 @@ def evaluate_sae(store: ActivationStore, sae, layer: int, split: Split, eval_tok
     return out
 
 
-def splice_eval(project: Project, store: ActivationStore, sae, layer: int, split: Split, n: int,
-                log: Log) -> dict | None:
-    """Resample held-out seeds with the SAE spliced in; compare with the stored (unspliced) images."""
-    if n == 0:
-        return None
+@dataclass
+class SpliceBench:
+    """What the spliced evaluation of one layer needs, loaded once and shared by every variant: the DiT,
+    the held-out ids and classes, the stored (unspliced) images and, for digits, the judge's verdict on
+    them and the real digits' judge features."""
+
+    sampler: object
+    layer: int
+    ids: np.ndarray
+    classes: np.ndarray
+    original: np.ndarray  # uint8 [n, H, W, C]
+    judge: object | None = None
+    original_verdict: object | None = None
+    real_features: np.ndarray | None = None
+
+
+def make_splice_bench(project: Project, store: ActivationStore, layer: int, split: Split, n: int) -> SpliceBench:
     from tide_core.dit import load_model
-    from tide_core.sampling import Sampler, class_for, from_uint8, to_uint8
-    from tide_core.splice import SAESplice
+    from tide_core.sampling import Sampler, class_for, from_uint8
 
     cfg = project.config
-    bundle = load_model(cfg.model, project.base_dir)
     s = cfg.sampling
-    sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed)
+    bundle = load_model(cfg.model, project.base_dir)
     ids = split.heldout[:n]
     classes_all = store.provenance["sampling"]["classes"]
-    classes = [class_for(int(i), classes_all) for i in ids]
-    spliced = []
-    with SAESplice(bundle.transformer, layer, sae) as splice:
-        for i in range(0, len(ids), s.batch_size):
-            spliced.append(sampler.sample(ids[i:i + s.batch_size], classes[i:i + s.batch_size],
-                                          observer=splice).images)
-    spliced_u8 = to_uint8(np.concatenate(spliced))  # [n, H, W, C]
-    original = store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]]
-    out = {"split": "heldout", "n_samples": len(ids),
-           "pixel_mse": float(((from_uint8(spliced_u8) - from_uint8(original)) ** 2).mean())}
+    bench = SpliceBench(sampler=Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed), layer=layer,
+                        ids=ids, classes=np.array([class_for(int(i), classes_all) for i in ids]),
+                        original=store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]])
     if cfg.model.source == "digits" and (project.judge_dir / "judge.safetensors").exists():
         from tide_core.digits import load_digits
         from tide_core.digits import split as split_digits
-        from tide_core.judge import frechet_distance, judge_images, load_judge
+        from tide_core.judge import judge_images, load_judge
 
-        judge = load_judge(project.judge_dir)
+        bench.judge = load_judge(project.judge_dir)
         real = split_digits(load_digits(cfg.model.digits.image_size), cfg.model.judge.test_fraction,
                             cfg.model.judge.seed)[0]
-        real_f = judge_images(judge, real.images).features
-        a, b = judge_images(judge, from_uint8(spliced_u8)), judge_images(judge, from_uint8(original))
-        y = np.asarray(classes)
-        out.update(accuracy_spliced=float((a.pred == y).mean()), accuracy_unspliced=float((b.pred == y).mean()),
-                   frechet_spliced=frechet_distance(a.features, real_f),
-                   frechet_unspliced=frechet_distance(b.features, real_f),
+        bench.real_features = judge_images(bench.judge, real.images).features
+        bench.original_verdict = judge_images(bench.judge, from_uint8(bench.original))
+    return bench
+
+
+def splice_eval(bench: SpliceBench, sae, batch_size: int, log: Log) -> dict:
+    """Resample held-out seeds with the SAE spliced in; compare with the stored (unspliced) images."""
+    from tide_core.sampling import from_uint8, to_uint8
+    from tide_core.splice import SAESplice
+
+    ids, classes = bench.ids, bench.classes
+    spliced = []
+    with SAESplice(bench.sampler.bundle.transformer, bench.layer, sae) as splice:
+        for i in range(0, len(ids), batch_size):
+            spliced.append(bench.sampler.sample(ids[i:i + batch_size], classes[i:i + batch_size],
+                                                observer=splice).images)
+    spliced_u8 = to_uint8(np.concatenate(spliced))  # [n, H, W, C]
+    out = {"split": "heldout", "n_samples": len(ids),
+           "pixel_mse": float(((from_uint8(spliced_u8) - from_uint8(bench.original)) ** 2).mean())}
+    if bench.judge is not None:
+        from tide_core.judge import frechet_distance, judge_images
+
+        a, b = judge_images(bench.judge, from_uint8(spliced_u8)), bench.original_verdict
+        out.update(accuracy_spliced=float((a.pred == classes).mean()),
+                   accuracy_unspliced=float((b.pred == classes).mean()),
+                   frechet_spliced=frechet_distance(a.features, bench.real_features),
+                   frechet_unspliced=frechet_distance(b.features, bench.real_features),
                    agreement=float((a.pred == b.pred).mean()))
     log(f"  spliced {sae.meta.get('sae_id', '')}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                                   for k, v in out.items()}))

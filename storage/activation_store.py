@@ -264,7 +264,7 @@ class ActivationStore:
         store's filesystem: zarr-python's per-chunk machinery costs ~3 ms per MB, several times the I/O.
         Anything else (a codec, a short last shard) goes through zarr."""
         codecs = arr.metadata.codecs
-        plain = len(codecs) == 1 and type(codecs[0]).__name__ == "BytesCodec"
+        plain = len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BytesCodec)
         if plain and block.shape == arr.metadata.chunk_grid.chunk_shape[1:]:
             key = f"{self._root}/{arr.path}/{arr.metadata.encode_chunk_key(chunk)}"
             data = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes()
@@ -327,6 +327,11 @@ class ActivationStore:
 
         self.array(site, layer)  # validates the key
         return da.from_zarr(self.url, component=act_path(site, layer))
+
+    def shard_stored_bytes(self, shard: int) -> int:
+        """Bytes on disk of one shard's activation chunks (chunk key c.<step>.<shard>.0.0)."""
+        pattern = f"{self._root}/acts/*/layer_*/c.*.{shard}.0.0"
+        return int(sum(self.fs.size(p) for p in self.fs.glob(pattern)))
 
     def stored_bytes(self) -> int:
         return int(sum(self.fs.du(self._root, total=False).values()))
@@ -424,9 +429,3 @@ def _ranges(xs: Sequence[int]) -> str:
     if xs and xs == list(range(xs[0], xs[-1] + 1)):
         return f"{xs[0]}..{xs[-1]}"
     return str(xs)
-
-
-def shard_stored_bytes(store: ActivationStore, shard: int) -> int:
-    """Bytes on disk of one shard's activation chunks (chunk key c.<step>.<shard>.0.0)."""
-    pattern = f"{store._root}/acts/*/layer_*/c.*.{shard}.0.0"
-    return int(sum(store.fs.size(p) for p in store.fs.glob(pattern)))

@@ -66,15 +66,16 @@ def site_module(block: nn.Module, site: str) -> nn.Module:
     return getattr(block, name)
 
 
-def validate_spec(spec: CaptureSpec, num_layers: int, num_steps: int) -> None:
-    """Fail before sampling on anything the model or schedule cannot provide."""
+def validate_spec(spec: CaptureSpec, num_layers: int, num_steps: int | None = None) -> None:
+    """Fail before sampling on anything the model or schedule cannot provide (steps only when the
+    schedule length is given)."""
     bad = [x for x in spec.layers if not 0 <= x < num_layers]
     if bad:
         raise ValueError(f"capture layers {bad} out of range: the model has layers 0..{num_layers - 1}")
     bad_sites = [s for s in spec.sites if s not in SITES]
     if bad_sites:
         raise ValueError(f"unknown sites {bad_sites}: use one of {SITES}")
-    if spec.steps is not None:
+    if spec.steps is not None and num_steps is not None:
         bad = sorted(s for s in spec.steps if not 0 <= s < num_steps)
         if bad:
             raise ValueError(f"capture steps {bad} outside the schedule: steps are 0..{num_steps - 1}")
@@ -115,7 +116,7 @@ class ActivationCapture:
     # -- hook management --
     def install(self) -> ActivationCapture:
         blocks = blocks_of(self.model)
-        validate_spec(self.spec, len(blocks), 10**9)
+        validate_spec(self.spec, len(blocks))  # steps were checked against the schedule by the caller
         for layer in self.spec.layers:
             for site in self.spec.sites:
                 module = site_module(blocks[layer], site)
