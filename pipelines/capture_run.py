@@ -131,3 +131,36 @@ def _empty_step(lay: StoreLayout, n: int) -> dict:
     acts = {(site, layer): np.empty((n, lay.tokens_stored, lay.d_model), lay.dtype)
             for site in lay.sites for layer in lay.layers}
     return {"acts": acts, "index": np.empty((n, lay.tokens_stored), np.int16)}
+
+
+def recapture_full_grid(plan: CapturePlan, layer: int, site: str,
+                        requests: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Every token of some (step, sample) pairs, recomputed by sampling those samples again.
+
+    For stores captured with token_fraction < 1: a sample's noise and class follow from its id (the
+    provenance's seed and class rule), so re-running the sampler reproduces its trajectory exactly up to
+    float summation order (batch composition). ``requests`` maps a step to the sample ids wanted there;
+    returns step -> float32 [len(ids), T, D] in the order of ``requests[step]``.
+    """
+    steps = frozenset(int(s) for s in requests)
+    spec = CaptureSpec(layers=(layer,), sites=(site,), steps=steps, token_fraction=1.0,
+                       branch=plan.spec.branch, dtype="float32", seed=plan.spec.seed)
+    wanted = {s: {int(i): j for j, i in enumerate(ids)} for s, ids in requests.items()}
+    out = {s: np.empty((len(ids), plan.layout.tokens_total, plan.layout.d_model), np.float32)
+           for s, ids in requests.items()}
+    every = sorted({int(i) for ids in requests.values() for i in ids})
+    for start in range(0, len(every), plan.batch_size):
+        batch = every[start:start + plan.batch_size]
+
+        def keep(cs: CapturedStep, batch=batch) -> None:
+            acts = cs.acts[(site, layer)]  # [B, T, D]
+            for row, sid in enumerate(batch):
+                j = wanted[cs.step].get(sid)
+                if j is not None:
+                    out[cs.step][j] = acts[row]
+
+        capture = ActivationCapture(plan.sampler.bundle.transformer, spec, keep)
+        capture.set_samples(batch)
+        with capture:
+            plan.sampler.sample(batch, [class_for(i, plan.classes) for i in batch], observer=capture)
+    return out

@@ -38,6 +38,7 @@ def cmd_run(args) -> int:
 
     from pipelines.definitions import (
         CAPTURE_JOB,
+        FEATURES_JOB,
         MODEL_JOB,
         PUBLISH_JOB,
         REPORT_JOB,
@@ -81,6 +82,8 @@ def cmd_run(args) -> int:
     for layer in sorted(project.config.capture.layers):
         execute(SAE_JOB, f"{layer:02d}")
     execute(REPORT_JOB)
+    for layer in sorted(project.config.capture.layers):
+        execute(FEATURES_JOB, f"{layer:02d}")
     print(_summary(project, time.perf_counter() - t0))
     return 0
 

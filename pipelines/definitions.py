@@ -9,7 +9,7 @@ import os
 
 import dagster as dg
 
-from pipelines.assets import capture, model, sae
+from pipelines.assets import capture, features, model, sae
 from pipelines.project import Project
 from pipelines.resources import TideResource
 from tide_core.config import CONFIG_ENV
@@ -19,6 +19,7 @@ CAPTURE_JOB = "tide_capture_job"
 PUBLISH_JOB = "tide_publish_job"
 SAE_JOB = "tide_sae_job"
 REPORT_JOB = "tide_report_job"
+FEATURES_JOB = "tide_features_job"
 
 
 def fan_out(name: str, upstream: dg.AssetsDefinition, job, partitioned: dg.AssetsDefinition):
@@ -58,6 +59,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     store_asset, activations, samples = cap_assets
     sae_assets, sae_checks = sae.build(project, samples)
     sae_asset, sae_metrics = sae_assets
+    feature_assets, feature_checks = features.build(project, sae_asset)
+    feature_stats, top_images = feature_assets
 
     model_job = dg.define_asset_job(MODEL_JOB, selection=dg.AssetSelection.assets(*model.ASSETS, store_asset),
                                     description="Digits, DiT, judge, sample quality; creates the store.")
@@ -73,6 +76,10 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     report_job = dg.define_asset_job(REPORT_JOB, selection=dg.AssetSelection.assets(sae_metrics),
                                      description="Cross-layer SAE comparison once every layer is trained.")
 
+    features_job = dg.define_asset_job(FEATURES_JOB, selection=dg.AssetSelection.assets(feature_stats, top_images),
+                                       partitions_def=feature_stats.partitions_def,
+                                       description="Feature statistics and top images of one layer's SAEs.")
+
     daily = dg.ScheduleDefinition(name="daily_tide_pipeline", job=model_job, cron_schedule="0 3 * * *",
                                   default_status=dg.DefaultScheduleStatus.STOPPED,
                                   description="Re-runs the pipeline daily; turn on the two sensors as well.")
@@ -82,11 +89,12 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
         join("publish_after_shards", capture_job, activations, publish_job),
         fan_out("saes_after_samples", samples, sae_job, sae_asset),
         join("report_after_saes", sae_job, sae_asset, report_job),
+        fan_out("features_after_report", sae_metrics, features_job, feature_stats),
     ]
     return dg.Definitions(
-        assets=[*model.ASSETS, *cap_assets, *sae_assets],
-        asset_checks=[*model.CHECKS, *cap_checks, *sae_checks],
-        jobs=[model_job, capture_job, publish_job, sae_job, report_job],
+        assets=[*model.ASSETS, *cap_assets, *sae_assets, *feature_assets],
+        asset_checks=[*model.CHECKS, *cap_checks, *sae_checks, *feature_checks],
+        jobs=[model_job, capture_job, publish_job, sae_job, report_job, features_job],
         schedules=[daily],
         sensors=sensors,
         resources={"tide": TideResource(config_path=str(project.config_path or ""))},

@@ -154,6 +154,8 @@ TABLES: dict[str, Table] = {
                 Col("fire_rate", "DOUBLE", "fraction of tokens where the latent is > 0"),
                 Col("mean_act", "DOUBLE", "mean activation over the tokens where it fires"),
                 Col("max_act", "DOUBLE"),
+                Col("top_class", "INTEGER", "class with the highest fire rate at this step; NULL if silent"),
+                Col("class_selectivity", "DOUBLE", "class selectivity at this step (see features)"),
             ),
         ),
         Table(
@@ -168,10 +170,14 @@ TABLES: dict[str, Table] = {
                 Col("max_act", "DOUBLE"),
                 Col("peak_step", "INTEGER", "diffusion step with the highest fire rate"),
                 Col("top_class", "INTEGER", "class with the highest fire rate"),
-                Col("class_selectivity", "DOUBLE", "how concentrated firing is on top_class"),
+                Col("class_selectivity", "DOUBLE",
+                    "(max share - 1/C) / (1 - 1/C), share = class fire rate / sum of class fire rates: "
+                    "0 = fires alike on every class, 1 = on top_class only; NULL if it never fires"),
                 Col("label", "VARCHAR", "human or automatic label; NULL if unlabelled"),
-                Col("histogram", "DOUBLE[]", "counts of activation values when firing"),
+                Col("histogram", "DOUBLE[]", "counts of activation values when firing (log-spaced bins)"),
                 Col("histogram_edges", "DOUBLE[]", "bin edges of histogram (one more than bins)"),
+                Col("act_quantiles", "DOUBLE[]", "activation deciles when firing (10%, 20%, ..., 90%)"),
+                Col("tokens", "BIGINT", "tokens the statistics were computed over"),
             ),
         ),
         Table(

@@ -35,7 +35,16 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from storage.schema import TABLES, VIEWS, Table, create_table_sql, quote_ident, table_comments_sql, view_ddl
+from storage.schema import (
+    TABLES,
+    TOP_IMAGE_SCOPES,
+    VIEWS,
+    Table,
+    create_table_sql,
+    quote_ident,
+    table_comments_sql,
+    view_ddl,
+)
 
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 _MAX_BACKOFF_S = 1.0
@@ -236,6 +245,10 @@ class Warehouse:
                 # Compare with the code's schema before anything else touches the columns: on a file
                 # built by older code, a column comment or a view's binder error would hide the real
                 # problem, a table missing a column.
+                # An empty table built by older code holds nothing to lose: rebuild it in place.
+                for name in _drifted_empty_tables(con):
+                    con.execute(f"DROP TABLE {quote_ident(name)}")
+                    con.execute(create_table_sql(TABLES[name]))
                 drift = _schema_drift(con)
                 if drift:
                     raise WarehouseSchemaError(
@@ -425,6 +438,25 @@ class Warehouse:
         shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
         raise UnknownSaeError(f"no SAE {sae_id!r} in {self.path}.{hint} Known SAEs: {shown}")
 
+    def feature(self, sae_id: str, feature_id: int) -> dict:
+        """The ``v_features`` row of one feature; clear errors for an unknown SAE or feature id."""
+        sae = self.require_sae(sae_id)
+        if not 0 <= int(feature_id) < sae.n_latents:
+            raise ValueError(f"feature {feature_id} does not exist: SAE {sae_id} has features 0..{sae.n_latents - 1}")
+        rows = self.query("SELECT * FROM v_features WHERE sae_id = ? AND feature_id = ?",
+                          [sae_id, int(feature_id)]).to_pylist()
+        if not rows:
+            raise ValueError(f"no statistics for SAE {sae_id} yet: materialize `feature_stats` for layer {sae.layer}")
+        return rows[0]
+
+    def top_images(self, sae_id: str, feature_id: int, scope: str = "overall", limit: int = 20) -> pa.Table:
+        """The strongest ``limit`` images of one feature (``v_top_images``), rank order."""
+        if scope not in TOP_IMAGE_SCOPES:
+            raise ValueError(f"scope {scope!r}: use one of {', '.join(TOP_IMAGE_SCOPES)}")
+        self.feature(sae_id, feature_id)
+        return self.query("SELECT * FROM v_top_images WHERE sae_id = ? AND feature_id = ? AND scope = ? "
+                          "ORDER BY rank LIMIT ?", [sae_id, int(feature_id), scope, int(limit)])
+
 
 # ------------------------------------------------------------------------------------ internals
 
@@ -439,12 +471,23 @@ def _table_spec(table: str) -> Table:
         ) from None
 
 
-def _schema_drift(con: duckdb.DuckDBPyConnection) -> list[str]:
+def _drifted_empty_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    actual = _actual_columns(con)
+    return [name for name, spec in TABLES.items()
+            if name in actual and list(spec.column_names) != actual[name]
+            and _count(con.execute(f"SELECT count(*) FROM {quote_ident(name)}")) == 0]
+
+
+def _actual_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
     rows = con.execute(
         "SELECT table_name, list(column_name ORDER BY column_index) FROM duckdb_columns() "
         "WHERE database_name = current_database() AND schema_name = 'main' GROUP BY table_name"
     ).fetchall()
-    actual = dict(rows)
+    return dict(rows)
+
+
+def _schema_drift(con: duckdb.DuckDBPyConnection) -> list[str]:
+    actual = _actual_columns(con)
     problems = []
     for name, spec in TABLES.items():
         have = actual.get(name, [])

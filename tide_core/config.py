@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "TIDE_CONFIG"
 DEFAULT_CONFIG_NAME = "tide.toml"
@@ -234,7 +235,25 @@ class FeaturesConfig(_Section):
     """Feature statistics and top-activating images."""
 
     top_n: int = Field(16, ge=1, le=1000)
-    """Top-activating images kept per feature."""
+    """Top-activating images kept per feature and scope (overall, and at the feature's peak step)."""
+
+    neighbors: int = Field(8, ge=1, le=100)
+    """Nearest features by decoder cosine kept per feature (`feature_neighbors`)."""
+
+    scheduler: str | None = None
+    """dask.distributed scheduler address (e.g. "tcp://10.0.0.5:8786") for the statistics pass; unset runs
+    it on local threads. The workers must be able to read the activation store's URL."""
+
+    workers: int = Field(0, ge=0, le=512)
+    """Local threads for the statistics pass when no scheduler is set; 0 = one per CPU core."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(tcp|tls|inproc|ucx|ws|wss)://[^\s]+$", v):
+            raise ValueError(f"features.scheduler={v!r} is not a dask scheduler address; use e.g. "
+                             '"tcp://127.0.0.1:8786", or leave it unset to run on local threads')
+        return v
 
 
 class WarehouseConfig(_Section):

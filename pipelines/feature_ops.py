@@ -1,0 +1,421 @@
+"""Feature stage behind the `feature_stats` and `top_images` assets.
+
+For every SAE of a layer: one streaming pass over the stored activations, as a dask graph over the Zarr
+chunks (local threads, or a dask.distributed scheduler from the config), reduced to a FeatureSummary;
+then the warehouse tables feature_stats, features, feature_classes and feature_neighbors. The summary is
+kept beside the SAEs (features/<sae_id>.npz) so `top_images` can add patch heatmaps without a second pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.capture_ops import open_store
+from pipelines.project import Project
+from pipelines.sae_ops import SITE
+from storage.activation_store import ActivationStore, StoreError
+from storage.warehouse import SaeRecord, Warehouse
+from tide_core.feature_stats import (
+    EMPTY,
+    HIST_EDGES,
+    FeatureSummary,
+    StepPartial,
+    chunk_partial,
+    decoder_neighbors,
+    heatmaps,
+    selectivity,
+    summarise,
+)
+
+Log = Callable[[str], None]
+DECILES = np.linspace(0.1, 0.9, 9)
+HEATMAP_IMAGES = 64  # images encoded at a time when computing heatmaps
+
+
+class FeatureError(ValueError):
+    """The feature stage cannot run as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One statistics pass over the store for one SAE."""
+
+    summary: FeatureSummary
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class SaeFeatureReport:
+    sae_id: str
+    variant: str
+    n_latents: int
+    live: int  # latents that fired at least once
+    tokens: int
+    tokens_per_s: float
+    rows: dict[str, int]  # table -> rows written
+
+
+@dataclass(frozen=True)
+class LayerFeatureReport:
+    layer: int
+    run_id: str
+    saes: list[SaeFeatureReport]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def layer_saes(project: Project, layer: int) -> tuple[ActivationStore, list[SaeRecord]]:
+    """The store and this run's SAEs of `layer`; clear errors before any pass starts."""
+    store = open_store(project)
+    if layer not in store.layout.layers:
+        raise StoreError(f"layer {layer} was not captured: the store has layers {store.layout.layers}")
+    missing = store.missing_shards()
+    if missing:
+        raise StoreError(f"the store has incomplete shards {missing[:10]}: materialize `activations` first")
+    run_id = store.provenance["run_id"]
+    wh = Warehouse(project.duckdb_path)
+    ids = wh.query("SELECT sae_id FROM saes WHERE run_id = ? AND layer = ? ORDER BY variant",
+                   [run_id, layer]).column("sae_id").to_pylist() if wh.exists() else []
+    if not ids:
+        raise FeatureError(f"no SAEs of layer {layer} for run {run_id} in {project.duckdb_path}: materialize the "
+                           f"`sae` asset's partition {layer:02d} first")
+    records = [wh.require_sae(i) for i in ids]
+    for r in records:
+        if not (Path(r.path) / "cfg.json").exists():
+            raise FeatureError(f"SAE {r.sae_id}'s checkpoint {r.path} is missing: re-materialize `sae` {layer:02d}")
+    return store, records
+
+
+def load_sae(record: SaeRecord, store: ActivationStore):
+    from tide_core.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder.load(record.path).eval()
+    sae.check_input(store.layout.d_model)
+    return sae
+
+
+# ------------------------------------------------------------------------------------ statistics pass
+
+
+def statistics_pass(store: ActivationStore, sae, layer: int, top_n: int, scheduler: str | None = None,
+                    workers: int = 0, site: str = SITE) -> PassResult:
+    """One pass over every (step, shard) chunk of (site, layer), as a dask graph: a partial per chunk,
+    merged per step in a balanced tree, summarised at the end. Same numbers on any scheduler."""
+    import dask
+
+    lay = store.layout
+    blocks = store.dask(site, layer).to_delayed()  # [S, shards, 1, 1] of [1, shard, P, D] blocks
+    timesteps = store.provenance["capture_timesteps"]
+    class_ids = store.samples()["class_id"]
+    n_classes = int(store.provenance["model"]["num_classes"])
+    sae_d = dask.delayed(sae, pure=True)
+    steps = []
+    for a, step in enumerate(lay.steps):
+        parts = []
+        for shard in range(lay.num_shards):
+            ids = np.asarray(lay.shard_range(shard))
+            block = blocks[a, shard, 0, 0][0]  # [shard, P, D]
+            parts.append(dask.delayed(chunk_partial, pure=True)(
+                sae_d, block, step, int(timesteps[a]), ids, class_ids[ids], n_classes, top_n))
+        while len(parts) > 1:  # pairwise, so no single task holds every shard's partial
+            parts = [dask.delayed(StepPartial.merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
+                     else parts[i] for i in range(0, len(parts), 2)]
+        steps.append(parts[0])
+    t0 = time.perf_counter()
+    merged = _compute(steps, scheduler, workers)
+    summary = summarise(list(merged))
+    return PassResult(summary, int(summary.tokens.sum()), time.perf_counter() - t0)
+
+
+def _compute(tasks: list, scheduler: str | None, workers: int) -> tuple:
+    import dask
+    import torch
+
+    if scheduler:
+        from distributed import Client
+
+        with Client(scheduler, timeout="30s") as client:
+            return dask.compute(*tasks, scheduler=client)
+    workers = workers or os.cpu_count() or 1
+    # Chunks run in parallel threads; one torch thread each, so the threads do not oversubscribe the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        return dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------- publishing
+
+
+def _masked(values: np.ndarray) -> pa.Array:
+    """NaN -> NULL (a latent that never fired has no mean, class or selectivity)."""
+    values = np.asarray(values, np.float64)
+    return pa.array(values, mask=np.isnan(values))
+
+
+def _int_or_null(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.array(np.asarray(values, np.int64), mask=~np.asarray(valid, bool))
+
+
+def stats_tables(summary: FeatureSummary, neighbors: int, w_dec) -> dict[str, pa.Table]:
+    """The four statistics tables of one SAE (without sae_id, which is the partition)."""
+    s, n = summary.act_max.shape
+    c = summary.class_tokens.shape[1]
+    feat = np.arange(n)
+    rate = summary.step_fire_rate()  # [S, n]
+    live_s = rate > 0
+    sel_s = summary.step_selectivity()
+    feature_stats = pa.table({
+        "feature_id": np.tile(feat, s), "step": np.repeat(summary.steps, n), "fire_rate": rate.ravel(),
+        "mean_act": _masked(summary.step_mean_act().ravel()),
+        "max_act": _masked(np.where(live_s, summary.act_max, np.nan).ravel()),
+        "top_class": _int_or_null(summary.step_top_class().ravel(), live_s.ravel()),
+        "class_selectivity": _masked(sel_s.ravel()),
+    })
+    fire = summary.fire_rate()
+    live = fire > 0
+    class_rates = summary.class_rates()  # [C, n]
+    sel = np.where(live, selectivity(class_rates), np.nan)
+    hist, edges = _trimmed_histograms(summary.hist)
+    features = pa.table({
+        "feature_id": feat, "fire_rate": fire, "mean_act": _masked(summary.mean_act()),
+        "max_act": _masked(np.where(live, summary.max_act(), np.nan)),
+        "peak_step": _int_or_null(summary.peak_step(), live),
+        "top_class": _int_or_null(class_rates.argmax(0), live), "class_selectivity": _masked(sel),
+        "histogram": pa.array(hist, pa.list_(pa.float64())), "histogram_edges": pa.array(edges, pa.list_(pa.float64())),
+        "act_quantiles": pa.array([None if np.isnan(q).all() else q.tolist() for q in summary.quantiles(DECILES)],
+                                  pa.list_(pa.float64())),
+        "tokens": np.full(n, summary.tokens.sum(), np.int64),
+    })
+    feature_classes = pa.table({
+        "feature_id": np.tile(feat, c), "class_id": np.repeat(np.arange(c), n), "fire_rate": class_rates.ravel(),
+        "mean_act": _masked(summary.class_mean_act().ravel()),
+    })
+    nb = decoder_neighbors(w_dec, neighbors)
+    k = nb.ids.shape[1]
+    feature_neighbors = pa.table({
+        "feature_id": np.repeat(feat, k), "rank": np.tile(np.arange(1, k + 1), n), "neighbor_id": nb.ids.ravel(),
+        "cosine": nb.cosine.ravel().astype(np.float64),
+    })
+    return {"feature_stats": feature_stats, "features": features, "feature_classes": feature_classes,
+            "feature_neighbors": feature_neighbors}
+
+
+def _trimmed_histograms(hist: np.ndarray) -> tuple[list, list]:
+    """Per latent, the bins from its first to its last non-empty one (None for a silent latent)."""
+    counts, edges = [], []
+    for row in hist:
+        nz = np.flatnonzero(row)
+        if len(nz) == 0:
+            counts.append(None)
+            edges.append(None)
+            continue
+        lo, hi = nz[0], nz[-1] + 1
+        counts.append(row[lo:hi].astype(float).tolist())
+        edges.append(HIST_EDGES[lo:hi + 1].tolist())
+    return counts, edges
+
+
+def summary_path(project: Project, sae_id: str) -> Path:
+    return project.root / "features" / f"{sae_id}.npz"
+
+
+def save_summary(path: Path, summary: FeatureSummary) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: getattr(summary, k) for k in FeatureSummary.__dataclass_fields__})
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def load_summary(path: Path) -> FeatureSummary:
+    with np.load(path) as z:
+        return FeatureSummary(**{k: z[k] for k in FeatureSummary.__dataclass_fields__})
+
+
+def build_feature_stats(project: Project, layer: int, log: Log = print) -> LayerFeatureReport:
+    """The statistics pass for every SAE of `layer`; replaces their rows in the four statistics tables."""
+    store, records = layer_saes(project, layer)
+    cfg = project.config.features
+    wh = Warehouse(project.duckdb_path)
+    reports = []
+    for rec in records:
+        sae = load_sae(rec, store)
+        result = statistics_pass(store, sae, layer, cfg.top_n, cfg.scheduler, cfg.workers)
+        save_summary(summary_path(project, rec.sae_id), result.summary)
+        tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach())
+        rows = {name: wh.replace_partition(name, {"sae_id": rec.sae_id}, t).rows_inserted for name, t in tables.items()}
+        live = int((result.summary.fire_rate() > 0).sum())
+        log(f"  {rec.sae_id}: {result.tokens:,} tokens in {result.seconds:.1f}s "
+            f"({result.tokens_per_s:,.0f} tokens/s), {live}/{rec.n_latents} latents fired")
+        reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, live, result.tokens,
+                                        result.tokens_per_s, rows))
+    return LayerFeatureReport(layer, store.provenance["run_id"], reports)
+
+
+# ----------------------------------------------------------------------------------------- top images
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Heatmaps wanted at one step: image i of `sample_ids` for latent `latents[j]`, row `rows[j]`."""
+
+    sample_ids: np.ndarray  # int64 [m] sorted unique images needed at this step
+    rows: np.ndarray  # int64 [R] index into sample_ids
+    latents: np.ndarray  # int64 [R]
+    out: np.ndarray  # int64 [R] row of the top-images table this heatmap belongs to
+
+
+def top_image_rows(summary: FeatureSummary) -> dict[str, np.ndarray]:
+    """Both scopes' top images as columns (feature_id, scope, rank, sample_id, step, activation)."""
+    cols: dict[str, list] = {k: [] for k in ("feature_id", "scope", "rank", "sample_id", "step", "activation")}
+    for scope, top in (("overall", summary.top_overall()), ("peak_step", summary.top_at_peak())):
+        f, r = np.nonzero(top.value > EMPTY)  # row-major: features ascending, ranks ascending
+        cols["feature_id"].append(f)
+        cols["scope"].append(np.full(len(f), scope, object))
+        cols["rank"].append(r + 1)
+        cols["sample_id"].append(top.sample_id[f, r])
+        cols["step"].append(top.step[f, r])
+        cols["activation"].append(top.value[f, r].astype(np.float64))
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _requests(rows: dict[str, np.ndarray]) -> dict[int, Requests]:
+    out = {}
+    for step in np.unique(rows["step"]):
+        where = np.flatnonzero(rows["step"] == step)
+        ids, inv = np.unique(rows["sample_id"][where], return_inverse=True)
+        out[int(step)] = Requests(ids, inv, rows["feature_id"][where], where)
+    return out
+
+
+def full_grids(project: Project, store: ActivationStore, layer: int, requests: dict[int, Requests],
+               log: Log) -> Callable[[int], np.ndarray]:
+    """step -> every token of that step's requested images, float32 [m, T, D]: read from the store, or,
+    where capture kept a subset of tokens, recomputed by sampling those images again."""
+    lay = store.layout
+    if not lay.subsampled:
+        arr = store.array(SITE, layer)
+        return lambda step: arr.get_orthogonal_selection(
+            (lay.step_axis(step), requests[step].sample_ids)).astype(np.float32)
+    from pipelines.capture_ops import _plan
+    from pipelines.capture_run import recapture_full_grid
+
+    n_img = len({int(i) for r in requests.values() for i in r.sample_ids})
+    log(f"  capture kept {lay.tokens_stored}/{lay.tokens_total} tokens: re-sampling {n_img} images for full "
+        "heatmaps")
+    grids = recapture_full_grid(_plan(project), layer, SITE, {s: r.sample_ids for s, r in requests.items()})
+    return grids.__getitem__
+
+
+def build_top_images(project: Project, layer: int, log: Log = print) -> dict[str, int]:
+    """Top images (both scopes) with patch heatmaps for every SAE of `layer`; replaces their rows."""
+    store, records = layer_saes(project, layer)
+    wh = Warehouse(project.duckdb_path)
+    gh, gw = store.layout.token_grid
+    timesteps = dict(zip(store.layout.steps, store.provenance["capture_timesteps"], strict=True))
+    written = {}
+    for rec in records:
+        path = summary_path(project, rec.sae_id)
+        if not path.exists():
+            raise FeatureError(f"no statistics for {rec.sae_id} ({path}): materialize `feature_stats` "
+                               f"partition {layer:02d} first")
+        summary = load_summary(path)
+        sae = load_sae(rec, store)
+        rows = top_image_rows(summary)
+        requests = _requests(rows)
+        grid_of = full_grids(project, store, layer, requests, log)
+        maps = np.zeros((len(rows["step"]), gh * gw), np.float32)  # [R_all, T]
+        for step, req in requests.items():
+            acts = grid_of(step)  # [m, T, D]
+            for lo in range(0, len(req.sample_ids), HEATMAP_IMAGES):
+                pick = (req.rows >= lo) & (req.rows < lo + HEATMAP_IMAGES)
+                maps[req.out[pick]] = heatmaps(sae, acts[lo:lo + HEATMAP_IMAGES], timesteps[step],
+                                               req.rows[pick] - lo, req.latents[pick])
+        table = pa.table({**{k: v for k, v in rows.items() if k != "scope"},
+                          "scope": rows["scope"].astype(str),
+                          "heatmap": pa.FixedSizeListArray.from_arrays(maps.ravel(), gh * gw).cast(
+                              pa.list_(pa.float32())),
+                          "grid_h": np.full(len(maps), gh, np.int32), "grid_w": np.full(len(maps), gw, np.int32)})
+        written[rec.sae_id] = wh.replace_partition("top_images", {"sae_id": rec.sae_id}, table).rows_inserted
+        log(f"  {rec.sae_id}: {written[rec.sae_id]} top images with {gh}x{gw} heatmaps")
+    return written
+
+
+def build_layer_features(project: Project, layer: int, log: Log = print) -> LayerFeatureReport:
+    """Both feature assets' work for one layer: statistics, then top images."""
+    report = build_feature_stats(project, layer, log)
+    build_top_images(project, layer, log)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    description: str
+    metadata: dict
+
+
+def _ids_sql(ids: list[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+
+
+def _scalar(wh: Warehouse, sql: str) -> int:
+    return int(wh.query(sql).column(0)[0].as_py() or 0)
+
+
+def check_feature_stats(project: Project, sae_ids: list[str]) -> dict[str, CheckOutcome]:
+    """Grains unique in the four statistics tables; every rate within [0, 1]; for these SAEs."""
+    wh = Warehouse(project.duckdb_path)
+    ids = _ids_sql(sae_ids)
+    dup = {t: wh.check_grain(t) for t in ("feature_stats", "features", "feature_classes", "feature_neighbors")}
+    bad = {t: _scalar(wh, f"SELECT count(*) FROM {t} WHERE sae_id IN ({ids}) AND NOT (fire_rate BETWEEN 0 AND 1 "
+                          "AND coalesce(class_selectivity BETWEEN 0 AND 1, TRUE))")
+           for t in ("feature_stats", "features")}
+    bad["feature_classes"] = _scalar(wh, f"SELECT count(*) FROM feature_classes WHERE sae_id IN ({ids}) "
+                                         "AND NOT fire_rate BETWEEN 0 AND 1")
+    return {
+        "grains_unique": CheckOutcome(not any(dup.values()), "no duplicate grain in the statistics tables", dup),
+        "rates_in_unit_interval": CheckOutcome(not any(bad.values()), "fire rates and selectivity in [0, 1]", bad),
+    }
+
+
+def check_top_images(project: Project, sae_ids: list[str]) -> dict[str, CheckOutcome]:
+    """Grain unique; ranks 1..n without gaps and activations non-increasing per (feature, scope); every
+    feature that fired has top images in both scopes."""
+    wh = Warehouse(project.duckdb_path)
+    ids = _ids_sql(sae_ids)
+    dup = wh.check_grain("top_images")
+    gaps = _scalar(wh, f"SELECT count(*) FROM (SELECT sae_id, feature_id, scope, max(rank) AS hi, count(*) AS n, "
+                       f"min(rank) AS lo FROM top_images WHERE sae_id IN ({ids}) GROUP BY ALL) WHERE lo <> 1 OR hi <> n")
+    unsorted = _scalar(wh, f"SELECT count(*) FROM (SELECT activation, lag(activation) OVER (PARTITION BY sae_id, "
+                           f"feature_id, scope ORDER BY rank) AS prev FROM top_images WHERE sae_id IN ({ids})) "
+                           "WHERE prev < activation")
+    orphans = _scalar(wh, f"SELECT count(*) FROM features f, (SELECT unnest(['overall', 'peak_step']) AS scope) s "
+                          f"WHERE f.sae_id IN ({ids}) AND f.fire_rate > 0 AND NOT EXISTS (SELECT 1 FROM top_images t "
+                          "WHERE t.sae_id = f.sae_id AND t.feature_id = f.feature_id AND t.scope = s.scope)")
+    return {
+        "grain_unique": CheckOutcome(dup == 0, "no duplicate (sae_id, feature_id, scope, rank)", {"duplicates": dup}),
+        "ranks_dense_and_sorted": CheckOutcome(gaps == 0 and unsorted == 0,
+                                               "ranks 1..n per feature and scope, activations non-increasing",
+                                               {"rank_gaps": gaps, "unsorted": unsorted}),
+        "live_features_have_images": CheckOutcome(orphans == 0, "every feature that fired has top images",
+                                                  {"missing": orphans}),
+    }
