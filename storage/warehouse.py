@@ -453,9 +453,11 @@ class Warehouse:
         """The strongest ``limit`` images of one feature (``v_top_images``), rank order."""
         if scope not in TOP_IMAGE_SCOPES:
             raise ValueError(f"scope {scope!r}: use one of {', '.join(TOP_IMAGE_SCOPES)}")
-        self.feature(sae_id, feature_id)
-        return self.query("SELECT * FROM v_top_images WHERE sae_id = ? AND feature_id = ? AND scope = ? "
+        rows = self.query("SELECT * FROM v_top_images WHERE sae_id = ? AND feature_id = ? AND scope = ? "
                           "ORDER BY rank LIMIT ?", [sae_id, int(feature_id), scope, int(limit)])
+        if rows.num_rows == 0:
+            self.feature(sae_id, feature_id)  # an unknown SAE or feature id raises its own clear error
+        return rows
 
 
 # ------------------------------------------------------------------------------------ internals

@@ -20,7 +20,8 @@ import torch
 
 # Activation histograms use one fixed log-spaced binning (mergeable across chunks without a first pass
 # for each latent's range): 10 bins per decade over [1e-3, 1e3); values outside land in the end bins.
-HIST_EDGES = np.logspace(-3, 3, 61)
+HIST_LOG_LO, HIST_LOG_HI, HIST_PER_DECADE = -3, 3, 10
+HIST_EDGES = np.logspace(HIST_LOG_LO, HIST_LOG_HI, (HIST_LOG_HI - HIST_LOG_LO) * HIST_PER_DECADE + 1)
 EMPTY = -np.inf  # top-list slots not filled yet
 
 
@@ -91,9 +92,9 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
     fires = torch.bincount(flat, minlength=n_classes * n).view(n_classes, n)
     act_sum = torch.bincount(flat, weights=vals, minlength=n_classes * n).view(n_classes, n)
     act_max = torch.zeros(n).scatter_reduce_(0, f.latents, f.values, "amax")
-    bins = np.clip(np.searchsorted(HIST_EDGES, f.values.numpy(), side="right") - 1, 0, len(HIST_EDGES) - 2)
-    hist = np.bincount(f.latents.numpy() * (len(HIST_EDGES) - 1) + bins,
-                       minlength=n * (len(HIST_EDGES) - 1)).reshape(n, -1)
+    n_bins = len(HIST_EDGES) - 1
+    bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).long()
+    hist = torch.bincount(f.latents * n_bins + bins, minlength=n * n_bins).view(n, n_bins).numpy()
     # Image activation = max over the image's tokens; a chunk contributes its best top_n images per latent.
     per_image = torch.zeros(b * n).scatter_reduce_(0, sample * n + f.latents, f.values, "amax").view(b, n)
     keep = min(top_n, b)

@@ -1,0 +1,132 @@
+"""Feature statistics pass speed against the bare encoder matmul, and the top-images query at scale.
+
+    .venv/bin/python bench/feature_stats.py [--config tide.toml] [--layer 3] [--variant tide] [--rows 10_500_000]
+
+Needs the default run (`make run`). Part 1 runs the real statistics pass (pipelines.feature_ops, dask
+threads over the Zarr chunks) for one SAE twice and takes the faster, and times in the same run a bare
+torch matmul of the encoder's shape ([chunk tokens, d] x [d, n_latents] + bias, all cores) on the same
+chunks held in memory: that rate is the limit the pass is compared with. Part 2 builds a synthetic
+warehouse (our schema, primary keys included) with >= --rows rows in top_images and in feature_stats and
+times the top-20-images query of one feature, median over 50 random features: on an open read-only
+connection, and through Warehouse.top_images (which opens its own connection and validates the ids).
+Last line: stats_vs_matmul=<pass tokens/s / matmul tokens/s>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines import feature_ops  # noqa: E402
+from pipelines.project import Project  # noqa: E402
+from storage.warehouse import Warehouse, connect  # noqa: E402
+
+
+def pass_vs_matmul(project: Project, layer: int, variant: str) -> float:
+    store, records = feature_ops.layer_saes(project, layer)
+    rec = next((r for r in records if r.variant == variant), None)
+    if rec is None:
+        raise SystemExit(f"no {variant} SAE for layer {layer}; have {[r.variant for r in records]}")
+    sae = feature_ops.load_sae(rec, store)
+    runs = [feature_ops.statistics_pass(store, sae, layer, project.config.features.top_n) for _ in range(2)]
+    best = max(runs, key=lambda r: r.tokens_per_s)
+
+    lay = store.layout
+    arr = store.array(feature_ops.SITE, layer)
+    chunks = [torch.from_numpy(arr[a, lay.shard_range(s).start:lay.shard_range(s).stop].astype(np.float32))
+              .view(-1, lay.d_model) for a in range(min(8, len(lay.steps))) for s in range(lay.num_shards)]
+    w, b = sae.W_enc.detach(), sae.b_enc.detach()  # [n, d], [n]
+    with torch.no_grad():
+        for x in chunks[:4]:
+            torch.addmm(b, x, w.t())
+        rates = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for x in chunks:
+                torch.addmm(b, x, w.t())  # [T, n]
+            rates.append(sum(len(x) for x in chunks) / (time.perf_counter() - t0))
+    matmul = statistics.median(rates)
+    print(f"SAE {rec.sae_id}: {lay.num_shards} shards x {len(lay.steps)} steps, chunk {len(chunks[0])} tokens, "
+          f"d={lay.d_model}, n_latents={sae.spec.n_latents}, k={sae.spec.k}, torch threads={torch.get_num_threads()}")
+    print(f"statistics pass: {best.tokens:,} tokens in {best.seconds:.2f}s = {best.tokens_per_s:,.0f} tokens/s "
+          f"(runs: {', '.join(f'{r.tokens_per_s:,.0f}' for r in runs)})")
+    print(f"bare encoder matmul: {matmul:,.0f} tokens/s")
+    return best.tokens_per_s / matmul
+
+
+def query_at_scale(rows: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scale.duckdb"
+        wh = Warehouse(path)
+        wh.init_schema()
+        n_feat, top_n, steps = 16384, 16, 50
+        n_sae = -(-rows // (n_feat * 2 * top_n))  # top_images rows per SAE: features x 2 scopes x top_n
+        t0 = time.perf_counter()
+        with connect(path, read_only=False) as con:
+            for i in range(n_sae):
+                sae = f"L{i:02d}-resid-tide-n{n_feat}-k32-synthetic"
+                con.execute("INSERT INTO saes (sae_id, run_id, layer, site, variant, n_latents, k, path, tokens_seen) "
+                            "VALUES (?, 'synthetic', ?, 'resid', 'tide', ?, 32, '', 0)",
+                            [sae, i, n_feat])
+                con.execute(
+                    "INSERT INTO top_images SELECT ?, f, s, r, (f * 7 + r) % 512, r % 50, 1.0 / r, "
+                    "list_transform(range(64), lambda x: (x * r % 13)::FLOAT), 8, 8 FROM range(?) t(f), "
+                    "(VALUES ('overall'), ('peak_step')) v(s), range(1, ?) q(r)", [sae, n_feat, top_n + 1])
+                con.execute("INSERT INTO features (sae_id, feature_id, fire_rate) SELECT ?, f, (f % 97) / 1000.0 "
+                            "FROM range(?) t(f)", [sae, n_feat])
+                con.execute("INSERT INTO feature_stats SELECT ?, f, st, (f % 97) / 1000.0, 1.0, 2.0, f % 10, 0.5 "
+                            "FROM range(?) t(f), range(?) u(st)", [sae, n_feat, steps])
+            counts = con.execute("SELECT (SELECT count(*) FROM top_images), (SELECT count(*) FROM feature_stats)"
+                                 ).fetchone()
+        print(f"synthetic warehouse: top_images {counts[0]:,} rows, feature_stats {counts[1]:,} rows "
+              f"({n_sae} SAEs x {n_feat} features), built in {time.perf_counter() - t0:.0f}s, "
+              f"{path.stat().st_size / 1e9:.2f} GB")
+        rng = np.random.default_rng(0)
+        picks = [(f"L{rng.integers(n_sae):02d}-resid-tide-n{n_feat}-k32-synthetic", int(rng.integers(n_feat)))
+                 for _ in range(50)]
+        sql = "SELECT * FROM v_top_images WHERE sae_id = ? AND feature_id = ? AND scope = 'overall' ORDER BY rank LIMIT 20"
+        with connect(path, read_only=True) as con:
+            con.execute(sql, list(picks[0])).fetchall()
+            times = []
+            for p in picks:
+                t0 = time.perf_counter()
+                got = con.execute(sql, list(p)).fetchall()
+                times.append(time.perf_counter() - t0)
+                assert len(got) == top_n
+        helper = []
+        for sae, f in picks[:20]:
+            t0 = time.perf_counter()
+            assert wh.top_images(sae, f, limit=20).num_rows == top_n
+            helper.append(time.perf_counter() - t0)
+        print(f"top-20 images of one feature: median {statistics.median(times) * 1e3:.1f} ms on an open connection "
+              f"(max {max(times) * 1e3:.1f}); median {statistics.median(helper) * 1e3:.1f} ms through "
+              "Warehouse.top_images (connect + id checks + query)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None)
+    p.add_argument("--layer", type=int, default=3)
+    p.add_argument("--variant", default="tide")
+    p.add_argument("--rows", type=int, default=10_500_000)
+    p.add_argument("--skip-query", action="store_true")
+    p.add_argument("--skip-pass", action="store_true")
+    args = p.parse_args()
+    project = Project.load(args.config)
+    ratio = pass_vs_matmul(project, args.layer, args.variant) if not args.skip_pass else float("nan")
+    if not args.skip_query:
+        query_at_scale(args.rows)
+    print(f"stats_vs_matmul={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
