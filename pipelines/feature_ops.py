@@ -37,6 +37,7 @@ from tide_core.feature_stats import (
 Log = Callable[[str], None]
 DECILES = np.linspace(0.1, 0.9, 9)
 HEATMAP_IMAGES = 64  # images encoded at a time when computing heatmaps
+FEATURE_TABLES = ("feature_stats", "features", "feature_classes", "feature_neighbors", "top_images")
 
 
 class FeatureError(ValueError):

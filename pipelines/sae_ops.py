@@ -4,6 +4,7 @@ store, evaluate per step on train and held-out samples, splice into the DiT, pub
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -92,7 +93,9 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
     ids = {v: sae_id(layer, SITE, v, cfg.n_latents, cfg.k, run_id) for v in cfg.variants}
     tcfg = SAETrainConfig(total_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                           warmup_tokens=min(50_000, cfg.train_tokens // 10), init_tokens=min(16_384, cfg.train_tokens))
-    state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{run_id[:8]}"
+    # Keyed by the SAE config too: a run killed under one config must not resume under another.
+    sae_key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
+    state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{run_id[:8]}-{sae_key}"
     torch.manual_seed(cfg.seed)
     if (state_dir / "trainer.json").exists():
         trainer = SAETrainer.load_state(state_dir)
@@ -191,24 +194,41 @@ class SpliceBench:
     real_features: np.ndarray | None = None
 
 
-def make_splice_bench(project: Project, store: ActivationStore, layer: int, split: Split, n: int) -> SpliceBench:
+def run_sampler(project: Project, cfg_renorm: float | None = None):
+    """The configured DiT with the run's sampler (scheduler, steps, guidance, seed): sample ids give the
+    run's images. Shared by the spliced evaluation and feature editing."""
     from tide_core.dit import load_model
-    from tide_core.sampling import Sampler, class_for, from_uint8
+    from tide_core.sampling import Sampler
+
+    s = project.config.sampling
+    bundle = load_model(project.config.model, project.base_dir)
+    return Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed, cfg_renorm=cfg_renorm)
+
+
+def load_digit_judge(project: Project):
+    """The judge for the digits model, or None (another model, or no judge trained yet)."""
+    if project.config.model.source != "digits" or not (project.judge_dir / "judge.safetensors").exists():
+        return None
+    from tide_core.judge import load_judge
+
+    return load_judge(project.judge_dir)
+
+
+def make_splice_bench(project: Project, store: ActivationStore, layer: int, split: Split, n: int) -> SpliceBench:
+    from tide_core.sampling import class_for, from_uint8
 
     cfg = project.config
-    s = cfg.sampling
-    bundle = load_model(cfg.model, project.base_dir)
     ids = split.heldout[:n]
     classes_all = store.provenance["sampling"]["classes"]
-    bench = SpliceBench(sampler=Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed), layer=layer,
+    bench = SpliceBench(sampler=run_sampler(project), layer=layer,
                         ids=ids, classes=np.array([class_for(int(i), classes_all) for i in ids]),
                         original=store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]])
-    if cfg.model.source == "digits" and (project.judge_dir / "judge.safetensors").exists():
+    bench.judge = load_digit_judge(project)
+    if bench.judge is not None:
         from tide_core.digits import load_digits
         from tide_core.digits import split as split_digits
-        from tide_core.judge import judge_images, load_judge
+        from tide_core.judge import judge_images
 
-        bench.judge = load_judge(project.judge_dir)
         real = split_digits(load_digits(cfg.model.digits.image_size), cfg.model.judge.test_fraction,
                             cfg.model.judge.seed)[0]
         bench.real_features = judge_images(bench.judge, real.images).features
@@ -256,7 +276,9 @@ def publish(project: Project, report: LayerReport) -> None:
     for stale in set(old.column("sae_id").to_pylist()) - {r.sae_id for r in report.reports}:
         for table in ("sae_metrics", "sae_splice", "saes"):
             wh.replace_partition(table, {"sae_id": stale}, [])
+        clear_features(project, wh, stale)
     for r in report.reports:
+        clear_features(project, wh, r.sae_id)  # new weights: the old feature rows no longer describe them
         wh.replace_partition("saes", {"sae_id": r.sae_id}, [{
             "run_id": report.run_id, "layer": report.layer, "site": SITE, "variant": r.variant,
             "n_latents": cfg.n_latents, "k": cfg.k if r.variant != "relu" else None, "path": r.path,
@@ -266,6 +288,15 @@ def publish(project: Project, report: LayerReport) -> None:
         wh.replace_partition("sae_metrics", {"sae_id": r.sae_id}, rows)
         if r.splice is not None:
             wh.replace_partition("sae_splice", {"sae_id": r.sae_id}, [r.splice])
+
+
+def clear_features(project: Project, wh, sae_id: str) -> None:
+    """Drop an SAE's feature-stage rows and saved summary; `feature_stats` / `top_images` rebuild them."""
+    from pipelines.feature_ops import FEATURE_TABLES, summary_path
+
+    for table in FEATURE_TABLES:
+        wh.replace_partition(table, {"sae_id": sae_id}, [])
+    summary_path(project, sae_id).unlink(missing_ok=True)
 
 
 def sae_paths(project: Project) -> list[Path]:

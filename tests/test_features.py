@@ -126,8 +126,7 @@ def trained(project, layer=1):
     capture_ops.create_store(project)
     for shard in range(project.num_shards):
         capture_ops.write_shard(project, shard)
-    sae_ops.train_layer(project, layer, log=lambda m: None)
-    return project
+    return project, sae_ops.train_layer(project, layer, log=lambda m: None)
 
 
 def test_feature_stage_needs_trained_saes(tiny_project):
@@ -152,7 +151,7 @@ def test_feature_stage_publishes_checked_tables(tiny_project):
     from pipelines.capture_ops import open_store
     from storage.warehouse import UnknownSaeError, Warehouse
 
-    project = trained(tiny_project(SAE_CFG))
+    project, sae_report = trained(tiny_project(SAE_CFG))
     with pytest.raises(feature_ops.FeatureError, match="materialize `feature_stats`"):
         feature_ops.build_top_images(project, 1)
     report = feature_ops.build_layer_features(project, 1, log=lambda m: None)
@@ -201,6 +200,13 @@ def test_feature_stage_publishes_checked_tables(tiny_project):
     for name in ("fires", "act_max", "hist", "top_sid"):
         np.testing.assert_array_equal(getattr(remote, name), getattr(threads, name))
 
+    # re-publishing the SAEs (new weights under the same ids) drops their now-stale feature rows
+    from pipelines import sae_ops
+
+    sae_ops.publish(project, sae_report)
+    left = wh.query("SELECT (SELECT count(*) FROM features) + (SELECT count(*) FROM top_images)").column(0)
+    assert left[0].as_py() == 0 and not feature_ops.summary_path(project, ids[0]).exists()
+
 
 @pytest.mark.slow
 def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
@@ -208,7 +214,7 @@ def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
     from pipelines.capture_run import recapture_full_grid
     from storage.warehouse import Warehouse
 
-    project = trained(tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}}))
+    project, _ = trained(tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}}))
     store = capture_ops.open_store(project)
     ids = np.array([3, 17])
     grids = recapture_full_grid(capture_ops._plan(project), 1, "resid", {2: ids})[2]  # [2, T, D]

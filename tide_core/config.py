@@ -211,9 +211,9 @@ class SAEConfig(_Section):
     (scale, shift) of the next block for the null class (see tide_core/adaln.py)."""
     l1_coeff: float = Field(0.05, ge=0.0)
     """L1 weight of the relu variant (penalty on latent x decoder row norm); TopK variants ignore it."""
-    dead_tokens: int = Field(20_000, ge=1)
+    dead_tokens: int = Field(10_000, ge=1)
     """A latent is dead after this many tokens without firing (counted in tokens); AuxK revives it."""
-    aux_coeff: float = Field(0.25, ge=0.0)
+    aux_coeff: float = Field(0.5, ge=0.0)
     """Weight of the AuxK loss on dead latents."""
     heldout_fraction: float = Field(0.125, gt=0.0, lt=1.0)
     """Fraction of shards (the last ones) never used in training: their seeds are the held-out split."""

@@ -67,12 +67,13 @@ class Sampler:
     """Runs the denoising loop of a DiTBundle for given sample ids."""
 
     def __init__(self, bundle: DiTBundle, scheduler: str = "ddim", num_steps: int = 50,
-                 guidance_scale: float = 4.0, seed: int = 0):
+                 guidance_scale: float = 4.0, seed: int = 0, cfg_renorm: float | None = None):
         self.bundle = bundle
         self.scheduler_name = scheduler
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
+        self.cfg_renorm = cfg_renorm  # None: off; else cap |guided eps| at cfg_renorm * |cond eps| per image
 
     @property
     def guided(self) -> bool:
@@ -92,6 +93,7 @@ class Sampler:
             "guidance_scale": self.guidance_scale,
             "seed": self.seed,
             "seed_rule": "blake2b('{seed}:{sample_id}') -> torch.Generator per sample",
+            **({"cfg_renorm": self.cfg_renorm} if self.cfg_renorm is not None else {}),
         }
 
     @torch.no_grad()
@@ -119,6 +121,8 @@ class Sampler:
             if self.guided:
                 cond, uncond = eps.chunk(2)
                 eps = uncond + self.guidance_scale * (cond - uncond)  # guidance on every channel
+                if self.cfg_renorm is not None:
+                    eps = renorm_guided(eps, cond, self.cfg_renorm)
             if observer is not None:
                 observer.end_step(step)
             if self.scheduler_name == "ddpm":
@@ -137,6 +141,14 @@ class Sampler:
         if vae is not None:
             x = vae.decode((x / self.bundle.vae_scaling).to(self.bundle.dtype)).sample.float()
         return x.clamp(-1, 1).cpu().numpy()
+
+
+def renorm_guided(guided: torch.Tensor, cond: torch.Tensor, cap: float) -> torch.Tensor:
+    """CFG renorm: scale each image's guided prediction [B, C, h, w] down so its norm is at most cap times
+    the conditional prediction's; an edit that inflates the guided eps then cannot blow up the image."""
+    g = guided.flatten(1).norm(dim=1).clamp_min(1e-12)  # [B]
+    limit = cap * cond.flatten(1).norm(dim=1)  # [B]
+    return guided * (limit / g).clamp(max=1.0)[:, None, None, None]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
