@@ -9,7 +9,9 @@ chunks held in memory: that rate is the limit the pass is compared with. Part 2 
 warehouse (our schema, primary keys included) with >= --rows rows in top_images and in feature_stats and
 times the top-20-images query of one feature, median over 50 random features: on an open read-only
 connection, and through Warehouse.top_images (which opens its own connection and validates the ids).
-Last line: stats_vs_matmul=<pass tokens/s / matmul tokens/s>.
+Between the two, the per-chunk work is timed on one thread at widths 128, 512 and 1152 (random
+activations) to show how the ratio depends on the model's width. Last line: stats_vs_matmul=<pass
+tokens/s / matmul tokens/s> for the real pass on the default store.
 """
 
 from __future__ import annotations
@@ -61,6 +63,38 @@ def pass_vs_matmul(project: Project, layer: int, variant: str) -> float:
           f"(runs: {', '.join(f'{r.tokens_per_s:,.0f}' for r in runs)})")
     print(f"bare encoder matmul: {matmul:,.0f} tokens/s")
     return best.tokens_per_s / matmul
+
+
+def width_scaling(widths: tuple[int, ...] = (128, 512, 1152), n_latents: int = 1024, k: int = 32) -> None:
+    """The same per-chunk work (encode + statistics) against the bare matmul, one thread, on random
+    activations of several widths: the matmul grows with d, top-k selection and the statistics do not,
+    so the ratio depends on the DiT's width (1152 = DiT-XL/2)."""
+    from tide_core.feature_stats import chunk_partial
+    from tide_core.sae import SAESpec, SparseAutoencoder
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for d in widths:
+            sae = SparseAutoencoder(SAESpec(d_in=d, n_latents=n_latents, k=k, variant="tide"), seed=0).eval()
+            acts = np.random.default_rng(0).normal(size=(64, 64, d)).astype(np.float16)  # one chunk
+            ids, cls = np.arange(64), np.arange(64) % 10
+            x = torch.from_numpy(acts.astype(np.float32)).view(-1, d)
+            w, b = sae.W_enc.detach(), sae.b_enc.detach()
+            with torch.no_grad():
+                chunk_partial(sae, acts, 0, 500, ids, cls, 10, 16)
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    chunk_partial(sae, acts, 0, 500, ids, cls, 10, 16)
+                stats = 5 * len(x) / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    torch.addmm(b, x, w.t())
+                mm = 20 * len(x) / (time.perf_counter() - t0)
+            print(f"one thread, d={d:>4}, n={n_latents}, k={k}: chunk statistics {stats:>9,.0f} tokens/s, "
+                  f"matmul {mm:>10,.0f} tokens/s, ratio {stats / mm:.3f}")
+    finally:
+        torch.set_num_threads(before)
 
 
 def query_at_scale(rows: int) -> None:
@@ -123,6 +157,7 @@ def main() -> None:
     args = p.parse_args()
     project = Project.load(args.config)
     ratio = pass_vs_matmul(project, args.layer, args.variant) if not args.skip_pass else float("nan")
+    width_scaling()
     if not args.skip_query:
         query_at_scale(args.rows)
     print(f"stats_vs_matmul={ratio:.3f}")
