@@ -75,8 +75,19 @@ def test_init_schema_names_columns_an_older_file_lacks(wh: Warehouse) -> None:
         con.execute("DROP VIEW v_feature_neighbors")
         con.execute("DROP VIEW v_features")
         con.execute("ALTER TABLE features DROP COLUMN label")
+        con.execute("INSERT INTO features (sae_id, feature_id, fire_rate) VALUES ('s', 0, 0.5)")
     with pytest.raises(WarehouseSchemaError, match="table features lacks label"):
         Warehouse(wh.path).init_schema()
+
+
+def test_init_schema_rebuilds_an_empty_table_an_older_file_built(wh: Warehouse) -> None:
+    with connect(wh.path, read_only=False) as con:
+        con.execute("DROP VIEW v_feature_neighbors")
+        con.execute("DROP VIEW v_features")
+        con.execute("ALTER TABLE features DROP COLUMN label")
+    Warehouse(wh.path).init_schema()  # nothing to lose: rebuilt with the code's columns
+    cols = Warehouse(wh.path).query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'features'")
+    assert "label" in cols.column(0).to_pylist()
 
 
 def test_views_join_saes_and_samples(wh: Warehouse) -> None:
