@@ -13,8 +13,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tide run
 
-## Run the test suite: import contracts, lint, then pytest (slow end-to-end tests included).
+## Run the test suite: Chromium for the browser tests, import contracts, lint, then pytest (slow tests included).
 test: $(STAMP)
+	bash scripts/install_chromium.sh
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,217 @@
+"""The dashboard site builder and server, on a warehouse filled with synthetic rows (no torch, fast).
+
+The browser tests (tests/test_dashboard_browser.py) drive the same site in headless Chromium on a
+warehouse filled by the real feature pass; here the builder's contract is checked on data whose
+every value is known, including hostile labels and class names.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dashboards import server
+from dashboards.png import downscale, encode_png
+from dashboards.site import CHUNK, DashboardError, build_site
+from storage.activation_store import ActivationStore, ShardStats, StoreLayout
+from storage.warehouse import Warehouse
+
+EVIL = '<img src=x onerror="alert(1)"><script>alert(2)</script>&amp;'
+
+
+def fill_synthetic(root: Path, *, n_latents: int = 40, n_samples: int = 24, n_steps: int = 4, grid: int = 4,
+                   top_n: int = 4, class_names: list[str] | None = None, label: str | None = EVIL,
+                   images: bool = True, variants: tuple[str, ...] = ("tide", "topk"), seed: int = 0) -> Path:
+    """A warehouse (and activation store with images) under ``root`` with every table the dashboard reads.
+
+    Feature ``f`` peaks at step ``f % n_steps`` and prefers class ``f % n_classes``; feature 0 of each SAE
+    carries ``label``; features with id % 7 == 6 are dead (never fire, no top images). Returns the
+    warehouse file's path.
+    """
+    rng = np.random.default_rng(seed)
+    names = class_names or [str(c) for c in range(3)]
+    n_classes = len(names)
+    run_id = "run0"
+    store_url = str(root / "activations.zarr")
+    if images:
+        layout = StoreLayout(num_samples=n_samples, shard_size=8, steps=list(range(n_steps)), layers=[0], sites=["resid"],
+                             tokens_total=grid * grid, tokens_stored=grid * grid, token_grid=[grid, grid], d_model=4,
+                             image_shape=[8, 8, 1])
+        store = ActivationStore.create(store_url, layout, {"capture_timesteps": [999 - 250 * s for s in range(n_steps)]})
+        for shard in range(layout.num_shards):
+            rng_ = layout.shard_range(shard)
+            # image i: a bright square whose position depends on i (so every image differs, none is blank)
+            imgs = np.zeros((len(rng_), 8, 8, 1), np.uint8)
+            for j, i in enumerate(rng_):
+                imgs[j, i % 5:(i % 5) + 3, (i // 5) % 5:(i // 5) % 5 + 3] = 200 + i % 50
+            store.write_samples(shard, imgs, np.array([i % n_classes for i in rng_]), np.array(list(rng_)))
+            store.mark_done(shard, ShardStats(shard=shard, samples=len(rng_)))
+    wh = Warehouse(root / "warehouse.duckdb")
+    wh.upsert_run(run_id, {"config": {"sampling": {"scheduler": "ddim", "num_steps": n_steps, "guidance_scale": 2.0},
+                                      "capture": {"layers": [0], "sites": ["resid"]},
+                                      "sae": {"variants": list(variants), "n_latents": n_latents, "k": 4}},
+                           "store_url": store_url}, model_source="synthetic")
+    wh.replace_partition("samples", {"run_id": run_id}, {
+        "sample_id": list(range(n_samples)), "class_id": [i % n_classes for i in range(n_samples)],
+        "class_name": [names[i % n_classes] for i in range(n_samples)], "seed": list(range(n_samples)),
+        "shard": [i // 8 for i in range(n_samples)], "judge_pred": [i % n_classes for i in range(n_samples)],
+        "judge_conf": [0.9] * n_samples})
+    steps = np.arange(n_steps)
+    fids = np.arange(n_latents)
+    dead = fids % 7 == 6
+    for v, variant in enumerate(variants):
+        sae_id = f"L00-resid-{variant}-n{n_latents}"
+        wh.replace_partition("saes", {"sae_id": sae_id}, [{
+            "run_id": run_id, "layer": 0, "site": "resid", "variant": variant, "n_latents": n_latents, "k": 4,
+            "tokens_seen": 1000}])
+        metric_rows = []
+        for split in ("train", "heldout"):
+            for step in [-1, *steps.tolist()]:
+                metric_rows.append({"split": split, "step": step, "mse": 0.1, "nmse": 0.05 + 0.01 * v + 0.002 * step,
+                                    "cosine": 0.98, "explained_variance": 0.95, "l0": 4.0,
+                                    "dead_fraction": 0.1 + 0.05 * v, "dense_fraction": 0.0})
+        wh.replace_partition("sae_metrics", {"sae_id": sae_id}, metric_rows)
+        fire = np.where(dead, 0.0, rng.uniform(0.001, 0.2, n_latents))
+        wh.replace_partition("features", {"sae_id": sae_id}, {
+            "feature_id": fids, "fire_rate": fire, "mean_act": np.where(dead, np.nan, rng.uniform(0.5, 3, n_latents)),
+            "max_act": np.where(dead, 0.0, rng.uniform(3, 9, n_latents)),
+            "peak_step": np.where(dead, -1, fids % n_steps).tolist(),
+            "top_class": [None if d else int(f % n_classes) for f, d in zip(fids, dead, strict=True)],
+            "class_selectivity": np.where(dead, 0.0, (fids % 10) / 10),
+            "label": [label if f == 0 else None for f in fids],
+            "histogram": [[0, 0, 3, 5, 2, 0] if not d else [0] * 6 for d in dead],
+            "histogram_edges": [[0.1, 0.3, 1, 3, 10, 30, 100]] * n_latents})
+        fs_f, fs_s = np.meshgrid(fids, steps, indexing="ij")
+        bump = np.exp(-((fs_s - fs_f % n_steps) ** 2))
+        wh.replace_partition("feature_stats", {"sae_id": sae_id}, {
+            "feature_id": fs_f.ravel(), "step": fs_s.ravel(), "fire_rate": (bump * fire[:, None]).ravel(),
+            "mean_act": (1 + bump).ravel(), "max_act": (3 + bump).ravel()})
+        fc_f, fc_c = np.meshgrid(fids, np.arange(n_classes), indexing="ij")
+        wh.replace_partition("feature_classes", {"sae_id": sae_id}, {
+            "feature_id": fc_f.ravel(), "class_id": fc_c.ravel(),
+            "fire_rate": np.where(fc_c == fc_f % n_classes, 0.3, 0.05).ravel(), "mean_act": np.ones(fc_f.size)})
+        live = fids[~dead]
+        rows = {k: [] for k in ("feature_id", "scope", "rank", "sample_id", "step", "activation", "heatmap",
+                                "grid_h", "grid_w")}
+        for f in live.tolist():
+            for scope in ("overall", "peak_step"):
+                for rank in range(1, top_n + 1):
+                    heat = np.zeros(grid * grid, np.float32)
+                    heat[(f + rank) % (grid * grid)] = 5.0 - rank * 0.5
+                    heat[(f * 3) % (grid * grid)] = 1.0
+                    for k, val in zip(rows, (f, scope, rank, (f * 5 + rank * 3) % n_samples,
+                                             f % n_steps if scope == "peak_step" else rank % n_steps,
+                                             float(heat.max()), heat.tolist(), grid, grid), strict=True):
+                        rows[k].append(val)
+        wh.replace_partition("top_images", {"sae_id": sae_id}, rows)
+        nb_f = np.repeat(fids, 3)
+        wh.replace_partition("feature_neighbors", {"sae_id": sae_id}, {
+            "feature_id": nb_f, "rank": np.tile([1, 2, 3], n_latents),
+            "neighbor_id": (nb_f + np.tile([1, 2, 3], n_latents)) % n_latents,
+            "cosine": np.tile([0.9, 0.8, 0.7], n_latents)})
+    return wh.path
+
+
+def read(site: Path, rel: str):
+    return json.loads((site / rel).read_text())
+
+
+def test_png_encoder_round_trips_through_pillow():
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    for img in (rgb, grey, grey[..., None]):
+        import io
+
+        back = np.asarray(Image.open(io.BytesIO(encode_png(img))))
+        assert np.array_equal(back.reshape(img.shape), img)
+    assert downscale(np.zeros((512, 256, 3), np.uint8), 256).shape == (256, 128, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((2, 2), np.float32))
+
+
+def test_site_holds_every_page_and_escapes_nothing_into_html(tmp_path):
+    db = fill_synthetic(tmp_path, class_names=["zero", EVIL, "two"])
+    report = build_site(db, tmp_path / "dashboard", log=lambda m: None)
+    site = report.out_dir
+    assert report.n_saes == 2 and report.n_features == 80 and report.n_images == 24 and not report.warnings
+    for page in ("index.html", "sae.html", "feature.html", "sample.html", "app.js", "style.css"):
+        assert (site / page).is_file()
+    # the pages are static shells: no warehouse value is ever written into HTML
+    for page in site.glob("*.html"):
+        assert "alert" not in page.read_text() and "onerror" not in page.read_text()
+    meta = read(site, "data/site.json")
+    assert [s["variant"] for s in meta["saes"]] == ["tide", "topk"]
+    tide = meta["saes"][0]
+    assert tide["metrics"]["heldout"]["steps"] == [0, 1, 2, 3]
+    assert tide["metrics"]["heldout"]["values"]["live_features"] == [36] * 4  # 40 * (1 - 0.1)
+    assert meta["runs"][0]["timesteps"] == [999, 749, 499, 249]
+    assert EVIL in {c["class_name"] for c in meta["runs"][0]["classes"]}  # kept as data, rendered as text
+    listing = read(site, f"data/sae/{tide['slug']}/features.json")
+    assert listing["n"] == 40 and listing["columns"]["label"][0] == EVIL
+    assert listing["columns"]["top_sample"][6] is None  # a dead feature has no top image
+    assert listing["columns"]["mean_act"][6] is None  # NaN becomes null, not invalid JSON
+    chunk = read(site, f"data/sae/{tide['slug']}/f/{9 // CHUNK}.json")
+    f9 = chunk["features"]["9"]
+    assert f9["steps"]["step"] == [0, 1, 2, 3] and f9["stats"]["peak_step"] == 1
+    assert f9["hist"] == {"counts": [3, 5, 2], "edges": [1, 3, 10, 30]}  # empty end bins trimmed
+    assert f9["grid"] == [4, 4] and f9["top"]["overall"]["rank"] == [1, 2, 3, 4]
+    assert f9["top"]["peak_step"]["step"] == [1] * 4 and f9["classes"]["class_id"] == [0, 1, 2]
+    heat = np.frombuffer(__import__("base64").b64decode(f9["top"]["overall"]["heat"][0]), np.uint8)
+    assert heat.max() == 255 and heat[(9 + 1) % 16] == 255  # scaled by the feature's largest patch
+    assert f9["neighbors"]["neighbor_id"] == [10, 11, 12] and f9["neighbors"]["cosine"] == [0.9, 0.8, 0.7]
+    samples = read(site, f"data/samples/{meta['runs'][0]['slug']}/0.json")["samples"]
+    assert [1, 1, 1, 4.5] in samples["8"]["top"][tide["sae_id"]]  # feature 1's rank 1: (1*5 + 1*3) % 24 == 8
+    png = (site / "img" / meta["runs"][0]["slug"] / "3.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_rebuild_replaces_the_site_whole_and_missing_inputs_fail_clearly(tmp_path):
+    with pytest.raises(DashboardError, match="no warehouse"):
+        build_site(tmp_path / "none.duckdb", tmp_path / "d", log=lambda m: None)
+    db = fill_synthetic(tmp_path, images=False)
+    out = tmp_path / "dashboard"
+    out.mkdir()
+    (out / "stale.json").write_text("{}")
+    report = build_site(db, out, log=lambda m: None)
+    assert not (out / "stale.json").exists()
+    assert report.n_images == 0 and "images unavailable" in report.warnings[0]
+    assert not read(out, "data/site.json")["runs"][0]["image"]["available"]
+    assert not list(tmp_path.glob(".dashboard.*"))  # no build folders left behind
+
+
+def test_a_failed_build_keeps_the_old_site(tmp_path, monkeypatch):
+    from dashboards import site as site_mod
+
+    db = fill_synthetic(tmp_path, n_latents=8, images=False)
+    out = build_site(db, log=lambda m: None).out_dir
+    before = read(out, "data/site.json")["built_at"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(site_mod, "_write_feature_chunks", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_site(db, log=lambda m: None)
+    assert read(out, "data/site.json")["built_at"] == before and (out / "index.html").exists()
+    assert not list(tmp_path.glob(".dashboard.*"))
+
+
+def test_server_serves_the_site_on_localhost_only(tmp_path):
+    db = fill_synthetic(tmp_path, n_latents=8, images=False)
+    site = build_site(db, log=lambda m: None).out_dir
+    assert site == tmp_path / "dashboard"
+    with server.start(site) as srv:
+        assert srv.url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(srv.url + "data/site.json") as r:
+            assert r.headers["Content-Type"] == "application/json" and json.load(r)["version"] == 1
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(srv.url + "data/nothing.json")
+    with pytest.raises(FileNotFoundError, match="tide dashboard --build"):
+        server.make_server(tmp_path / "elsewhere")
