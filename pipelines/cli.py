@@ -38,6 +38,8 @@ def cmd_run(args) -> int:
 
     from pipelines.definitions import (
         CAPTURE_JOB,
+        DASHBOARD_JOB,
+        EDIT_JOB,
         FEATURES_JOB,
         MODEL_JOB,
         PUBLISH_JOB,
@@ -84,6 +86,8 @@ def cmd_run(args) -> int:
     execute(REPORT_JOB)
     for layer in sorted(project.config.capture.layers):
         execute(FEATURES_JOB, f"{layer:02d}")
+    execute(EDIT_JOB)  # before the dashboard, which shows each feature's edits
+    execute(DASHBOARD_JOB)
     print(_summary(project, time.perf_counter() - t0))
     return 0
 
@@ -97,6 +101,7 @@ def _summary(project: Project, seconds: float) -> str:
   sample quality   : {project.root / 'sample_quality.json'}
 next:
   tide ui{cfg}                      # the asset graph, runs and metadata in the Dagster UI
+  tide dashboard{cfg}               # the feature browser on http://127.0.0.1:8050
   tide sql{cfg} "SELECT class_name, count(*), avg(judge_pred = class_id) AS acc FROM samples GROUP BY 1 ORDER BY 1"
   duckdb -readonly {project.duckdb_path}
 """
@@ -114,6 +119,85 @@ def cmd_ui(args) -> int:
     os.chdir(REPO_ROOT)
     os.execv(str(exe), argv)
     return 0  # not reached
+
+
+def cmd_dashboard(args) -> int:
+    """Serve the feature browser (a static site) on 127.0.0.1, building it first if asked or missing."""
+    from dashboards.server import make_server
+    from dashboards.site import DashboardError
+    from pipelines.assets.dashboard import build_dashboard, site_dir
+    from storage.warehouse import WarehouseError
+
+    project = _load_project(args)
+    site = site_dir(project)
+    built = site / "data" / "site.json"
+    if args.build or not built.exists():
+        try:
+            build_dashboard(project, log=lambda m: print(f"[tide] {m}", flush=True))
+        except (DashboardError, WarehouseError) as err:
+            print(f"[tide] {err}", file=sys.stderr)
+            return 1
+    elif project.duckdb_path.exists() and project.duckdb_path.stat().st_mtime > built.stat().st_mtime:
+        print("[tide] the warehouse changed since the dashboard was built: `tide dashboard --build` rebuilds it")
+    if args.no_serve:
+        print(f"[tide] dashboard site: {site}")
+        return 0
+    try:
+        server = make_server(site, args.port)
+    except OSError as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 1
+    print(f"[tide] feature dashboard on {server.url}  (site {site}; Ctrl-C stops it)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Background jobs start with SIGINT ignored: restore it, and let TERM stop the server the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
+def cmd_edit(args) -> int:
+    """Sample the same seeds without and with a feature edit; judge, grid, `edits` rows."""
+    from pipelines.edit_ops import run_configured_edits, with_edit
+    from storage.activation_store import StoreError
+    from storage.warehouse import WarehouseError
+    from tide_core.edit import EditError
+
+    def ints(text: str | None) -> list[int] | None:
+        try:
+            return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+    features = ints(args.features)
+    if features is None and args.target_class is not None:
+        features = []  # --class picks the features, whatever edit.feature_ids says
+    project = with_edit(_load_project(args), sae_id=args.sae, layer=args.layer, variant=args.variant, op=args.op,
+                        target_class=args.target_class, feature_ids=features, n_features=args.n_features,
+                        min_fire_rate=args.min_fire_rate, strengths=args.strength, windows=args.window,
+                        units=args.units, n_samples=args.samples, sample_ids=ints(args.sample_ids),
+                        reference_ids=ints(args.reference), branch=args.branch, cfg_renorm=args.cfg_renorm,
+                        unconditional=args.unconditional or None, pooled=args.pooled or None,
+                        spatial=args.spatial or None)
+    try:
+        report = run_configured_edits(project, log=lambda m: print(f"[tide] {m}", flush=True),
+                                      publish=not args.no_publish)
+    except (EditError, WarehouseError, StoreError) as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 2
+    print(f"[tide] grid: {report.grid_path}")
+    if not args.no_publish:
+        ids = ", ".join(f"'{r.edit_id}'" for r in report.results)
+        print(f"[tide] rows: tide sql \"SELECT * FROM v_edits WHERE edit_id IN ({ids})\"")
+    return 0
 
 
 def cmd_train_dit(args) -> int:
@@ -186,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Dagster console log level (default INFO)")
     u = add("ui", cmd_ui, "Start the Dagster UI on 127.0.0.1 with a project-local DAGSTER_HOME.")
     u.add_argument("--port", type=int, default=3000)
+    d = add("dashboard", cmd_dashboard, "Serve the feature browser on 127.0.0.1 (a static site built from the "
+                                        "warehouse; built first when missing).")
+    d.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
+    d.add_argument("--build", action="store_true", help="rebuild the site from the warehouse before serving")
+    d.add_argument("--no-serve", action="store_true", help="only build (with --build) or locate the site")
     t = add("train-dit", cmd_train_dit, "Train the default digits DiT (reused while its config is unchanged).")
     t.add_argument("--force", action="store_true", help="retrain even if the checkpoint matches the config")
     q = add("sql", cmd_sql, "Query the DuckDB warehouse read-only (tables and views; --schema lists them).")
@@ -195,6 +284,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
     q.add_argument("--output", "-o", help="write the result to this file (csv, json lines or parquet)")
     q.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
+    e = add("edit", cmd_edit, "Feature-guided editing: sample held-out seeds without and with an SAE feature "
+            "edit at one layer and window of steps; judge both, save a grid PNG, write `edits` rows. Unset "
+            "options come from [edit] in the config (`tide config --explain`); docs/EDITING.md explains the ops.")
+    e.add_argument("--sae", help="SAE id to edit with (default: the [edit] layer's SAE of the current run)")
+    e.add_argument("--layer", type=int, help="block whose SAE is used (one of capture.layers)")
+    e.add_argument("--variant", choices=["tide", "topk", "relu"], help="which SAE variant of that layer")
+    e.add_argument("--op", choices=["add", "scale", "clamp", "zero", "style"],
+                   help="add / clamp: raise / set the features at every token; scale: multiply where they fire; "
+                        "zero: ablate; style: move latents towards a reference image's")
+    e.add_argument("--class", dest="target_class", type=int,
+                   help="edit the latents most selective for this class (from the features table)")
+    e.add_argument("--features", help="explicit latent ids, comma-separated (instead of --class)")
+    e.add_argument("--n-features", type=int, help="how many of the class's most selective latents")
+    e.add_argument("--min-fire-rate", type=float, help="skip latents firing on fewer tokens than this")
+    e.add_argument("--strength", type=float, action="append",
+                   help="repeatable; add / clamp: multiples of the feature's unit, scale: factor, "
+                        "style: fraction of the way to the reference")
+    e.add_argument("--window", action="append",
+                   help="repeatable; early | middle | late | all | START-END (steps, inclusive; 0 = noisiest)")
+    e.add_argument("--spatial", action="store_true",
+                   help="add / clamp: weight each token by where the feature usually fires (top-image heatmaps)")
+    e.add_argument("--units", choices=["mean_act", "absolute"],
+                   help="unit of add / clamp strengths: the feature's mean activation, or raw latent units")
+    e.add_argument("--samples", type=int, help="how many held-out samples to edit")
+    e.add_argument("--sample-ids", help="explicit sample ids of the run, comma-separated")
+    e.add_argument("--reference", help="style: reference sample id(s): one, or one per edited sample")
+    e.add_argument("--pooled", action="store_true",
+                   help="style: match each feature's mean over the image to the reference's, keeping the layout")
+    e.add_argument("--branch", choices=["both", "cond"], help="CFG halves edited (default both)")
+    e.add_argument("--cfg-renorm", type=float,
+                   help="cap each image's guided noise prediction at this times the conditional one's norm")
+    e.add_argument("--unconditional", action="store_true",
+                   help="sample with the null class and no guidance: the features, not the label, decide the digit")
+    e.add_argument("--no-publish", action="store_true", help="do not write `edits` rows (grid PNG only)")
     c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
     c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")
     c.add_argument("--show", action="store_true", help="print the validated config as JSON")

@@ -9,7 +9,7 @@ import os
 
 import dagster as dg
 
-from pipelines.assets import capture, features, model, sae
+from pipelines.assets import capture, dashboard, edit, features, model, sae
 from pipelines.project import Project
 from pipelines.resources import TideResource
 from tide_core.config import CONFIG_ENV
@@ -20,6 +20,8 @@ PUBLISH_JOB = "tide_publish_job"
 SAE_JOB = "tide_sae_job"
 REPORT_JOB = "tide_report_job"
 FEATURES_JOB = "tide_features_job"
+DASHBOARD_JOB = "tide_dashboard_job"
+EDIT_JOB = "tide_edit_job"
 
 
 def fan_out(name: str, upstream: dg.AssetsDefinition, job, partitioned: dg.AssetsDefinition):
@@ -61,6 +63,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     sae_asset, sae_metrics = sae_assets
     feature_assets, feature_checks = features.build(project, sae_asset)
     feature_stats, top_images = feature_assets
+    edit_assets, edit_checks = edit.build([feature_stats, model.dit_model, model.digit_classifier])
+    dashboard_assets, dashboard_checks = dashboard.build(project, [top_images, *edit_assets])
 
     model_job = dg.define_asset_job(MODEL_JOB, selection=dg.AssetSelection.assets(*model.ASSETS, store_asset),
                                     description="Digits, DiT, judge, sample quality; creates the store.")
@@ -79,6 +83,10 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
     features_job = dg.define_asset_job(FEATURES_JOB, selection=dg.AssetSelection.assets(feature_stats, top_images),
                                        partitions_def=feature_stats.partitions_def,
                                        description="Feature statistics and top images of one layer's SAEs.")
+    dashboard_job = dg.define_asset_job(DASHBOARD_JOB, selection=dg.AssetSelection.assets(*dashboard_assets),
+                                        description="Builds the feature browser site (serve it with `tide dashboard`).")
+    edit_job = dg.define_asset_job(EDIT_JOB, selection=dg.AssetSelection.assets(*edit_assets),
+                                   description="Before/after grid of the [edit] feature edit; rows in `edits`.")
 
     daily = dg.ScheduleDefinition(name="daily_tide_pipeline", job=model_job, cron_schedule="0 3 * * *",
                                   default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -90,11 +98,12 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
         fan_out("saes_after_samples", samples, sae_job, sae_asset),
         join("report_after_saes", sae_job, sae_asset, report_job),
         fan_out("features_after_report", sae_metrics, features_job, feature_stats),
+        join("dashboard_after_features", features_job, top_images, dashboard_job),
     ]
     return dg.Definitions(
-        assets=[*model.ASSETS, *cap_assets, *sae_assets, *feature_assets],
-        asset_checks=[*model.CHECKS, *cap_checks, *sae_checks, *feature_checks],
-        jobs=[model_job, capture_job, publish_job, sae_job, report_job, features_job],
+        assets=[*model.ASSETS, *cap_assets, *sae_assets, *feature_assets, *dashboard_assets, *edit_assets],
+        asset_checks=[*model.CHECKS, *cap_checks, *sae_checks, *feature_checks, *dashboard_checks, *edit_checks],
+        jobs=[model_job, capture_job, publish_job, sae_job, report_job, features_job, dashboard_job, edit_job],
         schedules=[daily],
         sensors=sensors,
         resources={"tide": TideResource(config_path=str(project.config_path or ""))},

@@ -234,11 +234,16 @@ TABLES: dict[str, Table] = {
             (
                 Col("edit_id", "VARCHAR"),
                 Col("sample_id", "BIGINT"),
-                Col("run_id", "VARCHAR", "run of sample_id"),
+                Col("run_id", "VARCHAR", "run of sample_id; NULL for unconditional edits (the run's seed, "
+                    "not its label)"),
                 Col("sae_id", "VARCHAR", "SAE whose latents were edited"),
                 Col("config_json", "JSON", "the edit's full config"),
-                Col("feature_ids", "INTEGER[]", "edited latents"),
-                Col("strength", "DOUBLE"),
+                Col("op", "VARCHAR", "add, scale, clamp, zero or style (docs/EDITING.md)"),
+                Col("feature_ids", "INTEGER[]", "edited latents (empty: all of them, style only)"),
+                Col("target_class", "INTEGER", "class the latents were picked for; NULL if given by id"),
+                Col("reference_id", "BIGINT", "style only: the sample whose latents were copied"),
+                Col("strength", "DOUBLE", "add / clamp: multiple of the feature's unit; scale: factor; "
+                    "style: fraction of the way to the reference"),
                 Col("step_start", "INTEGER", "first diffusion step edited"),
                 Col("step_end", "INTEGER", "last diffusion step edited"),
                 Col("pred_before", "INTEGER", "judge prediction without the edit"),
@@ -303,9 +308,11 @@ VIEWS: dict[str, View] = {
         ),
         View(
             "v_edits",
-            "edits with the edited image's class; flipped = the judge changed its prediction",
-            "SELECT e.*, sm.class_id, sm.class_name, e.pred_after IS DISTINCT FROM e.pred_before AS flipped "
-            "FROM edits e LEFT JOIN samples sm ON sm.run_id = e.run_id AND sm.sample_id = e.sample_id",
+            "edits with the SAE's layer, the edited image's class; flipped = the judge changed its prediction",
+            "SELECT e.*, s.layer, s.variant, sm.class_id, sm.class_name, "
+            "e.pred_after IS DISTINCT FROM e.pred_before AS flipped "
+            "FROM edits e LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN samples sm ON sm.run_id = e.run_id AND sm.sample_id = e.sample_id",
         ),
     )
 }

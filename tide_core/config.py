@@ -256,6 +256,66 @@ class FeaturesConfig(_Section):
         return v
 
 
+class EditConfig(_Section):
+    """Feature-guided editing: what the `edits` asset renders, and the defaults of `tide edit`."""
+
+    sae_id: str | None = None
+    """The SAE to edit with (see `tide sql "SELECT sae_id FROM saes"`); overrides layer and variant."""
+    layer: int | None = None
+    """Block whose SAE is edited (one of capture.layers); default the middle captured layer."""
+    variant: Literal["tide", "topk", "relu"] | None = None
+    """Which SAE of that layer (one of sae.variants); default the first variant."""
+    op: Literal["add", "scale", "clamp", "zero", "style"] = "add"
+    """add: raise the features at every token; clamp: set them at every token; scale: multiply them where
+    they fire; zero: ablate them; style: move latents towards a reference image's (docs/EDITING.md)."""
+    target_class: int | None = 0
+    """Edit the n_features latents most selective for this class (read from the `features` table)."""
+    feature_ids: list[int] | None = None
+    """Explicit latents to edit instead of target_class's most selective ones."""
+    n_features: int = Field(8, ge=1, le=4096)
+    """How many of target_class's most selective latents are edited."""
+    min_fire_rate: float = Field(0.001, ge=0.0, le=1.0)
+    """Latents firing on fewer tokens than this are never picked by class (their selectivity is noise)."""
+    strengths: list[float] = Field(default_factory=lambda: [16.0, 64.0])
+    """Strengths shown side by side. add / clamp: multiples of each feature's unit (see units); scale: a
+    factor; style: the fraction of the way to the reference's latents (1 = copy); zero ignores it."""
+    windows: list[str] = Field(default_factory=lambda: ["early", "all"])
+    """Step windows edited: early / middle / late thirds of the schedule, all, or START-END (inclusive)."""
+    spatial: bool = True
+    """add / clamp: weight each feature per token by where it usually fires (the mean heatmap of its top
+    images, peak 1) instead of changing every token alike (which turns digits into texture first)."""
+    units: Literal["mean_act", "absolute"] = "mean_act"
+    """Unit of add / clamp strengths: each feature's mean activation when it fires (`features` table), or
+    raw SAE latent units."""
+    n_samples: int = Field(8, ge=1, le=512)
+    """Held-out samples edited: of other classes than target_class when boosting, of it when zeroing."""
+    sample_ids: list[int] | None = None
+    """Explicit sample ids of the run to edit instead of n_samples held-out ones."""
+    reference_ids: list[int] | None = None
+    """style only: reference sample ids (one for all, or one per edited sample); default the next held-out
+    samples, one per edited sample."""
+    pooled: bool = False
+    """style only: match each feature's mean over the image's tokens to the reference's (the target keeps
+    its layout) instead of copying the reference's latents token by token."""
+    branch: Literal["both", "cond"] = "both"
+    """CFG halves edited: both (the edit survives guidance as is) or the conditional one only."""
+    unconditional: bool = True
+    """Sample with the null class and no guidance, so the digit comes from the noise and the features, not
+    from a label every block is conditioned on (the samples' seeds stay the run's). Class-conditional
+    samples barely respond to feature edits (docs/FINDINGS.md)."""
+    cfg_renorm: float | None = Field(None, gt=0.0)
+    """If set, cap each image's guided noise prediction at this times the conditional one's norm (before
+    and after images alike); unset = off."""
+
+    @field_validator("windows")
+    @classmethod
+    def _window_syntax(cls, v: list[str]) -> list[str]:
+        bad = [w for w in v if not re.fullmatch(r"early|middle|late|all|\d+(-\d+)?", w)]
+        if bad or not v:
+            raise ValueError(f"edit.windows={v}: each must be early, middle, late, all or START-END")
+        return v
+
+
 class WarehouseConfig(_Section):
     """Where results are written."""
 
@@ -280,6 +340,8 @@ class TideConfig(_Section):
     """Sparse autoencoders."""
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     """Feature statistics."""
+    edit: EditConfig = Field(default_factory=EditConfig)
+    """Feature-guided editing."""
     warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
     """Output location."""
 
@@ -299,7 +361,26 @@ class TideConfig(_Section):
                     f"capture.steps contains {bad}: sampling.num_steps={self.sampling.num_steps}, "
                     f"so steps must be in 0..{self.sampling.num_steps - 1}"
                 )
+        self._check_edit()
         return self
+
+    def _check_edit(self) -> None:
+        e = self.edit
+        if e.layer is not None and e.layer not in self.capture.layers:
+            raise ValueError(f"edit.layer={e.layer} has no SAE: it must be one of capture.layers "
+                             f"{self.capture.layers}")
+        if e.variant is not None and e.variant not in self.sae.variants:
+            raise ValueError(f"edit.variant={e.variant!r} is not trained: use one of sae.variants {self.sae.variants}")
+        n = self.sampling.num_steps
+        for w in e.windows:
+            ends = [int(x) for x in w.split("-")] if w[0].isdigit() else []
+            if ends and not 0 <= ends[0] <= ends[-1] < n:
+                raise ValueError(f"edit.windows contains {w!r}: sampling.num_steps={n}, so a window START-END "
+                                 f"needs 0 <= START <= END <= {n - 1}")
+        if e.target_class is None and not e.feature_ids:
+            raise ValueError("edit needs target_class (pick its most selective features) or feature_ids")
+        if e.pooled and e.op != "style":
+            raise ValueError(f"edit.pooled applies to op 'style' only, not {e.op!r}")
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
