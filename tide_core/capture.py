@@ -57,6 +57,24 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+class BlockHook:
+    """A forward hook on ``transformer_blocks[self.layer]`` of ``self.model`` that a ``with`` block installs
+    and removes; subclasses define ``_hook(module, inputs, output)``."""
+
+    model: nn.Module
+    layer: int
+    _handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self):
+        self._handle = blocks_of(self.model)[self.layer].register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 def site_module(block: nn.Module, site: str) -> nn.Module:
     if site == "resid":
         return block

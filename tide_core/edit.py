@@ -39,7 +39,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from tide_core.capture import blocks_of
+from tide_core.capture import BlockHook, blocks_of
 
 EditOp = Literal["add", "scale", "clamp", "zero", "style"]
 EDIT_OPS: tuple[str, ...] = get_args(EditOp)
@@ -165,7 +165,7 @@ class StepRecord:
     act_norm: float  # mean L2 norm of the block output over the same tokens
 
 
-class EditHook:
+class EditHook(BlockHook):
     """A StepObserver + forward hook on ``transformer_blocks[layer]`` applying an EditSpec.
 
     ``row_features`` gives each target row its own feature list (overriding ``spec.feature_ids``), so one
@@ -297,12 +297,3 @@ class EditHook:
         self.records.append(StepRecord(self._step, float(delta[:, :n_t].norm(dim=-1).mean()),
                                        float(h[:edited, :n_t].norm(dim=-1).mean())))
         return out.reshape(b, n_tok, d).to(output.dtype)
-
-    def __enter__(self) -> EditHook:
-        self._handle = blocks_of(self.model)[self.layer].register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None

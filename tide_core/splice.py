@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tide_core.capture import blocks_of
+from tide_core.capture import BlockHook
 
 
-class SAESplice:
+class SAESplice(BlockHook):
     """Forward hook on ``transformer_blocks[layer]`` returning the SAE reconstruction of its output."""
 
     def __init__(self, model: nn.Module, layer: int, sae: nn.Module, steps: set[int] | None = None):
@@ -38,12 +38,3 @@ class SAESplice:
         with torch.no_grad():
             x_hat = self.sae(x, t).x_hat  # [B'*T, D]
         return x_hat.reshape(b, n, d).to(output.dtype)
-
-    def __enter__(self) -> SAESplice:
-        self._handle = blocks_of(self.model)[self.layer].register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
