@@ -16,7 +16,8 @@ def run_id_of(provenance: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _plan(project: Project):
+def capture_plan(project: Project):
+    """The capture plan (sampler, hooks spec, store layout, provenance) of the configured model."""
     from pipelines.capture_run import make_plan
     from tide_core.dit import load_model
 
@@ -28,7 +29,7 @@ def _plan(project: Project):
 
 def create_store(project: Project, overwrite: bool = False) -> ActivationStore:
     """Create the store's arrays (or check an existing one matches the config) before any shard runs."""
-    plan = _plan(project)
+    plan = capture_plan(project)
     return ActivationStore.create(project.store_url, plan.layout, plan.provenance, overwrite=overwrite)
 
 
@@ -46,7 +47,7 @@ class ShardReport:
 def write_shard(project: Project, shard: int) -> ShardReport:
     from pipelines.capture_run import capture_shard
 
-    plan = _plan(project)
+    plan = capture_plan(project)
     store = ActivationStore.open(project.store_url)
     store.check_matches(plan.layout, plan.provenance)
     stats = capture_shard(store, plan, shard)

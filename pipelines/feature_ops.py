@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.capture_ops import open_store
 from pipelines.project import Project
-from pipelines.sae_ops import SITE
-from storage.activation_store import ActivationStore, StoreError
+from pipelines.sae_ops import SITE, check_inputs
+from storage.activation_store import ActivationStore
 from storage.warehouse import SaeRecord, Warehouse
 from tide_core.feature_stats import (
     EMPTY,
@@ -32,6 +31,7 @@ from tide_core.feature_stats import (
     heatmaps,
     selectivity,
     summarise,
+    tree_reduce,
 )
 
 Log = Callable[[str], None]
@@ -80,12 +80,7 @@ class LayerFeatureReport:
 
 def layer_saes(project: Project, layer: int) -> tuple[ActivationStore, list[SaeRecord]]:
     """The store and this run's SAEs of `layer`; clear errors before any pass starts."""
-    store = open_store(project)
-    if layer not in store.layout.layers:
-        raise StoreError(f"layer {layer} was not captured: the store has layers {store.layout.layers}")
-    missing = store.missing_shards()
-    if missing:
-        raise StoreError(f"the store has incomplete shards {missing[:10]}: materialize `activations` first")
+    store = check_inputs(project, layer)
     run_id = store.provenance["run_id"]
     wh = Warehouse(project.duckdb_path)
     ids = wh.query("SELECT sae_id FROM saes WHERE run_id = ? AND layer = ? ORDER BY variant",
@@ -131,10 +126,8 @@ def statistics_pass(store: ActivationStore, sae, layer: int, top_n: int, schedul
             block = blocks[a, shard, 0, 0][0]  # [shard, P, D]
             parts.append(dask.delayed(chunk_partial, pure=True)(
                 sae_d, block, step, int(timesteps[a]), ids, class_ids[ids], n_classes, top_n))
-        while len(parts) > 1:  # pairwise, so no single task holds every shard's partial
-            parts = [dask.delayed(StepPartial.merge, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts)
-                     else parts[i] for i in range(0, len(parts), 2)]
-        steps.append(parts[0])
+        # pairwise, so no single task holds every shard's partial
+        steps.append(tree_reduce(parts, dask.delayed(StepPartial.merge, pure=True)))
     t0 = time.perf_counter()
     merged = _compute(steps, scheduler, workers)
     summary = summarise(list(merged))
@@ -313,13 +306,13 @@ def full_grids(project: Project, store: ActivationStore, layer: int, requests: d
         arr = store.array(SITE, layer)
         return lambda step: arr.get_orthogonal_selection(
             (lay.step_axis(step), requests[step].sample_ids)).astype(np.float32)
-    from pipelines.capture_ops import _plan
+    from pipelines.capture_ops import capture_plan
     from pipelines.capture_run import recapture_full_grid
 
     n_img = len({int(i) for r in requests.values() for i in r.sample_ids})
     log(f"  capture kept {lay.tokens_stored}/{lay.tokens_total} tokens: re-sampling {n_img} images for full "
         "heatmaps")
-    grids = recapture_full_grid(_plan(project), layer, SITE, {s: r.sample_ids for s, r in requests.items()})
+    grids = recapture_full_grid(capture_plan(project), layer, SITE, {s: r.sample_ids for s, r in requests.items()})
     return grids.__getitem__
 
 

@@ -217,7 +217,7 @@ def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
     project, _ = trained(tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}}))
     store = capture_ops.open_store(project)
     ids = np.array([3, 17])
-    grids = recapture_full_grid(capture_ops._plan(project), 1, "resid", {2: ids})[2]  # [2, T, D]
+    grids = recapture_full_grid(capture_ops.capture_plan(project), 1, "resid", {2: ids})[2]  # [2, T, D]
     stored = store.read_step("resid", 1, 2)[ids]  # [2, P, D], the captured subset
     index = store.token_index(0, store.layout.num_samples)[store.layout.step_axis(2), ids]  # [2, P]
     recomputed = np.take_along_axis(grids, index[:, :, None].astype(np.int64), 1).astype(np.float16)

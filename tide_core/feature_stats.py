@@ -109,11 +109,17 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
                        top_sid=top_sid)
 
 
+def tree_reduce(items: list, combine):
+    """combine(a, b) over items as a balanced binary tree (what a scheduler runs in parallel)."""
+    while len(items) > 1:
+        items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
+                 for i in range(0, len(items), 2)]
+    return items[0]
+
+
 def merge_all(parts: list[StepPartial]) -> StepPartial:
-    """Merge partials of one step pairwise (a balanced tree, as a scheduler would)."""
-    while len(parts) > 1:
-        parts = [parts[i].merge(parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-    return parts[0]
+    """Merge partials of one step pairwise."""
+    return tree_reduce(parts, StepPartial.merge)
 
 
 def selectivity(rates: np.ndarray) -> np.ndarray:

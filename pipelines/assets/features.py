@@ -11,12 +11,6 @@ STATS_CHECKS = ("grains_unique", "rates_in_unit_interval")
 TOP_CHECKS = ("grain_unique", "ranks_dense_and_sorted", "live_features_have_images")
 
 
-def _layer_sae_ids(project: Project, layer: int) -> list[str]:
-    from pipelines.feature_ops import layer_saes
-
-    return [r.sae_id for r in layer_saes(project, layer)[1]]
-
-
 def _step_plots(project: Project, layer: int) -> dict[str, dg.MetadataValue]:
     """Live features and mean class selectivity against step, one line per SAE variant."""
     from storage.warehouse import Warehouse
@@ -70,7 +64,7 @@ def build(project: Project, sae_asset: dg.AssetsDefinition) -> tuple[list, list]
         layer = int(context.partition_key)
         written = build_top_images(project, layer, log=context.log.info)
         yield dg.MaterializeResult(metadata={"rows": dg.MetadataValue.json(written)})
-        for name, out in check_top_images(project, _layer_sae_ids(project, layer)).items():
+        for name, out in check_top_images(project, list(written)).items():
             yield dg.AssetCheckResult(check_name=name, passed=out.passed, description=out.description,
                                       metadata=out.metadata)
 
