@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 # Activation histograms use one fixed log-spaced binning (mergeable across chunks without a first pass
 # for each latent's range): 10 bins per decade over [1e-3, 1e3); values outside land in the end bins.
@@ -58,24 +59,39 @@ def merge_top(val: np.ndarray, sid: np.ndarray, n: int) -> tuple[np.ndarray, np.
 
 @dataclass(frozen=True)
 class Fired:
-    """The (token, latent) pairs of a batch where a latent fired."""
+    """Candidate (token, latent) pairs of a batch; the latent fired where the value is > 0."""
 
     rows: torch.Tensor  # [m] long token row in the batch
     latents: torch.Tensor  # [m] long
-    values: torch.Tensor  # [m] float > 0
+    values: torch.Tensor  # [m] float, > 0 where fired (TopK selections may hold ReLU'd zeros)
 
 
 @torch.no_grad()
 def fired_latents(sae, x: torch.Tensor, timestep: int | None) -> Fired:
-    """Encode tokens x [T, d] at one diffusion timestep and list the firing (token, latent) pairs."""
+    """Encode tokens x [T, d] at one diffusion timestep: every pair that may fire (value > 0 if it does)."""
     t = torch.full((x.shape[0],), int(timestep), dtype=torch.long) if sae.spec.variant == "tide" else None
     if sae.spec.is_topk:
         lat = sae.encode_sparse(x, t)  # idx, val [T, k]
-        mask = lat.val > 0
-        return Fired(mask.nonzero()[:, 0], lat.idx[mask], lat.val[mask])
+        rows = torch.arange(x.shape[0]).repeat_interleave(lat.idx.shape[1])  # [T*k]
+        return Fired(rows, lat.idx.reshape(-1), lat.val.reshape(-1))
     z = sae.encode(x, t)  # [T, n]
     rows, latents = z.nonzero(as_tuple=True)
     return Fired(rows, latents, z[rows, latents])
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _accumulate(rows, latents, values, bins, p, sample_class, fires, act_sum, act_max, hist, per_image):  # pragma: no cover
+    """One pass over firing candidates (entries with value <= 0 are skipped): every per-chunk statistic."""
+    for i in range(values.shape[0]):
+        v = values[i]
+        if v > 0:
+            latent, sample = latents[i], rows[i] // p
+            c = sample_class[sample]
+            fires[c, latent] += 1
+            act_sum[c, latent] += v
+            act_max[latent] = max(act_max[latent], v)
+            hist[latent, bins[i]] += 1
+            per_image[sample, latent] = max(per_image[sample, latent], v)
 
 
 def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: np.ndarray,
@@ -83,30 +99,28 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
     """Statistics of one chunk: acts [b, P, d] of samples sample_ids [b] (classes class_ids [b]) at one step."""
     b, p, d = acts.shape
     n = sae.spec.n_latents
-    x = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)).view(b * p, d)  # [b*P, d]
+    x = torch.from_numpy(np.ascontiguousarray(acts)).view(b * p, d).float()  # [b*P, d]
     f = fired_latents(sae, x, timestep)
-    sample = f.rows // p  # [m] sample row within the chunk
-    cls = torch.from_numpy(np.asarray(class_ids, np.int64))[sample]  # [m]
-    vals = f.values.double()
-    flat = cls * n + f.latents  # [m] (class, latent) cell
-    fires = torch.bincount(flat, minlength=n_classes * n).view(n_classes, n)
-    act_sum = torch.bincount(flat, weights=vals, minlength=n_classes * n).view(n_classes, n)
-    act_max = torch.zeros(n).scatter_reduce_(0, f.latents, f.values, "amax")
     n_bins = len(HIST_EDGES) - 1
-    bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).long()
-    hist = torch.bincount(f.latents * n_bins + bins, minlength=n * n_bins).view(n, n_bins).numpy()
-    # Image activation = max over the image's tokens; a chunk contributes its best top_n images per latent.
-    per_image = torch.zeros(b * n).scatter_reduce_(0, sample * n + f.latents, f.values, "amax").view(b, n)
+    with np.errstate(divide="ignore", invalid="ignore"):  # non-firing zeros are skipped below
+        bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).int()
+    fires = np.zeros((n_classes, n), np.int64)
+    act_sum = np.zeros((n_classes, n), np.float64)
+    act_max = np.zeros(n, np.float32)
+    hist = np.zeros((n, n_bins), np.int64)
+    per_image = np.zeros((b, n), np.float32)  # image activation = max over the image's tokens
+    _accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), bins.numpy(), p,
+                np.asarray(class_ids, np.int64), fires, act_sum, act_max, hist, per_image)
+    # A chunk contributes its best top_n images per latent.
     keep = min(top_n, b)
-    top = per_image.topk(keep, dim=0)  # values, indices [keep, n]
+    top = torch.from_numpy(per_image).topk(keep, dim=0)  # values, indices [keep, n]
     top_val = np.full((n, top_n), EMPTY, np.float32)
     top_sid = np.full((n, top_n), -1, np.int64)
     top_val[:, :keep] = np.where(top.values.T.numpy() > 0, top.values.T.numpy(), EMPTY)
     top_sid[:, :keep] = np.asarray(sample_ids, np.int64)[top.indices.T.numpy()]
     class_tokens = np.bincount(np.asarray(class_ids, np.int64), minlength=n_classes) * p
-    return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=fires.numpy(),
-                       act_sum=act_sum.numpy(), act_max=act_max.numpy(), hist=hist, top_val=top_val,
-                       top_sid=top_sid)
+    return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=fires, act_sum=act_sum,
+                       act_max=act_max, hist=hist, top_val=top_val, top_sid=top_sid)
 
 
 def tree_reduce(items: list, combine):

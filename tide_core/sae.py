@@ -26,13 +26,14 @@ Recipe (OpenAI, "Scaling and evaluating sparse autoencoders", plus TIDE, arXiv 2
   MLP from the DiT's own adaLN timestep embedder; we do not: it starts at the identity and is learned.)
 
 Why TopK training is fast here: the encoder matmul x @ W_enc^T ([B, n_latents]) is unavoidable, but nothing
-else needs the dense latent. The top-k indices are picked without autograd (``topk_exact``, ~2x faster than
-torch.topk on CPU), their values get a custom backward that touches only the k selected encoder rows, and
-decoding is an ``embedding_bag`` over the k active decoder rows. Both weight gradients are sparse
-[n_latents, B] @ [B, d_in] products sharing one sort of the (token, latent) pairs. A plain dense version
-does five [B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does one.
-Measured on one CPU thread, d_in=128 (training step incl. AdamW, vs ``DenseTopKReference``): ~2x at
-n_latents=1024, k=32, B=1024; ~2.7x at 2048/32/2048; ~3.5x at 4096/16/4096.
+else needs the dense latent. The top-k indices are picked without autograd (``topk_exact``: on CPU a
+compiled kernel from ``tide_core.topk``, ~2.7x faster than torch.topk), their values get a custom backward
+that touches only the k selected encoder rows, and decoding is an ``embedding_bag`` over the k active
+decoder rows. Both weight gradients are sparse [n_latents, B] @ [B, d_in] products sharing one grouping of
+the (token, latent) pairs by latent (a compiled counting sort on CPU). A plain dense version does five
+[B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does one. Measured
+on two CPU threads, d_in=128, n_latents=1024, k=32, B=1024 (training step incl. AdamW, vs
+``DenseTopKReference``): 2.2-2.3x (``bench/sae_train.py``, numbers in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -207,11 +207,6 @@ class _Pass:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _floordiv(a: Tensor, d: int) -> Tensor:
-    """a // d for non-negative int tensors; a shift when d is a power of two (int division is slow on CPU)."""
-    return a >> (d.bit_length() - 1) if d & (d - 1) == 0 else a // d
-
-
 @dataclass(frozen=True)
 class TopKSelection:
     """The k largest entries of each row."""
@@ -224,31 +219,18 @@ class TopKSelection:
 def topk_exact(pre: Tensor, k: int) -> TopKSelection:
     """The exact top-k of each row of pre [B, n] (ties broken arbitrarily), faster than torch.topk on CPU.
 
-    torch.topk on CPU costs ~10 ns per element and is half a TopK SAE's training step. Two stages of
-    numpy's argpartition (introselect) over far fewer elements do the same exactly: (1) the k groups with
-    the largest maxima, then (2) the top k among those groups' members. Exact because a group holding a
-    top-k element has a maximum >= the k-th largest value, and at most k groups can. Groups interleave
-    (group g holds latents g, g + G, g + 2G, ...) so their maxima are one vectorised reduction over a
-    contiguous axis; G ~ sqrt(2 n k) balances the two stages (measured for n 1024..4096, k 16..32). On
-    other devices torch.topk is used as is.
+    torch.topk on CPU costs ~4.5 µs per 1024-wide row, half a TopK SAE's training step; the compiled
+    kernel of ``tide_core.topk`` does the same exactly in ~1.7 µs and splits rows over the intra-op
+    threads. On other devices (and for a row with a NaN) torch.topk is used as is.
     """
-    b, n = pre.shape
-    if pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64) or k >= n:
-        top = pre.topk(k, dim=1, sorted=False)
-        return TopKSelection(top.values, top.indices)
-    pre = pre.contiguous()
-    groups = max(4 * k, 2 ** round(math.log2(math.sqrt(2 * n * k))))
-    if n % groups or groups > n // 2:
-        idx = torch.from_numpy(np.argpartition(pre.numpy(), n - k, axis=1)[:, n - k:])  # [B, k]
-        return TopKSelection(pre.gather(1, idx), idx)
-    size = n // groups
-    gmax = pre.view(b, size, groups).amax(dim=1).numpy()  # [B, G]
-    top_groups = np.argpartition(gmax, groups - k, axis=1)[:, groups - k:]  # [B, k]
-    members = torch.from_numpy(top_groups[:, :, None] + groups * np.arange(size)).view(b, k * size)  # latent ids
-    vals = pre.gather(1, members).numpy()  # [B, k*size]
-    j = torch.from_numpy(np.argpartition(vals, k * size - k, axis=1)[:, k * size - k:])  # [B, k]
-    idx = members.gather(1, j)  # [B, k] latent ids
-    return TopKSelection(pre.gather(1, idx), idx)
+    if pre.device.type == "cpu" and pre.dtype == torch.float32 and k < pre.shape[1]:
+        from tide_core.topk import topk_rows
+
+        top = topk_rows(pre.detach().contiguous().numpy(), k, threads=torch.get_num_threads())
+        if top.ok:
+            return TopKSelection(torch.from_numpy(top.values), torch.from_numpy(top.indices))
+    top = pre.topk(k, dim=1, sorted=False)
+    return TopKSelection(top.values, top.indices)
 
 
 class _Pairs:
@@ -259,14 +241,18 @@ class _Pairs:
     """
 
     def __init__(self, idx: Tensor, n_latents: int):
-        b, k = idx.shape
-        flat = idx.reshape(-1)  # [B*k]
-        # A narrow key dtype lets the stable sort use radix sort (~10x faster than on int64).
-        key = flat.to(torch.int16 if n_latents <= torch.iinfo(torch.int16).max else torch.int32)
-        self.order = key.argsort(stable=True)  # [B*k] pair positions, grouped by latent
-        self.tokens = _floordiv(self.order, k)  # [B*k] token of each sorted pair
-        self.crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)  # [n+1]
-        torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=self.crow[1:])
+        b, _ = idx.shape
+        if idx.device.type == "cpu":
+            from tide_core.topk import pairs_by_latent
+
+            p = pairs_by_latent(idx.numpy(), n_latents)
+            self.order, self.tokens, self.crow = (torch.from_numpy(a) for a in (p.order, p.tokens, p.crow))
+        else:
+            flat = idx.reshape(-1)  # [B*k]
+            self.order = flat.argsort(stable=True)  # [B*k] pair positions, grouped by latent
+            self.tokens = self.order // idx.shape[1]  # [B*k] token of each sorted pair
+            self.crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)  # [n+1]
+            torch.cumsum(torch.bincount(flat, minlength=n_latents), 0, out=self.crow[1:])
         self.idx = idx
         self.shape = (n_latents, b)
 
@@ -476,7 +462,9 @@ class SparseAutoencoder(nn.Module):
         # Tokens share few distinct timesteps (one per sampling step), so run the MLP once per timestep.
         uniq, inverse = torch.unique(t, return_inverse=True)
         emb = timestep_embedding(uniq, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [T, E]
-        scale, shift = self.time_mlp(emb)[inverse].chunk(2, dim=1)  # [B, d] each
+        mod = self.time_mlp(emb)  # [U, 2d]
+        # One timestep (a feature-pass chunk): broadcast [1, 2d] rather than gather B equal rows.
+        scale, shift = (mod if len(uniq) == 1 else mod[inverse]).chunk(2, dim=1)  # [B or 1, d] each
         return xs * (1 + scale) + shift
 
     # --- encode / decode -------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""The compiled top-k and pair grouping of tide_core.topk against torch and numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tide_core.sae import topk_exact
+from tide_core.topk import pairs_by_latent, topk_rows
+
+
+def _check(x: np.ndarray, k: int, threads: int = 1) -> np.ndarray:
+    top = topk_rows(x, k, threads=threads)
+    assert top.ok
+    want = np.sort(np.partition(x, x.shape[1] - k, axis=1)[:, x.shape[1] - k:], axis=1)
+    np.testing.assert_array_equal(np.sort(top.values, axis=1), want)
+    np.testing.assert_array_equal(np.take_along_axis(x, top.indices, 1), top.values)
+    assert (np.diff(np.sort(top.indices, axis=1), axis=1) > 0).all()  # distinct positions
+    return top.indices
+
+
+@pytest.mark.parametrize("n,k", [(1024, 32), (100, 16), (64, 63), (257, 1), (40, 40)])
+def test_topk_rows_is_exact(n, k):
+    rng = np.random.default_rng(0)
+    _check(rng.normal(size=(300, n)).astype(np.float32), k)
+    _check(-np.abs(rng.normal(size=(300, n))).astype(np.float32), k)  # all negative: the int key flip
+    _check(rng.normal(size=(600, n)).astype(np.float32), k, threads=2)  # rows split over two threads
+
+
+def test_topk_rows_ties_go_to_the_lowest_position():
+    x = np.zeros((8, 128), np.float32)
+    x[:, 100:] = 1.0  # 28 ones, 100 zeros: top-32 = the ones and the first four zeros
+    idx = np.sort(_check(x, 32), axis=1)
+    np.testing.assert_array_equal(idx, np.tile(np.r_[0:4, 100:128], (8, 1)))
+
+
+def test_topk_rows_masked_rows_and_nan():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 256)).astype(np.float32)
+    masked = np.where(rng.random(x.shape) < 0.95, -np.inf, x).astype(np.float32)  # AuxK's dead-only rows
+    masked[:, :8] = x[:, :8]  # at least k finite entries per row
+    _check(masked, 8)
+    x[3, 17] = np.nan
+    assert not topk_rows(x, 8).ok
+    # topk_exact falls back to torch.topk for the batch, which ranks NaN as the largest value
+    sel = topk_exact(torch.from_numpy(x), 8)
+    assert bool(torch.isnan(sel.values[3]).any())
+    rest = torch.from_numpy(np.delete(x, 3, axis=0))
+    got = torch.from_numpy(np.sort(np.delete(sel.values.numpy(), 3, axis=0), axis=1))
+    assert torch.equal(got, rest.topk(8, dim=1).values.sort(1).values)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        topk_rows(x, 300)
+
+
+def test_pairs_by_latent_is_a_stable_sort():
+    rng = np.random.default_rng(2)
+    idx = np.stack([rng.choice(300, 12, replace=False) for _ in range(200)])  # [B, k] distinct per row
+    p = pairs_by_latent(idx, 300)
+    np.testing.assert_array_equal(p.order, np.argsort(idx.reshape(-1), kind="stable"))
+    np.testing.assert_array_equal(p.tokens, p.order // 12)
+    np.testing.assert_array_equal(p.crow, np.r_[0, np.cumsum(np.bincount(idx.reshape(-1), minlength=300))])
