@@ -291,10 +291,11 @@ def publish(project: Project, report: LayerReport) -> None:
 
 
 def clear_features(project: Project, wh, sae_id: str) -> None:
-    """Drop an SAE's feature-stage rows and saved summary; `feature_stats` / `top_images` rebuild them."""
+    """Drop an SAE's feature-stage and edit rows and its saved summary (they describe the old weights);
+    `feature_stats` / `top_images` / `edits` rebuild them."""
     from pipelines.feature_ops import FEATURE_TABLES, summary_path
 
-    for table in FEATURE_TABLES:
+    for table in (*FEATURE_TABLES, "edits"):
         wh.replace_partition(table, {"sae_id": sae_id}, [])
     summary_path(project, sae_id).unlink(missing_ok=True)
 

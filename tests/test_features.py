@@ -200,11 +200,13 @@ def test_feature_stage_publishes_checked_tables(tiny_project):
     for name in ("fires", "act_max", "hist", "top_sid"):
         np.testing.assert_array_equal(getattr(remote, name), getattr(threads, name))
 
-    # re-publishing the SAEs (new weights under the same ids) drops their now-stale feature rows
+    # re-publishing the SAEs (new weights under the same ids) drops their now-stale feature and edit rows
     from pipelines import sae_ops
 
+    wh.replace_partition("edits", {"sae_id": ids[0]}, [{"edit_id": "e0", "sample_id": 0, "op": "add"}])
     sae_ops.publish(project, sae_report)
-    left = wh.query("SELECT (SELECT count(*) FROM features) + (SELECT count(*) FROM top_images)").column(0)
+    left = wh.query("SELECT (SELECT count(*) FROM features) + (SELECT count(*) FROM top_images) "
+                    "+ (SELECT count(*) FROM edits)").column(0)
     assert left[0].as_py() == 0 and not feature_ops.summary_path(project, ids[0]).exists()
 
 
