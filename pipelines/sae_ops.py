@@ -93,6 +93,13 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
     ids = {v: sae_id(layer, SITE, v, cfg.n_latents, cfg.k, run_id) for v in cfg.variants}
     tcfg = SAETrainConfig(total_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                           warmup_tokens=min(50_000, cfg.train_tokens // 10), init_tokens=min(16_384, cfg.train_tokens))
+    key = training_key(cfg.model_dump(), store)
+    reused = reuse_trained(project, layer, ids, key, run_id)
+    if reused is not None:
+        log(f"layer {layer}: the published SAEs were trained to completion on this store under this SAE "
+            f"config (training key {key}): reusing them. Delete {project.root / 'saes'}/L{layer:02d}-* "
+            "to train again.")
+        return reused
     # Keyed by the SAE config too: a run killed under one config must not resume under another.
     sae_key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
     state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{run_id[:8]}-{sae_key}"
@@ -135,7 +142,7 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
         sae = result.sae
         path = project.root / "saes" / ids[variant]
         sae.save(path, meta={"sae_id": ids[variant], "layer": layer, "site": SITE, "run_id": run_id,
-                             "tokens_seen": trainer.tokens_seen})
+                             "tokens_seen": trainer.tokens_seen, "training_key": key})
         metrics = evaluate_sae(store, sae, layer, split, cfg.eval_tokens, cfg.seed)
         splice = None if bench is None else splice_eval(bench, SparseAutoencoder.load(path),
                                                         project.config.sampling.batch_size, log)
@@ -149,6 +156,44 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
     report = LayerReport(layer=layer, run_id=run_id, reports=reports)
     publish(project, report)
     return report
+
+
+def training_key(sae_config: dict, store: ActivationStore) -> str:
+    """What a layer's trained SAEs depend on: the whole SAE config and the exact store they read (its run
+    and creation time, so a re-capture retrains even under the same config)."""
+    blob = {"sae": sae_config, "run_id": store.provenance["run_id"],
+            "store_created_at": store.provenance.get("created_at")}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reuse_trained(project: Project, layer: int, ids: dict[str, str], key: str, run_id: str) -> LayerReport | None:
+    """The layer's report rebuilt from the warehouse, if every SAE in ``ids`` (variant -> sae_id) has a
+    checkpoint finished under ``key`` and published metrics; None if anything must be trained."""
+    from storage.warehouse import Warehouse
+
+    if not project.duckdb_path.exists():
+        return None
+    wh = Warehouse(project.duckdb_path)
+    reports = []
+    for variant, sid in ids.items():
+        path = project.root / "saes" / sid
+        try:
+            meta = json.loads((path / "cfg.json").read_text()).get("meta", {})
+        except (OSError, ValueError):
+            return None
+        published = wh.query("SELECT count(*) FROM saes WHERE sae_id = ? AND tokens_seen = ?",
+                             [sid, meta.get("tokens_seen", -1)]).column(0)[0].as_py()
+        if meta.get("training_key") != key or not published:
+            return None
+        metrics: dict[str, dict[int, dict]] = {}
+        for row in wh.query("SELECT * EXCLUDE (sae_id) FROM sae_metrics WHERE sae_id = ?", [sid]).to_pylist():
+            metrics.setdefault(row.pop("split"), {})[row.pop("step")] = row
+        if "heldout" not in metrics:
+            return None
+        splice = wh.query("SELECT * EXCLUDE (sae_id) FROM sae_splice WHERE sae_id = ?", [sid]).to_pylist()
+        reports.append(SAEReport(sae_id=sid, variant=variant, path=str(path), tokens_seen=meta["tokens_seen"],
+                                 seconds=0.0, metrics=metrics, splice=splice[0] if splice else None))
+    return LayerReport(layer=layer, run_id=run_id, reports=reports)
 
 
 def init_from_adaln(project: Project, sae, layer: int, num_train_timesteps: int) -> float:

@@ -61,6 +61,21 @@ def test_layer_trains_evaluates_splices_and_publishes(tiny_project):
     # a second run replaces rows rather than adding them
     sae_ops.publish(project, report)
     assert wh.query("SELECT count(*) AS n FROM saes").column("n")[0].as_py() == 2
+    # rerun on the same store under the same config: the checkpoints and published numbers are reused
+    logs: list[str] = []
+    reused = sae_ops.train_layer(project, 1, log=logs.append)
+    assert any("reusing them" in m for m in logs)
+    for old, new in zip(report.reports, reused.reports, strict=True):
+        assert (new.sae_id, new.path, new.tokens_seen) == (old.sae_id, old.path, old.tokens_seen)
+        assert new.metrics["heldout"][-1]["nmse"] == pytest.approx(old.metrics["heldout"][-1]["nmse"])
+        assert new.splice == pytest.approx(old.splice)
+    # any change to the SAE config (here only its seed, so the same ids) trains again
+    reseeded = tiny_project({"sae": {**SAE["sae"], "seed": 1}})
+    reseeded = type(reseeded)(config=reseeded.config, config_path=project.config_path, base_dir=project.base_dir)
+    logs.clear()
+    retrained = sae_ops.train_layer(reseeded, 1, log=logs.append)
+    assert not any("reusing" in m for m in logs)
+    assert {r.sae_id for r in retrained.reports} == {r.sae_id for r in report.reports}
 
 
 @pytest.mark.slow
