@@ -113,7 +113,7 @@ def statistics_pass(store: ActivationStore, sae, layer: int, top_n: int, schedul
     import dask
 
     lay = store.layout
-    blocks = store.dask(site, layer).to_delayed()  # [S, shards, 1, 1] of [1, shard, P, D] blocks
+    read = dask.delayed(store.read_block, pure=True)  # -> [shard, P, D]; pickles as the store's URL
     timesteps = store.provenance["capture_timesteps"]
     class_ids = store.samples()["class_id"]
     n_classes = int(store.provenance["model"]["num_classes"])
@@ -123,7 +123,7 @@ def statistics_pass(store: ActivationStore, sae, layer: int, top_n: int, schedul
         parts = []
         for shard in range(lay.num_shards):
             ids = np.asarray(lay.shard_range(shard))
-            block = blocks[a, shard, 0, 0][0]  # [shard, P, D]
+            block = read(site, layer, step, shard)  # [shard, P, D]
             parts.append(dask.delayed(chunk_partial, pure=True)(
                 sae_d, block, step, int(timesteps[a]), ids, class_ids[ids], n_classes, top_n))
         # pairwise, so no single task holds every shard's partial

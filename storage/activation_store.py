@@ -258,15 +258,21 @@ class ActivationStore:
             self._array("acts/token_index")[s, sl] = token_index.astype(np.int16)
         return nbytes
 
-    def _write_block(self, arr: zarr.Array, chunk: tuple[int, ...], samples: slice, block: np.ndarray) -> None:
-        """Write one whole chunk (step s, one shard). Uncompressed chunks of a full shard are written as
-        their encoded bytes (little-endian, C order: what zarr's bytes codec produces) straight to the
-        store's filesystem: zarr-python's per-chunk machinery costs ~3 ms per MB, several times the I/O.
-        Anything else (a codec, a short last shard) goes through zarr."""
+    def _plain_chunk_key(self, arr: zarr.Array, chunk: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+        """The filesystem path of a whole uncompressed chunk of ``shape``, or None if zarr must handle it:
+        such chunks are just their bytes (little-endian, C order: what zarr's bytes codec produces)."""
         codecs = arr.metadata.codecs
         plain = len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BytesCodec)
-        if plain and block.shape == arr.metadata.chunk_grid.chunk_shape[1:]:
-            key = f"{self._root}/{arr.path}/{arr.metadata.encode_chunk_key(chunk)}"
+        if plain and tuple(shape) == tuple(arr.metadata.chunk_grid.chunk_shape[1:]):
+            return f"{self._root}/{arr.path}/{arr.metadata.encode_chunk_key(chunk)}"
+        return None
+
+    def _write_block(self, arr: zarr.Array, chunk: tuple[int, ...], samples: slice, block: np.ndarray) -> None:
+        """Write one whole chunk (step s, one shard). Uncompressed chunks of a full shard are written as
+        their bytes straight to the store's filesystem: zarr-python's per-chunk machinery costs ~3 ms per
+        MB, several times the I/O. Anything else (a codec, a short last shard) goes through zarr."""
+        key = self._plain_chunk_key(arr, chunk, block.shape)
+        if key is not None:
             data = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes()
             parent = key.rsplit("/", 1)[0]
             if parent not in self._made_dirs:
@@ -301,6 +307,25 @@ class ActivationStore:
         samples = samples or range(self.layout.num_samples)
         self._require_done(samples)
         return self.array(site, layer)[self.layout.step_axis(step), samples.start:samples.stop]
+
+    def read_block(self, site: str, layer: int, step: int, shard: int) -> np.ndarray:
+        """One whole chunk, the feature pass's unit: [shard samples, P, D] of one shard at one step.
+        Uncompressed chunks are read as bytes straight from the filesystem (the mirror of the writer's
+        fast path; through zarr the read costs ~3 ms per MB); anything else goes through zarr."""
+        lay = self.layout
+        samples = lay.shard_range(shard)
+        self._require_done(samples)
+        arr, a = self.array(site, layer), lay.step_axis(step)
+        shape = (len(samples), lay.tokens_stored, lay.d_model)
+        key = self._plain_chunk_key(arr, (a, shard, 0, 0), shape)
+        if key is None:
+            return arr[a, samples.start:samples.stop]
+        data = bytearray(self.fs.cat_file(key))  # writable, so torch can wrap it without a copy or warning
+        return np.frombuffer(data, dtype=np.dtype(lay.dtype).newbyteorder("<")).reshape(shape)
+
+    def __reduce__(self):
+        # Pickled (e.g. into a dask.distributed task) as its URL: the worker reopens the store read-only.
+        return (ActivationStore.open, (self.url, "r"))
 
     def read_samples(self, site: str, layer: int, start: int, stop: int) -> np.ndarray:
         """Activations of a sample range over all captured steps: [S, n, P, D]."""

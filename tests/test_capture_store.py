@@ -1,4 +1,5 @@
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -93,6 +94,21 @@ def test_readers(full_store):
         full_store.read_step("resid", 0, 9)
     with pytest.raises(StoreError, match="was not captured"):
         full_store.read_step("mlp", 0, 1)
+    # whole chunks by (step, shard): raw bytes for this uncompressed store, the same values as zarr's
+    for shard in range(3):
+        block = full_store.read_block("resid", 0, 2, shard)
+        np.testing.assert_array_equal(block, x[8 * shard:8 * (shard + 1)])
+        assert block.flags.writeable
+    # a store pickles as its URL (dask.distributed workers reopen it)
+    again = pickle.loads(pickle.dumps(full_store))
+    np.testing.assert_array_equal(again.read_block("resid", 1, 3, 1), full_store.read_block("resid", 1, 3, 1))
+
+
+def test_compressed_store_reads_blocks_through_zarr(tiny_project, full_store):
+    packed = capture_all(tiny_project({"capture": {"compression": "zstd"}}, name="zstd"))
+    for shard in range(3):
+        np.testing.assert_array_equal(packed.read_block("resid", 1, 2, shard),
+                                      full_store.read_block("resid", 1, 2, shard))
 
 
 def test_token_batches_are_shuffled_balanced_and_complete(full_store):

@@ -342,6 +342,9 @@ class _Selected:
 # ----------------------------------------------------------------------------------------------------------
 
 
+ENCODE_TILE_ROWS = 1024  # rows per pre-activation block in encode_sparse
+
+
 class SparseAutoencoder(nn.Module):
     """A TIDE / TopK / ReLU sparse autoencoder (see the module docstring for the recipe).
 
@@ -472,7 +475,8 @@ class SparseAutoencoder(nn.Module):
     def _pre_acts(self, xc: Tensor) -> Tensor:
         """Dense pre-activations [B, n] of encoder inputs xc [B, d], without autograd (only for selection)."""
         with torch.no_grad():
-            return torch.addmm(self.b_enc, xc, self.W_enc.t())  # [B, n]
+            # mm then add_: addmm first copies the broadcast bias into the output, ~15% slower on CPU
+            return torch.mm(xc, self.W_enc.t()).add_(self.b_enc)  # [B, n]
 
     def _select(self, xc: Tensor, top: TopKSelection) -> _Selected:
         """ReLU'd values of the selected pre-activations, differentiable through the sparse backward."""
@@ -505,8 +509,14 @@ class SparseAutoencoder(nn.Module):
         x = self._as_acts(x)
         t = self._as_timesteps(t, x.shape[0])
         xc = self._modulate(x * self.input_scale, t) - self.b_dec
-        sel = self._select(xc, topk_exact(self._pre_acts(xc), self.spec.k))
-        return SparseLatents(sel.idx, sel.val)
+        idx, val = [], []
+        # Row tiles: each [tile, n] block of pre-activations is still in cache when the top-k reads it
+        # (measured: a 4096-row chunk encodes ~25% faster than in one block), and memory stays bounded.
+        for part in xc.split(ENCODE_TILE_ROWS):
+            sel = self._select(part, topk_exact(self._pre_acts(part), self.spec.k))  # [tile, k]
+            idx.append(sel.idx)
+            val.append(sel.val)
+        return SparseLatents(torch.cat(idx), torch.cat(val))
 
     def encode(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Dense latents z [B, n_latents] (>= 0, at most k nonzero per token for TopK variants)."""
