@@ -239,6 +239,20 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(a, b), f"{name}.{key} differs after resume"
 
 
+def test_training_is_bit_reproducible_on_two_threads():
+    # Batches big enough that torch splits the time-MLP gradient over threads (grain 32k elements).
+    torch.set_num_threads(2)
+    cfg = _train_cfg(total_tokens=1024 * 6, batch_size=1024, init_tokens=1024, warmup_tokens=1024)
+    spec = {"tide": SAESpec(d_in=D_IN, n_latents=256, k=8, variant="tide", dead_tokens_threshold=1024)}
+    runs = []
+    for _ in range(2):
+        trainer = SAETrainer(spec, cfg)
+        trainer.fit(_synthetic(1024 * 6, 1024, seed=3))
+        runs.append(trainer.saes["tide"].state_dict())
+    for key, a in runs[0].items():
+        assert torch.equal(a, runs[1][key]), f"tide.{key} differs between two identical runs"
+
+
 def test_rebatch_keeps_token_order_whatever_the_source_chunking():
     source = list(_synthetic(1000, 50, seed=2))
     as_numpy = [TokenBatch(b.acts.numpy(), b.timesteps.numpy(), b.steps.numpy()) for b in source]

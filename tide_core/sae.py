@@ -466,8 +466,10 @@ class SparseAutoencoder(nn.Module):
         uniq, inverse = torch.unique(t, return_inverse=True)
         emb = timestep_embedding(uniq, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [T, E]
         mod = self.time_mlp(emb)  # [U, 2d]
-        # One timestep (a feature-pass chunk): broadcast [1, 2d] rather than gather B equal rows.
-        scale, shift = (mod if len(uniq) == 1 else mod[inverse]).chunk(2, dim=1)  # [B or 1, d] each
+        # One timestep (a feature-pass chunk): broadcast [1, 2d] rather than gather B equal rows. Else
+        # index_select, not mod[inverse]: the backward of indexing (an accumulating index_put) made
+        # two-thread training differ run to run; index_select's (index_add_) does not.
+        scale, shift = (mod if len(uniq) == 1 else mod.index_select(0, inverse)).chunk(2, dim=1)  # [B or 1, d] each
         return xs * (1 + scale) + shift
 
     # --- encode / decode -------------------------------------------------------------------------------
