@@ -1,8 +1,9 @@
 """Exact row-wise top-k on the CPU, compiled with numba: the hot loop of TopK SAE training and of the
 feature statistics pass.
 
-torch.topk on the CPU costs ~4.5 µs per 1024-wide row and numpy's argpartition ~1.5 µs; both do far
-more work than picking 32 of 1024. Per row this kernel does three cheap passes:
+Picking 32 of 1024 per row costs ~4.5 µs with torch.topk on the CPU, ~3 µs with two stages of numpy's
+argpartition (what this project used before), and ~1.7 µs with this kernel, which per row does three
+cheap passes:
 
 1. Maxima of G = k interleaved groups (group g holds entries g, g + G, g + 2G, ...): one vectorised
    max over contiguous lanes. Their minimum ``thr`` is a lower bound for the k-th largest entry: each
@@ -13,9 +14,8 @@ more work than picking 32 of 1024. Per row this kernel does three cheap passes:
    packed into one int64 key: the float's bits made to sort as integers, then its position.
 
 The result is the exact top-k set by value; equal values go to the lower position, so ties are
-deterministic. A row with
-a NaN has no well-defined top-k by comparison: the kernel reports such rows and the caller falls back
-to torch.topk for that batch, which treats NaN as the largest value.
+deterministic. A row with a NaN has no well-defined top-k by comparison: the kernel reports such rows
+and the caller falls back to torch.topk for that batch, which treats NaN as the largest value.
 
 ``topk_rows`` splits a batch's rows over ``threads`` of numba's OpenMP threads (``topk_exact`` passes
 torch's intra-op thread count: 1 inside the feature pass, whose dask threads already fill the cores).
@@ -133,7 +133,7 @@ def _topk_parallel(pre, bits, k, out_val, out_idx, blocks):  # pragma: no cover 
 class RowTopK:
     """The k largest entries of each row (in no particular order), or ``ok=False`` if a row had a NaN."""
 
-    values: np.ndarray  # [B, k], the input's dtype
+    values: np.ndarray  # [B, k] float32
     indices: np.ndarray  # [B, k] int64
     ok: bool
 
