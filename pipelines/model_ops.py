@@ -130,6 +130,12 @@ def measure_quality(project: Project, log: Log = print) -> QualityReport:
     cfg = project.config
     bundle = load_model(cfg.model, project.base_dir)
     s = cfg.sampling
+    key = _quality_key(project, bundle.config_hash)
+    reused = _reuse_quality(project, key)
+    if reused is not None:
+        log(f"sample quality of this model, sampler and judge (key {key}) is on record: reusing it "
+            f"(class accuracy {reused.accuracy:.3f}); delete {project.root / 'sample_quality.json'} to measure again")
+        return reused
     sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, seed=s.seed + 1_000_003)
     n = cfg.model.judge.quality_samples
     ids = np.arange(n)
@@ -155,6 +161,31 @@ def measure_quality(project: Project, log: Log = print) -> QualityReport:
                            guidance_scale=s.guidance_scale, num_steps=s.num_steps, scheduler=s.scheduler,
                            seconds=round(seconds, 1), grid_png=grid)
     project.root.mkdir(parents=True, exist_ok=True)
+    (project.root / "sample_quality.png").write_bytes(grid)
     summary = {k: v for k, v in asdict(report).items() if k != "grid_png"}
-    (project.root / "sample_quality.json").write_text(json.dumps(summary, indent=2))
+    (project.root / "sample_quality.json").write_text(json.dumps({**summary, "key": key}, indent=2))
     return report
+
+
+def _quality_key(project: Project, model_hash: str) -> str:
+    """What the quality numbers depend on: the DiT (config + weights), the sampler, the sample count and
+    the judge (its settings and trained weights)."""
+    import hashlib
+
+    judge = project.judge_dir / "judge.safetensors"
+    blob = {"model": model_hash, "sampling": project.config.sampling.model_dump(),
+            "n": project.config.model.judge.quality_samples, "judge": _judge_fingerprint(project),
+            "judge_weights": hashlib.sha256(judge.read_bytes()).hexdigest() if judge.exists() else None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _reuse_quality(project: Project, key: str) -> QualityReport | None:
+    """The recorded report if it was measured under ``key`` (and its sample grid is there)."""
+    path, grid = project.root / "sample_quality.json", project.root / "sample_quality.png"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.pop("key", None) != key or not grid.exists():
+        return None
+    return QualityReport(**summary, grid_png=grid.read_bytes())

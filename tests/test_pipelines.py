@@ -57,3 +57,22 @@ def test_model_job_materializes_with_metadata(tiny_project):
     assert pub.success
     checks = {c.check_name: c.passed for c in pub.get_asset_check_evaluations()}
     assert checks == {"shards_complete": True, "activations_finite": True, "shapes_match_provenance": True}
+
+
+@pytest.mark.slow
+def test_sample_quality_is_reused_while_model_sampler_and_judge_match(tiny_project):
+    from pipelines import model_ops
+
+    project = tiny_project({"model": {"judge": {"quality_samples": 20}}})
+    logs: list[str] = []
+    first = model_ops.measure_quality(project, log=logs.append)
+    assert not any("reusing" in m for m in logs)
+    again = model_ops.measure_quality(project, log=logs.append)
+    assert any("reusing" in m for m in logs)
+    assert (again.accuracy, again.frechet_distance, again.grid_png) == (first.accuracy, first.frechet_distance,
+                                                                         first.grid_png)
+    # another sampler setting, same directory: measured again
+    other = tiny_project({"model": {"judge": {"quality_samples": 20}}, "sampling": {"guidance_scale": 1.0}})
+    logs.clear()
+    model_ops.measure_quality(other, log=logs.append)
+    assert not any("reusing" in m for m in logs)
