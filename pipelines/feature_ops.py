@@ -8,6 +8,8 @@ kept beside the SAEs (features/<sae_id>.npz) so `top_images` can add patch heatm
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -64,8 +66,8 @@ class SaeFeatureReport:
     n_latents: int
     live: int  # latents that fired at least once
     tokens: int
-    tokens_per_s: float
-    rows: dict[str, int]  # table -> rows written
+    tokens_per_s: float | None  # None: reused from an earlier pass under the same feature key
+    rows: dict[str, int]  # table -> rows written (or on record, when reused)
 
 
 @dataclass(frozen=True)
@@ -229,16 +231,39 @@ def summary_path(project: Project, sae_id: str) -> Path:
     return project.root / "features" / f"{sae_id}.npz"
 
 
-def save_summary(path: Path, summary: FeatureSummary) -> None:
+def save_summary(path: Path, summary: FeatureSummary, key: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: getattr(summary, k) for k in FeatureSummary.__dataclass_fields__})
+    np.savez(tmp, key=np.array(key), **{k: getattr(summary, k) for k in FeatureSummary.__dataclass_fields__})
     os.replace(tmp, path)  # readers never see half a file
 
 
 def load_summary(path: Path) -> FeatureSummary:
     with np.load(path) as z:
         return FeatureSummary(**{k: z[k] for k in FeatureSummary.__dataclass_fields__})
+
+
+def summary_key(path: Path) -> str:
+    """The feature key a saved summary was computed under ("" if none or no file)."""
+    try:
+        with np.load(path) as z:
+            return str(z["key"]) if "key" in z.files else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def feature_key(sae, cfg) -> str:
+    """What an SAE's feature statistics depend on: its training key (the SAE config and the store it was
+    trained on) and the feature settings that change results. "" for an SAE without one: always redone."""
+    training = sae.meta.get("training_key")
+    if not training:
+        return ""
+    blob = {"sae_id": sae.meta.get("sae_id"), "training": training, "top_n": cfg.top_n, "neighbors": cfg.neighbors}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _rows_of(wh: Warehouse, table: str, sae_id: str) -> int:
+    return wh.query(f"SELECT count(*) FROM {table} WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
 
 
 def build_feature_stats(project: Project, layer: int, log: Log = print) -> LayerFeatureReport:
@@ -249,8 +274,20 @@ def build_feature_stats(project: Project, layer: int, log: Log = print) -> Layer
     reports = []
     for rec in records:
         sae = load_sae(rec, store)
+        key, path = feature_key(sae, cfg), summary_path(project, rec.sae_id)
+        if key and summary_key(path) == key and _rows_of(wh, "features", rec.sae_id) == rec.n_latents:
+            summary = load_summary(path)
+            rows = {name: _rows_of(wh, name, rec.sae_id) for name in FEATURE_TABLES if name != "top_images"}
+            live = int((summary.fire_rate() > 0).sum())
+            log(f"  {rec.sae_id}: statistics on record for this SAE and these settings (key {key}): reusing "
+                f"them; delete {path} to recompute")
+            reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, live, int(summary.tokens.sum()),
+                                            None, rows))
+            continue
         result = statistics_pass(store, sae, layer, cfg.top_n, cfg.scheduler, cfg.workers)
-        save_summary(summary_path(project, rec.sae_id), result.summary)
+        # The old top images (if any) came from the old summary: drop them so `top_images` rebuilds.
+        wh.replace_partition("top_images", {"sae_id": rec.sae_id}, [])
+        save_summary(path, result.summary, key)
         tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach())
         rows = {name: wh.replace_partition(name, {"sae_id": rec.sae_id}, t).rows_inserted for name, t in tables.items()}
         live = int((result.summary.fire_rate() > 0).sum())
@@ -328,6 +365,12 @@ def build_top_images(project: Project, layer: int, log: Log = print) -> dict[str
         if not path.exists():
             raise FeatureError(f"no statistics for {rec.sae_id} ({path}): materialize `feature_stats` "
                                f"partition {layer:02d} first")
+        key = summary_key(path)
+        if key and _rows_of(wh, "top_images", rec.sae_id):
+            # feature_stats drops these rows whenever it recomputes the summary: they belong to this one
+            written[rec.sae_id] = _rows_of(wh, "top_images", rec.sae_id)
+            log(f"  {rec.sae_id}: top images of the current statistics (key {key}) on record: reusing them")
+            continue
         summary = load_summary(path)
         sae = load_sae(rec, store)
         rows = top_image_rows(summary)

@@ -187,9 +187,20 @@ def test_feature_stage_publishes_checked_tables(tiny_project):
         wh.top_images("L01-nope", 0)
     with pytest.raises(ValueError, match="features 0..63"):
         wh.feature(ids[0], 64)
-    # a rerun replaces the partitions instead of adding rows
-    feature_ops.build_feature_stats(project, 1, log=lambda m: None)
+    # a rerun with the same SAEs and settings reuses the statistics and top images on record
+    logs: list[str] = []
+    feature_ops.build_layer_features(project, 1, log=logs.append)
+    assert sum("reusing" in m for m in logs) == 4  # two SAEs x (statistics, top images)
+    # other settings recompute, replace the partitions instead of adding rows, and rebuild top images
+    top3 = tiny_project({**SAE_CFG, "features": {"top_n": 3}})
+    top3 = type(top3)(config=top3.config, config_path=project.config_path, base_dir=project.base_dir)
+    logs.clear()
+    feature_ops.build_feature_stats(top3, 1, log=logs.append)
+    assert not any("reusing" in m for m in logs)
     assert wh.query("SELECT count(*) FROM features").column(0)[0].as_py() == 128
+    assert wh.query("SELECT count(*) FROM top_images").column(0)[0].as_py() == 0
+    assert sum(feature_ops.build_top_images(top3, 1, log=lambda m: None).values()) > 0
+    assert wh.query("SELECT max(rank) FROM top_images").column(0)[0].as_py() == 3
 
     # the same pass on a dask.distributed cluster gives the same statistics
     from distributed import LocalCluster

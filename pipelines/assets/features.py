@@ -46,7 +46,8 @@ def build(project: Project, sae_asset: dg.AssetsDefinition) -> tuple[list, list]
         layer = int(context.partition_key)
         report = build_feature_stats(project, layer, log=context.log.info)
         md = {f"{r.variant}_live_features": f"{r.live}/{r.n_latents}" for r in report.saes}
-        md.update({f"{r.variant}_tokens_per_s": round(r.tokens_per_s) for r in report.saes})
+        md.update({f"{r.variant}_tokens_per_s": round(r.tokens_per_s) if r.tokens_per_s is not None
+                   else "reused: statistics on record for this SAE and settings" for r in report.saes})
         md.update(_step_plots(project, layer))
         yield dg.MaterializeResult(metadata=md)
         for name, out in check_feature_stats(project, [r.sae_id for r in report.saes]).items():
