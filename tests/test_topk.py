@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +65,24 @@ def test_pairs_by_latent_is_a_stable_sort():
     np.testing.assert_array_equal(p.order, np.argsort(idx.reshape(-1), kind="stable"))
     np.testing.assert_array_equal(p.tokens, p.order // 12)
     np.testing.assert_array_equal(p.crow, np.r_[0, np.cumsum(np.bincount(idx.reshape(-1), minlength=300))])
+
+
+def test_topk_rows_from_concurrent_threads_on_every_threading_layer():
+    # numba's fallback "workqueue" layer aborts the process on concurrent parallel calls; topk_rows
+    # serialises them. Run where that layer is forced, as on a machine without OpenMP or TBB.
+    code = """
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from tide_core.topk import topk_rows
+rng = np.random.default_rng(3)
+blocks = [rng.normal(size=(600, 256)).astype(np.float32) for _ in range(6)]
+with ThreadPoolExecutor(3) as pool:  # e.g. dask threads each asking for a two-thread top-k
+    for x, top in zip(blocks, pool.map(lambda x: topk_rows(x, 16, threads=2), blocks)):
+        want = np.sort(np.partition(x, 240, axis=1)[:, 240:], axis=1)
+        assert top.ok and (np.sort(top.values, axis=1) == want).all()
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

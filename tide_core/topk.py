@@ -24,6 +24,7 @@ The first call compiles the kernels (a few seconds) and numba caches them next t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -129,6 +130,9 @@ def _topk_parallel(pre, bits, k, out_val, out_idx, blocks):  # pragma: no cover 
     return bad
 
 
+_PARALLEL = threading.Lock()
+
+
 @dataclass(frozen=True)
 class RowTopK:
     """The k largest entries of each row (in no particular order), or ``ok=False`` if a row had a NaN."""
@@ -152,8 +156,11 @@ def topk_rows(pre: np.ndarray, k: int, threads: int = 1) -> RowTopK:
     if threads == 1:
         bad = _topk_block(pre, bits, k, values, indices, 0, b)
     else:
-        numba.set_num_threads(threads)
-        bad = _topk_parallel(pre, bits, k, values, indices, threads)
+        # One parallel call at a time: numba's fallback "workqueue" layer (where neither OpenMP nor TBB
+        # is available) aborts on concurrent use, and a parallel call already fills the cores anyway.
+        with _PARALLEL:
+            numba.set_num_threads(threads)
+            bad = _topk_parallel(pre, bits, k, values, indices, threads)
     return RowTopK(values, indices, bad == 0)
 
 
