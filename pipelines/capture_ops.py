@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
-from pipelines.project import Project, code_version
+from pipelines.project import Project, code_version, content_key
 from storage.activation_store import ActivationStore, ShardStats
 
 
 def run_id_of(provenance: dict) -> str:
     """A run's id: hash of what determines its data (model, sampling, capture), not when it ran."""
-    keep = {k: v for k, v in provenance.items() if k not in ("code_version", "created_at", "run_id")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return content_key({k: v for k, v in provenance.items() if k not in ("code_version", "created_at", "run_id")})
 
 
 def capture_plan(project: Project):

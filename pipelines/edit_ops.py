@@ -12,7 +12,6 @@ Every check that can fail runs before the DiT is loaded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.capture_ops import open_store
-from pipelines.project import Project
+from pipelines.project import Project, content_key
 from pipelines.sae_ops import SITE, load_digit_judge, run_sampler, split_samples
 from tide_core.config import EditConfig, parse_config
 from tide_core.edit import EditError, EditSpec, StepWindow, check_feature_ids
@@ -268,7 +267,7 @@ class EditResult:
 
 def edit_id_of(config: dict) -> str:
     """Same config (SAE, op, features, strength, window, samples, sampler) -> same id, so reruns replace."""
-    return "e" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:15]
+    return "e" + content_key(config, 15)
 
 
 def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,

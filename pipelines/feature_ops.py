@@ -8,8 +8,6 @@ kept beside the SAEs (features/<sae_id>.npz) so `top_images` can add patch heatm
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.project import Project
+from pipelines.project import Project, content_key
 from pipelines.sae_ops import SITE, check_inputs
 from storage.activation_store import ActivationStore
 from storage.warehouse import SaeRecord, Warehouse
@@ -258,8 +256,8 @@ def feature_key(sae, cfg) -> str:
     training = sae.meta.get("training_key")
     if not training:
         return ""
-    blob = {"sae_id": sae.meta.get("sae_id"), "training": training, "top_n": cfg.top_n, "neighbors": cfg.neighbors}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    return content_key({"sae_id": sae.meta.get("sae_id"), "training": training, "top_n": cfg.top_n,
+                        "neighbors": cfg.neighbors})
 
 
 def _rows_of(wh: Warehouse, table: str, sae_id: str) -> int:

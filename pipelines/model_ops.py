@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipelines.project import Project
+from pipelines.project import Project, content_key
 from tide_core.config import DIGITS_SOURCE
 
 Log = Callable[[str], None]
@@ -173,10 +173,9 @@ def _quality_key(project: Project, model_hash: str) -> str:
     import hashlib
 
     judge = project.judge_dir / "judge.safetensors"
-    blob = {"model": model_hash, "sampling": project.config.sampling.model_dump(),
-            "n": project.config.model.judge.quality_samples, "judge": _judge_fingerprint(project),
-            "judge_weights": hashlib.sha256(judge.read_bytes()).hexdigest() if judge.exists() else None}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    return content_key({"model": model_hash, "sampling": project.config.sampling.model_dump(),
+                        "n": project.config.model.judge.quality_samples, "judge": _judge_fingerprint(project),
+                        "judge_weights": hashlib.sha256(judge.read_bytes()).hexdigest() if judge.exists() else None})
 
 
 def _reuse_quality(project: Project, key: str) -> QualityReport | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from dataclasses import dataclass
 from functools import cached_property
@@ -65,6 +67,13 @@ class Project:
 
     def shard_keys(self) -> list[str]:
         return [f"{i:05d}" for i in range(self.num_shards)]
+
+
+def content_key(description: object, length: int = 12) -> str:
+    """A short, stable hash of a JSON-able description of what some result depends on (configs, ids, other
+    keys): equal descriptions give equal keys in any process, so a result on record can be reused."""
+    blob = json.dumps(description, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def code_version() -> str:

@@ -4,7 +4,6 @@ store, evaluate per step on train and held-out samples, splice into the DiT, pub
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.capture_ops import open_store
-from pipelines.project import Project
+from pipelines.project import Project, content_key
 from storage.activation_store import ActivationStore, StoreError
 
 Log = Callable[[str], None]
@@ -100,9 +99,8 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
             f"config (training key {key}): reusing them. Delete {project.root / 'saes'}/L{layer:02d}-* "
             "to train again.")
         return reused
-    # Keyed by the SAE config too: a run killed under one config must not resume under another.
-    sae_key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:8]
-    state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{run_id[:8]}-{sae_key}"
+    # Keyed by the training key: a run killed under one config (or store) must not resume under another.
+    state_dir = project.root / "saes" / "_state" / f"L{layer:02d}-{key}"
     torch.manual_seed(cfg.seed)
     if (state_dir / "trainer.json").exists():
         trainer = SAETrainer.load_state(state_dir)
@@ -161,9 +159,8 @@ def train_layer(project: Project, layer: int, log: Log = print) -> LayerReport:
 def training_key(sae_config: dict, store: ActivationStore) -> str:
     """What a layer's trained SAEs depend on: the whole SAE config and the exact store they read (its run
     and creation time, so a re-capture retrains even under the same config)."""
-    blob = {"sae": sae_config, "run_id": store.provenance["run_id"],
-            "store_created_at": store.provenance.get("created_at")}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    return content_key({"sae": sae_config, "run_id": store.provenance["run_id"],
+                        "store_created_at": store.provenance.get("created_at")})
 
 
 def reuse_trained(project: Project, layer: int, ids: dict[str, str], key: str, run_id: str) -> LayerReport | None:

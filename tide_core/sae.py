@@ -33,7 +33,7 @@ decoder rows. Both weight gradients are sparse [n_latents, B] @ [B, d_in] produc
 the (token, latent) pairs by latent (a compiled counting sort on CPU). A plain dense version does five
 [B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does one. Measured
 on two CPU threads, d_in=128, n_latents=1024, k=32, B=1024 (training step incl. AdamW, vs
-``DenseTopKReference``): 2.2-2.3x (``bench/sae_train.py``, numbers in bench/RESULTS.md).
+``DenseTopKReference``): 2.2-2.4x (``bench/sae_train.py``, numbers in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ class TopKSelection:
 
 @torch.no_grad()
 def topk_exact(pre: Tensor, k: int) -> TopKSelection:
-    """The exact top-k of each row of pre [B, n] (ties broken arbitrarily), faster than torch.topk on CPU.
+    """The exact top-k of each row of pre [B, n], faster than torch.topk on CPU (where ties go to the lower
+    latent id; elsewhere torch breaks them).
 
     torch.topk on CPU costs ~4.5 µs per 1024-wide row, half a TopK SAE's training step; the compiled
     kernel of ``tide_core.topk`` does the same exactly in ~1.7 µs and splits rows over the intra-op
