@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,6 @@ class Browser:
         self._ids = itertools.count(1)
         self._proc: subprocess.Popen | None = None
         self._ws = None
-        self._stack = ExitStack()  # owns the WebSocket connection
         self._session: str | None = None
         self._profile = Path(tempfile.mkdtemp(prefix="tide-chromium-"))
 
@@ -99,8 +97,7 @@ class Browser:
                 raise BrowserError(f"{self.executable} did not start (exit code {self._proc.returncode}):\n{tail}")
             time.sleep(0.05)
         port, path = port_file.read_text().splitlines()[:2]
-        self._ws = self._stack.enter_context(
-            connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=self.timeout_s))
+        self._ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=self.timeout_s)
         target = self._call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
         self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True},
                                    session=False)["sessionId"]
@@ -112,7 +109,7 @@ class Browser:
     def close(self) -> None:
         if self._ws is not None:
             try:
-                self._stack.close()
+                self._ws.close()
             except Exception:  # the browser may already be gone; closing is best effort
                 pass
             self._ws = None

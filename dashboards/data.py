@@ -9,17 +9,16 @@ with 16k+ latents and heatmaps never sits in memory whole.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from storage.schema import OVERALL_STEP, SPLITS
-from storage.warehouse import Warehouse
+from storage.schema import OVERALL_STEP, SAE_CONTEXT
+from storage.warehouse import SaeRecord, Warehouse
 
 # Columns the v_* views add from `saes`; the site carries them once per SAE, not once per row.
-SAE_CONTEXT = ("run_id", "layer", "site", "variant", "n_latents")
 _EXCLUDE_CONTEXT = "EXCLUDE (" + ", ".join(SAE_CONTEXT) + ")"
 METRICS = ("mse", "nmse", "cosine", "explained_variance", "l0", "dead_fraction", "dense_fraction")
 
@@ -46,17 +45,9 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
-class SaeInfo:
+class SaeInfo(SaeRecord):
     """One ``saes`` row plus how many ``features`` rows it has (0 until the feature pass ran)."""
 
-    sae_id: str
-    run_id: str
-    layer: int
-    site: str
-    variant: str
-    n_latents: int
-    k: int | None
-    tokens_seen: int | None
     n_features: int
 
 
@@ -82,7 +73,6 @@ class FeatureBlock:
     classes: pa.Table  # v_feature_classes, one row per (feature, class)
     top: pa.Table  # v_top_images, one row per (feature, scope, rank), heatmaps included
     neighbors: pa.Table  # v_feature_neighbors, one row per (feature, rank)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class WarehouseReader:
@@ -90,7 +80,6 @@ class WarehouseReader:
 
     def __init__(self, path: str | Path):
         self.wh = Warehouse(path)
-        self.path = Path(path)
 
     def runs(self) -> list[RunInfo]:
         runs = self.wh.query("SELECT * FROM runs ORDER BY created_at, run_id").to_pylist()
@@ -110,8 +99,7 @@ class WarehouseReader:
 
     def saes(self) -> list[SaeInfo]:
         rows = self.wh.query(
-            "SELECT s.sae_id, s.run_id, s.layer, s.site, s.variant, s.n_latents, s.k, s.tokens_seen, "
-            "coalesce(f.n, 0) AS n_features FROM saes s "
+            "SELECT s.*, coalesce(f.n, 0) AS n_features FROM saes s "
             "LEFT JOIN (SELECT sae_id, count(*) AS n FROM v_features GROUP BY sae_id) f USING (sae_id) "
             "ORDER BY s.run_id, s.layer, s.site, s.variant, s.sae_id"
         ).to_pylist()
@@ -194,10 +182,6 @@ class WarehouseReader:
 
     def edits(self) -> list[dict[str, Any]]:
         return self.wh.query("SELECT * FROM v_edits ORDER BY edit_id, sample_id").to_pylist()
-
-
-def splits_present(series: dict[str, MetricSeries]) -> list[str]:
-    return [s for s in SPLITS if s in series]
 
 
 def _json_object(text: Any) -> dict[str, Any]:

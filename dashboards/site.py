@@ -135,9 +135,11 @@ def _build(w: _Writer, reader: WarehouseReader, runs: list[RunInfo], saes: list[
     metrics, splice = reader.metrics(), reader.splice()
     edits = _edits_by_feature(reader.edits())
 
+    samples = {run.run_id: reader.samples(run.run_id) for run in runs}
     run_docs, n_images = [], 0
     for run in runs:
-        doc, n = _write_run(w, reader, run, run_slugs[run.run_id], store_urls.get(run.run_id), warnings, log)
+        doc, n = _write_run(w, reader, run, samples[run.run_id], run_slugs[run.run_id], store_urls.get(run.run_id),
+                            warnings, log)
         run_docs.append(doc)
         n_images += n
 
@@ -156,7 +158,7 @@ def _build(w: _Writer, reader: WarehouseReader, runs: list[RunInfo], saes: list[
             fire_rate=_np(listing, "fire_rate"), peak_step=_np(listing, "peak_step")))
 
     for run in runs:
-        _write_sample_blocks(w, reader, run, run_slugs[run.run_id], tops.get(run.run_id, {}))
+        _write_sample_blocks(w, run, samples[run.run_id], run_slugs[run.run_id], tops.get(run.run_id, {}))
 
     w.write_json("data/site.json", {
         "version": SITE_VERSION,
@@ -177,18 +179,18 @@ def _build(w: _Writer, reader: WarehouseReader, runs: list[RunInfo], saes: list[
 # ----------------------------------------------------------------------------------------- runs
 
 
-def _write_run(w: _Writer, reader: WarehouseReader, run: RunInfo, slug: str, store_url: str | None,
-               warnings: list[str], log: Log) -> tuple[dict[str, Any], int]:
+def _write_run(w: _Writer, reader: WarehouseReader, run: RunInfo, samples: pa.Table, slug: str,
+               store_url: str | None, warnings: list[str], log: Log) -> tuple[dict[str, Any], int]:
     url = store_url or run.store_url
     image: dict[str, Any] = {"available": False, "reason": "", "shape": None}
     timesteps: list[int] | None = None
     n = 0
-    samples = reader.samples(run.run_id)
+    sample_ids = samples.column("sample_id").to_numpy()
     try:
         store = _open_store(url)
         timesteps = [int(t) for t in store.provenance.get("capture_timesteps")
                      or store.provenance.get("sampling", {}).get("timesteps") or []] or None
-        n = _write_images(w, store, slug, samples.column("sample_id").to_numpy())
+        n = _write_images(w, store, slug, sample_ids)
         image = {"available": n > 0, "reason": "" if n else "the store holds none of the samples",
                  "shape": list(store.layout.image_shape)}
         log(f"[dashboard] run {run.run_id}: {n} images from {url}")
@@ -199,7 +201,7 @@ def _write_run(w: _Writer, reader: WarehouseReader, run: RunInfo, slug: str, sto
     return {
         "run_id": run.run_id, "slug": slug, "model_source": run.model_source, "code_version": run.code_version,
         "created_at": run.created_at, "store_url": url, "n_samples": run.n_samples,
-        "sample_ids": _id_range(samples.column("sample_id").to_numpy()),
+        "sample_ids": _id_range(sample_ids),
         "classes": [{"class_id": c.class_id, "class_name": c.class_name, "n_samples": c.n_samples}
                     for c in run.classes],
         "model": cfg.get("model", {}), "sampling": cfg.get("sampling", {}), "capture": cfg.get("capture", {}),
@@ -257,14 +259,14 @@ def _collect_tops(tops: dict[int, dict[str, list]], table: pa.Table, sae_id: str
         tops.setdefault(int(sid[j]), {}).setdefault(sae_id, []).append([int(fid[j]), rank[j], step[j], act[j]])
 
 
-def _write_sample_blocks(w: _Writer, reader: WarehouseReader, run: RunInfo, slug: str,
+def _write_sample_blocks(w: _Writer, run: RunInfo, samples: pa.Table, slug: str,
                          tops: dict[int, dict[str, list]]) -> None:
     blocks: dict[int, dict[str, Any]] = {}
-    for r in reader.samples(run.run_id).to_pylist():
+    for r in samples.to_pylist():
         sid = int(r["sample_id"])
         blocks.setdefault(sid // SAMPLE_BLOCK, {})[str(sid)] = {**_clean(r), "top": tops.get(sid, {})}
-    for b, samples in blocks.items():
-        w.write_json(f"data/samples/{slug}/{b}.json", {"run_id": run.run_id, "samples": samples})
+    for b, docs in blocks.items():
+        w.write_json(f"data/samples/{slug}/{b}.json", {"run_id": run.run_id, "samples": docs})
 
 
 # ---------------------------------------------------------------------------------------- SAEs
@@ -301,11 +303,9 @@ def _write_feature_chunks(w: _Writer, reader: WarehouseReader, sae: SaeInfo, slu
     for block_lo in range(start, hi, READ_BLOCK):
         block = reader.feature_block(sae.sae_id, block_lo, min(hi, block_lo + READ_BLOCK))
         details = _feature_details(block)
-        for (sid, fid), rows in edits.items():
-            if sid == sae.sae_id and fid in details:
-                details[fid]["edits"] = rows
         chunks: dict[int, dict[str, Any]] = {}
         for fid, doc in details.items():
+            doc["edits"] = edits.get((sae.sae_id, fid), [])
             chunks.setdefault(fid // CHUNK, {})[str(fid)] = doc
         for c, docs in chunks.items():
             w.write_json(f"data/sae/{slug}/f/{c}.json", {"sae_id": sae.sae_id, "chunk": c, "features": docs})
@@ -350,16 +350,16 @@ def _add_top_images(top: pa.Table, doc: Callable[[int], dict[str, Any]]) -> None
     """Top images per scope (column-wise); heatmaps as base64 uint8 scaled by the feature's largest patch."""
     if not top.num_rows:
         return
-    heats, peaks = _quantised_heatmaps(top)
-    valid = ~top.column("heatmap").is_null().to_numpy(zero_copy_only=False)
+    runs = _runs(top)
+    heats, peaks = _quantised_heatmaps(top, runs)
     cols = _json_columns(top, _DETAIL_DROP)
     scopes = top.column("scope").to_pylist()
     grid_h, grid_w = top.column("grid_h").to_pylist(), top.column("grid_w").to_pylist()
-    for fid, a, b in _runs(top):
+    for fid, a, b in runs:
         d = doc(fid)
         d["heat_max"] = _num(peaks[a])
         for j in range(a, b):
-            if valid[j] and grid_h[j] and grid_w[j]:
+            if heats[j] is not None and grid_h[j] and grid_w[j]:
                 d["grid"] = [int(grid_h[j]), int(grid_w[j])]
                 break
         start = a
@@ -380,7 +380,7 @@ def _runs(table: pa.Table) -> list[tuple[int, int, int]]:
     return [(int(fids[a]), a, b) for a, b in zip(starts, stops, strict=True)]
 
 
-def _quantised_heatmaps(top: pa.Table) -> tuple[list[str | None], np.ndarray]:
+def _quantised_heatmaps(top: pa.Table, runs: list[tuple[int, int, int]]) -> tuple[list[str | None], np.ndarray]:
     """Every row's heatmap as base64 uint8 (0..255 of its feature's largest patch value, so images of
     one feature compare), and that largest value per row."""
     heat = top.column("heatmap").combine_chunks()
@@ -392,7 +392,6 @@ def _quantised_heatmaps(top: pa.Table) -> tuple[list[str | None], np.ndarray]:
     row_max = np.zeros(len(lengths), np.float32)
     filled = np.flatnonzero(valid & (lengths > 0))
     row_max[filled] = np.maximum.reduceat(values, offsets[filled])  # offsets of non-empty rows only
-    runs = _runs(top)
     peaks = np.zeros(len(lengths), np.float64)
     for _, a, b in runs:
         peaks[a:b] = max(float(row_max[a:b].max()), 0.0)

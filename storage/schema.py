@@ -257,7 +257,8 @@ TABLES: dict[str, Table] = {
 
 # Readers (dashboards, `tide sql`) go through these views, which attach the SAE's layer/site/variant
 # and class names so a query rarely needs a join of its own.
-_SAE_COLS = "s.run_id, s.layer, s.site, s.variant, s.n_latents"
+SAE_CONTEXT = ("run_id", "layer", "site", "variant", "n_latents")  # what each v_* view adds from `saes`
+_SAE_COLS = ", ".join(f"s.{c}" for c in SAE_CONTEXT)
 
 VIEWS: dict[str, View] = {
     v.name: v

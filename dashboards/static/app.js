@@ -161,7 +161,7 @@ function lineChart({ title, series, xlabel, ylabel, width = 380, height = 220, z
   return root;
 }
 
-// Vertical bars, one per label; `hrefs` (optional) make the bars links.
+// Vertical bars, one per label.
 function barChart({ title, labels, values, xlabel, ylabel, width = 380, height = 220, color = "#6f8fd8", rotate = false }) {
   const m = { l: 56, r: 12, t: 24, b: rotate ? 60 : 36 };
   const root = svg("svg", { class: "chart", width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
@@ -246,6 +246,11 @@ const runById = (id) => SITE.runs.find((r) => r.run_id === id);
 const saeUrl = (sae) => url("sae.html", { sae: sae.sae_id });
 const featureUrl = (saeId, f) => url("feature.html", { sae: saeId, f });
 const sampleUrl = (runId, s) => url("sample.html", { run: runId, s });
+// class id -> its name in `run` (the id when unnamed, "–" when missing)
+function classNameOf(run, cid) {
+  const c = run ? run.classes.find((k) => k.class_id === cid) : null;
+  return c ? (c.class_name ?? String(cid)) : (cid === null || cid === undefined ? "–" : String(cid));
+}
 const saeTitle = (s) => `layer ${s.layer} · ${s.site} · ${s.variant} (${s.n_latents} latents${s.k ? `, k=${s.k}` : ""})`;
 
 function requireSae() {
@@ -358,7 +363,7 @@ function metricPlots() {
 // --------------------------------------------------------------------------------- SAE page
 
 const LIST_COLUMNS = [
-  // key, header, numeric, render
+  // key, header, numeric
   ["feature_id", "feature", true],
   ["label", "label", false],
   ["fire_rate", "fire rate", true],
@@ -387,10 +392,7 @@ async function saePage() {
   const C = data.columns, n = data.n;
   const state = { ...DEFAULT_STATE, ...Object.fromEntries(new URLSearchParams(location.hash.slice(1))) };
   const classes = run ? run.classes : [];
-  const className = (cid) => {
-    const c = classes.find((k) => k.class_id === cid);
-    return c ? (c.class_name ?? String(cid)) : (cid === null || cid === undefined ? "–" : String(cid));
-  };
+  const className = (cid) => classNameOf(run, cid);
   const maxOf = (xs) => xs.reduce((m, v) => (v !== null && v > m ? v : m), -Infinity); // no spread: 100k+ args overflow
   const lastStep = maxOf(C.peak_step || []);
   const input = (key, type, attrs) => {
@@ -532,10 +534,7 @@ async function featurePage() {
   d.neighbors = rowsOf(d.neighbors);
   for (const scope of Object.keys(d.top)) d.top[scope] = rowsOf(d.top[scope]);
   const st = d.stats;
-  const className = (cid) => {
-    const c = run ? run.classes.find((k) => k.class_id === cid) : null;
-    return c ? (c.class_name ?? String(cid)) : (cid === null || cid === undefined ? "–" : String(cid));
-  };
+  const className = (cid) => classNameOf(run, cid);
   main.replaceChildren(
     el("h1", {}, `Feature #${f} `, st.label ? el("span", { class: "label-pill", id: "feature-label", text: st.label }) : null),
     el("p", { class: "muted" }, link(saeUrl(sae), sae.sae_id), ` · ${saeTitle(sae)} · `,
@@ -643,7 +642,7 @@ async function samplePage() {
     : null; // ids outside the run are refused without a request (a 404 would be a console error)
   const s = block && block.samples[String(sid)];
   if (!s) throw new Error(`run ${run.run_id} has no sample ${sid} (it has ${run.n_samples} samples)`);
-  const className = (cid) => { const c = run.classes.find((k) => k.class_id === cid); return c ? (c.class_name ?? String(cid)) : String(cid ?? "–"); };
+  const className = (cid) => classNameOf(run, cid);
   main.replaceChildren(el("h1", { text: `Sample ${sid}` }),
     el("p", { class: "muted" }, sid > 0 ? link(sampleUrl(run.run_id, sid - 1), "‹ previous", { id: "prev-sample" }) : null,
       sid > 0 ? " · " : null, sid < run.n_samples - 1 ? link(sampleUrl(run.run_id, sid + 1), "next ›", { id: "next-sample" }) : null),

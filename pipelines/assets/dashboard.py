@@ -17,16 +17,19 @@ GROUP = "dashboard"
 
 
 def site_dir(project: Project) -> Path:
-    return project.root / "dashboard"
+    from dashboards.site import default_site_dir
+
+    return default_site_dir(project.duckdb_path)
 
 
 def store_urls(project: Project) -> dict[str, str]:
     """The run this config captured reads its images from the config's store URL, which stays right
     when the warehouse folder was moved (the URL recorded in `runs` is where it was written)."""
-    from storage.activation_store import ActivationStore, StoreError
+    from pipelines.capture_ops import open_store
+    from storage.activation_store import StoreError
 
     try:
-        return {str(ActivationStore.open(project.store_url, mode="r").provenance["run_id"]): project.store_url}
+        return {str(open_store(project).provenance["run_id"]): project.store_url}
     except (StoreError, KeyError, OSError):
         return {}
 
