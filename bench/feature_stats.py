@@ -43,9 +43,8 @@ def pass_vs_matmul(project: Project, layer: int, variant: str) -> float:
     best = max(runs, key=lambda r: r.tokens_per_s)
 
     lay = store.layout
-    arr = store.array(feature_ops.SITE, layer)
-    chunks = [torch.from_numpy(arr[a, lay.shard_range(s).start:lay.shard_range(s).stop].astype(np.float32))
-              .view(-1, lay.d_model) for a in range(min(8, len(lay.steps))) for s in range(lay.num_shards)]
+    chunks = [torch.from_numpy(store.read_block(feature_ops.SITE, layer, step, s)).view(-1, lay.d_model).float()
+              for step in lay.steps[:8] for s in range(lay.num_shards)]
     w, b = sae.W_enc.detach(), sae.b_enc.detach()  # [n, d], [n]
     with torch.no_grad():
         for x in chunks[:4]:

@@ -20,6 +20,7 @@ import pyarrow as pa
 from pipelines.project import Project, content_key
 from pipelines.sae_ops import SITE, check_inputs
 from storage.activation_store import ActivationStore
+from storage.schema import TOP_IMAGE_SCOPES
 from storage.warehouse import SaeRecord, Warehouse
 from tide_core.feature_stats import (
     EMPTY,
@@ -37,7 +38,8 @@ from tide_core.feature_stats import (
 Log = Callable[[str], None]
 DECILES = np.linspace(0.1, 0.9, 9)
 HEATMAP_IMAGES = 64  # images encoded at a time when computing heatmaps
-FEATURE_TABLES = ("feature_stats", "features", "feature_classes", "feature_neighbors", "top_images")
+STATS_TABLES = ("feature_stats", "features", "feature_classes", "feature_neighbors")  # the `feature_stats` asset
+FEATURE_TABLES = (*STATS_TABLES, "top_images")
 
 
 class FeatureError(ValueError):
@@ -63,9 +65,7 @@ class SaeFeatureReport:
     variant: str
     n_latents: int
     live: int  # latents that fired at least once
-    tokens: int
     tokens_per_s: float | None  # None: reused from an earlier pass under the same feature key
-    rows: dict[str, int]  # table -> rows written (or on record, when reused)
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,12 @@ def layer_saes(project: Project, layer: int) -> tuple[ActivationStore, list[SaeR
     store = check_inputs(project, layer)
     run_id = store.provenance["run_id"]
     wh = Warehouse(project.duckdb_path)
-    ids = wh.query("SELECT sae_id FROM saes WHERE run_id = ? AND layer = ? ORDER BY variant",
-                   [run_id, layer]).column("sae_id").to_pylist() if wh.exists() else []
-    if not ids:
+    rows = wh.query("SELECT * FROM saes WHERE run_id = ? AND layer = ? ORDER BY variant",
+                    [run_id, layer]).to_pylist() if wh.exists() else []
+    if not rows:
         raise FeatureError(f"no SAEs of layer {layer} for run {run_id} in {project.duckdb_path}: materialize the "
                            f"`sae` asset's partition {layer:02d} first")
-    records = [wh.require_sae(i) for i in ids]
+    records = [SaeRecord(**r) for r in rows]
     for r in records:
         if not (Path(r.path) / "cfg.json").exists():
             raise FeatureError(f"SAE {r.sae_id}'s checkpoint {r.path} is missing: re-materialize `sae` {layer:02d}")
@@ -184,7 +184,7 @@ def stats_tables(summary: FeatureSummary, neighbors: int, w_dec) -> dict[str, pa
     fire = summary.fire_rate()
     live = fire > 0
     class_rates = summary.class_rates()  # [C, n]
-    sel = np.where(live, selectivity(class_rates), np.nan)
+    sel = selectivity(class_rates)  # NaN where the feature never fired
     hist, edges = _trimmed_histograms(summary.hist)
     features = pa.table({
         "feature_id": feat, "fire_rate": fire, "mean_act": _masked(summary.mean_act()),
@@ -260,10 +260,6 @@ def feature_key(sae, cfg) -> str:
                         "neighbors": cfg.neighbors})
 
 
-def _rows_of(wh: Warehouse, table: str, sae_id: str) -> int:
-    return wh.query(f"SELECT count(*) FROM {table} WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
-
-
 def build_feature_stats(project: Project, layer: int, log: Log = print) -> LayerFeatureReport:
     """The statistics pass for every SAE of `layer`; replaces their rows in the four statistics tables."""
     store, records = layer_saes(project, layer)
@@ -273,26 +269,25 @@ def build_feature_stats(project: Project, layer: int, log: Log = print) -> Layer
     for rec in records:
         sae = load_sae(rec, store)
         key, path = feature_key(sae, cfg), summary_path(project, rec.sae_id)
-        if key and summary_key(path) == key and _rows_of(wh, "features", rec.sae_id) == rec.n_latents:
-            summary = load_summary(path)
-            rows = {name: _rows_of(wh, name, rec.sae_id) for name in FEATURE_TABLES if name != "top_images"}
-            live = int((summary.fire_rate() > 0).sum())
+        on_record = wh.query("SELECT count(*) AS n, count(*) FILTER (WHERE fire_rate > 0) AS live FROM features "
+                             "WHERE sae_id = ?", [rec.sae_id]).to_pylist()[0]
+        if key and summary_key(path) == key and on_record["n"] == rec.n_latents:
             log(f"  {rec.sae_id}: statistics on record for this SAE and these settings (key {key}): reusing "
                 f"them; delete {path} to recompute")
-            reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, live, int(summary.tokens.sum()),
-                                            None, rows))
+            reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, on_record["live"], None))
             continue
         result = statistics_pass(store, sae, layer, cfg.top_n, cfg.scheduler, cfg.workers)
-        # The old top images (if any) came from the old summary: drop them so `top_images` rebuilds.
+        # The summary goes first and comes back last: a run killed between the table writes below must not
+        # leave a summary that says they all finished. The old top images came from the old summary.
+        path.unlink(missing_ok=True)
         wh.replace_partition("top_images", {"sae_id": rec.sae_id}, [])
+        for name, table in stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach()).items():
+            wh.replace_partition(name, {"sae_id": rec.sae_id}, table)
         save_summary(path, result.summary, key)
-        tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach())
-        rows = {name: wh.replace_partition(name, {"sae_id": rec.sae_id}, t).rows_inserted for name, t in tables.items()}
         live = int((result.summary.fire_rate() > 0).sum())
         log(f"  {rec.sae_id}: {result.tokens:,} tokens in {result.seconds:.1f}s "
             f"({result.tokens_per_s:,.0f} tokens/s), {live}/{rec.n_latents} latents fired")
-        reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, live, result.tokens,
-                                        result.tokens_per_s, rows))
+        reports.append(SaeFeatureReport(rec.sae_id, rec.variant, rec.n_latents, live, result.tokens_per_s))
     return LayerFeatureReport(layer, store.provenance["run_id"], reports)
 
 
@@ -332,22 +327,33 @@ def _requests(rows: dict[str, np.ndarray]) -> dict[int, Requests]:
     return out
 
 
-def full_grids(project: Project, store: ActivationStore, layer: int, requests: dict[int, Requests],
+def resampling_plan(project: Project, store: ActivationStore):
+    """The capture plan to sample images again with, when capture kept a subset of tokens (None when it kept
+    them all). Checked against the store first: another sampler or model would give other activations."""
+    if not store.layout.subsampled:
+        return None
+    from pipelines.capture_ops import capture_plan
+
+    plan = capture_plan(project)
+    store.check_matches(plan.layout, plan.provenance)
+    return plan
+
+
+def full_grids(plan, store: ActivationStore, layer: int, requests: dict[int, Requests],
                log: Log) -> Callable[[int], np.ndarray]:
     """step -> every token of that step's requested images, float32 [m, T, D]: read from the store, or,
-    where capture kept a subset of tokens, recomputed by sampling those images again."""
+    where capture kept a subset of tokens, recomputed by sampling those images again with ``plan``."""
     lay = store.layout
-    if not lay.subsampled:
+    if plan is None:
         arr = store.array(SITE, layer)
         return lambda step: arr.get_orthogonal_selection(
             (lay.step_axis(step), requests[step].sample_ids)).astype(np.float32)
-    from pipelines.capture_ops import capture_plan
     from pipelines.capture_run import recapture_full_grid
 
     n_img = len({int(i) for r in requests.values() for i in r.sample_ids})
     log(f"  capture kept {lay.tokens_stored}/{lay.tokens_total} tokens: re-sampling {n_img} images for full "
         "heatmaps")
-    grids = recapture_full_grid(capture_plan(project), layer, SITE, {s: r.sample_ids for s, r in requests.items()})
+    grids = recapture_full_grid(plan, layer, SITE, {s: r.sample_ids for s, r in requests.items()})
     return grids.__getitem__
 
 
@@ -357,23 +363,26 @@ def build_top_images(project: Project, layer: int, log: Log = print) -> dict[str
     wh = Warehouse(project.duckdb_path)
     gh, gw = store.layout.token_grid
     timesteps = dict(zip(store.layout.steps, store.provenance["capture_timesteps"], strict=True))
+    missing = [summary_path(project, r.sae_id) for r in records if not summary_path(project, r.sae_id).exists()]
+    if missing:
+        raise FeatureError(f"no statistics for {', '.join(p.stem for p in missing)} ({missing[0].parent}): "
+                           f"materialize `feature_stats` partition {layer:02d} first")
+    plan = resampling_plan(project, store)
     written = {}
     for rec in records:
         path = summary_path(project, rec.sae_id)
-        if not path.exists():
-            raise FeatureError(f"no statistics for {rec.sae_id} ({path}): materialize `feature_stats` "
-                               f"partition {layer:02d} first")
         key = summary_key(path)
-        if key and _rows_of(wh, "top_images", rec.sae_id):
+        on_record = wh.query("SELECT count(*) FROM top_images WHERE sae_id = ?", [rec.sae_id]).column(0)[0].as_py()
+        if key and on_record:
             # feature_stats drops these rows whenever it recomputes the summary: they belong to this one
-            written[rec.sae_id] = _rows_of(wh, "top_images", rec.sae_id)
+            written[rec.sae_id] = on_record
             log(f"  {rec.sae_id}: top images of the current statistics (key {key}) on record: reusing them")
             continue
         summary = load_summary(path)
         sae = load_sae(rec, store)
         rows = top_image_rows(summary)
         requests = _requests(rows)
-        grid_of = full_grids(project, store, layer, requests, log)
+        grid_of = full_grids(plan, store, layer, requests, log)
         maps = np.zeros((len(rows["step"]), gh * gw), np.float32)  # [R_all, T]
         for step, req in requests.items():
             acts = grid_of(step)  # [m, T, D]
@@ -408,24 +417,20 @@ class CheckOutcome:
     metadata: dict
 
 
-def _ids_sql(ids: list[str]) -> str:
-    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-
-
-def _scalar(wh: Warehouse, sql: str) -> int:
-    return int(wh.query(sql).column(0)[0].as_py() or 0)
+def _scalar(wh: Warehouse, sql: str, sae_ids: list[str]) -> int:
+    """A count over these SAEs' rows: ``sql`` names them as ``list_contains($ids, sae_id)``."""
+    return int(wh.query(sql, {"ids": list(sae_ids)}).column(0)[0].as_py() or 0)
 
 
 def check_feature_stats(project: Project, sae_ids: list[str]) -> dict[str, CheckOutcome]:
     """Grains unique in the four statistics tables; every rate within [0, 1]; for these SAEs."""
     wh = Warehouse(project.duckdb_path)
-    ids = _ids_sql(sae_ids)
-    dup = {t: wh.check_grain(t) for t in ("feature_stats", "features", "feature_classes", "feature_neighbors")}
-    bad = {t: _scalar(wh, f"SELECT count(*) FROM {t} WHERE sae_id IN ({ids}) AND NOT (fire_rate BETWEEN 0 AND 1 "
-                          "AND coalesce(class_selectivity BETWEEN 0 AND 1, TRUE))")
+    dup = {t: wh.check_grain(t) for t in STATS_TABLES}
+    bad = {t: _scalar(wh, f"SELECT count(*) FROM {t} WHERE list_contains($ids, sae_id) AND NOT (fire_rate "
+                          "BETWEEN 0 AND 1 AND coalesce(class_selectivity BETWEEN 0 AND 1, TRUE))", sae_ids)
            for t in ("feature_stats", "features")}
-    bad["feature_classes"] = _scalar(wh, f"SELECT count(*) FROM feature_classes WHERE sae_id IN ({ids}) "
-                                         "AND NOT fire_rate BETWEEN 0 AND 1")
+    bad["feature_classes"] = _scalar(wh, "SELECT count(*) FROM feature_classes WHERE list_contains($ids, sae_id) "
+                                         "AND NOT fire_rate BETWEEN 0 AND 1", sae_ids)
     return {
         "grains_unique": CheckOutcome(not any(dup.values()), "no duplicate grain in the statistics tables", dup),
         "rates_in_unit_interval": CheckOutcome(not any(bad.values()), "fire rates and selectivity in [0, 1]", bad),
@@ -436,16 +441,18 @@ def check_top_images(project: Project, sae_ids: list[str]) -> dict[str, CheckOut
     """Grain unique; ranks 1..n without gaps and activations non-increasing per (feature, scope); every
     feature that fired has top images in both scopes."""
     wh = Warehouse(project.duckdb_path)
-    ids = _ids_sql(sae_ids)
     dup = wh.check_grain("top_images")
-    gaps = _scalar(wh, f"SELECT count(*) FROM (SELECT sae_id, feature_id, scope, max(rank) AS hi, count(*) AS n, "
-                       f"min(rank) AS lo FROM top_images WHERE sae_id IN ({ids}) GROUP BY ALL) WHERE lo <> 1 OR hi <> n")
-    unsorted = _scalar(wh, f"SELECT count(*) FROM (SELECT activation, lag(activation) OVER (PARTITION BY sae_id, "
-                           f"feature_id, scope ORDER BY rank) AS prev FROM top_images WHERE sae_id IN ({ids})) "
-                           "WHERE prev < activation")
-    orphans = _scalar(wh, f"SELECT count(*) FROM features f, (SELECT unnest(['overall', 'peak_step']) AS scope) s "
-                          f"WHERE f.sae_id IN ({ids}) AND f.fire_rate > 0 AND NOT EXISTS (SELECT 1 FROM top_images t "
-                          "WHERE t.sae_id = f.sae_id AND t.feature_id = f.feature_id AND t.scope = s.scope)")
+    gaps = _scalar(wh, "SELECT count(*) FROM (SELECT sae_id, feature_id, scope, max(rank) AS hi, count(*) AS n, "
+                       "min(rank) AS lo FROM top_images WHERE list_contains($ids, sae_id) GROUP BY ALL) "
+                       "WHERE lo <> 1 OR hi <> n", sae_ids)
+    unsorted = _scalar(wh, "SELECT count(*) FROM (SELECT activation, lag(activation) OVER (PARTITION BY sae_id, "
+                           "feature_id, scope ORDER BY rank) AS prev FROM top_images WHERE list_contains($ids, sae_id)) "
+                           "WHERE prev < activation", sae_ids)
+    scopes = ", ".join(f"'{s}'" for s in TOP_IMAGE_SCOPES)  # our own constants, not input
+    orphans = _scalar(wh, f"SELECT count(*) FROM features f, (SELECT unnest([{scopes}]) AS scope) s "
+                          "WHERE list_contains($ids, f.sae_id) AND f.fire_rate > 0 AND NOT EXISTS (SELECT 1 FROM "
+                          "top_images t WHERE t.sae_id = f.sae_id AND t.feature_id = f.feature_id AND t.scope = s.scope)",
+                      sae_ids)
     return {
         "grain_unique": CheckOutcome(dup == 0, "no duplicate (sae_id, feature_id, scope, rank)", {"duplicates": dup}),
         "ranks_dense_and_sorted": CheckOutcome(gaps == 0 and unsorted == 0,

@@ -128,11 +128,12 @@ def main() -> None:
     for title, sql in (("by phase", BY_PHASE), ("heatmap spread", SPREAD), ("peak steps", PEAKS)):
         print(f"\n### {title}\n")
         print(format_table(wh.query(sql), max_rows=None))
+    store = open_store(project)
     for variant in ("tide", "topk"):
         sae_id = wh.query("SELECT sae_id FROM saes WHERE layer = ? AND variant = ?", [args.layer, variant]
                           ).column(0)[0].as_py()
         feats = pick_features(wh, sae_id)
-        gallery(wh, open_store(project), sae_id, feats, out / f"findings_gallery_{variant}.png")
+        gallery(wh, store, sae_id, feats, out / f"findings_gallery_{variant}.png")
         print(f"\n{variant} gallery ({sae_id}): " + ", ".join(
             f"#{f['feature_id']} (peak {f['peak_step']}, top {f['top_class_name']}, sel {f['class_selectivity']:.2f}, "
             f"fire {f['fire_rate']:.4f})" for f in feats))

@@ -240,3 +240,30 @@ def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
         "SELECT min(len(heatmap)) AS n, min(list_max(heatmap) - activation) AS gap FROM top_images").to_pylist()[0]
     assert rows["n"] == store.layout.tokens_total  # full grid, though half the tokens were stored
     assert rows["gap"] >= -1e-3  # the full grid holds at least the captured tokens' maximum
+
+
+@pytest.mark.slow
+def test_killed_statistics_run_is_redone_not_reused(tiny_project, monkeypatch):
+    from pipelines import feature_ops
+    from storage.warehouse import Warehouse
+
+    project, _ = trained(tiny_project(SAE_CFG))
+    feature_ops.build_feature_stats(project, 1, log=lambda m: None)
+    two = tiny_project({**SAE_CFG, "features": {"top_n": 4, "neighbors": 2}})
+    two = type(two)(config=two.config, config_path=project.config_path, base_dir=project.base_dir)
+    replace = Warehouse.replace_partition
+
+    def killed_at_neighbors(self, table, where, rows):
+        if table == "feature_neighbors":
+            raise KeyboardInterrupt("killed")
+        return replace(self, table, where, rows)
+
+    monkeypatch.setattr(Warehouse, "replace_partition", killed_at_neighbors)
+    with pytest.raises(KeyboardInterrupt):
+        feature_ops.build_feature_stats(two, 1, log=lambda m: None)
+    monkeypatch.setattr(Warehouse, "replace_partition", replace)
+    logs: list[str] = []
+    feature_ops.build_feature_stats(two, 1, log=logs.append)
+    assert not any("reusing" in m for m in logs)
+    wh = Warehouse(project.duckdb_path)
+    assert wh.query("SELECT max(rank) FROM feature_neighbors").column(0)[0].as_py() == 2

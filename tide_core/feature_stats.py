@@ -102,8 +102,8 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
     x = torch.from_numpy(np.ascontiguousarray(acts)).view(b * p, d).float()  # [b*P, d]
     f = fired_latents(sae, x, timestep)
     n_bins = len(HIST_EDGES) - 1
-    with np.errstate(divide="ignore", invalid="ignore"):  # non-firing zeros are skipped below
-        bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).int()
+    # log10 of a non-firing zero is -inf, clamped to bin 0; _accumulate skips those pairs
+    bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).int()
     fires = np.zeros((n_classes, n), np.int64)
     act_sum = np.zeros((n_classes, n), np.float64)
     act_max = np.zeros(n, np.float32)
