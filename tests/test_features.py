@@ -240,6 +240,13 @@ def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
         "SELECT min(len(heatmap)) AS n, min(list_max(heatmap) - activation) AS gap FROM top_images").to_pylist()[0]
     assert rows["n"] == store.layout.tokens_total  # full grid, though half the tokens were stored
     assert rows["gap"] >= -1e-3  # the full grid holds at least the captured tokens' maximum
+    # another sampler than the store's would give other activations: refused before re-sampling
+    from storage.activation_store import StoreMismatchError
+
+    other = tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}, "sampling": {"guidance_scale": 1.0}})
+    other = type(other)(config=other.config, config_path=project.config_path, base_dir=project.base_dir)
+    with pytest.raises(StoreMismatchError, match="guidance_scale"):
+        feature_ops.resampling_plan(other, store)
 
 
 @pytest.mark.slow
