@@ -81,6 +81,7 @@ class Sweep:
         self._open = lambda layer, uncond: open_session(project, resolve_sae(with_edit(project, layer=layer), wh),
                                                         unconditional=uncond)
         self._before = {False: {}, True: {}}  # shared by layers: unedited images do not depend on the SAE
+        self._features: dict[tuple[int, int], dict[int, list[int]]] = {}
 
     def session(self, layer: int, uncond: bool = False):
         if (layer, uncond) not in self.sessions:
@@ -90,10 +91,13 @@ class Sweep:
         return self.sessions[layer, uncond]
 
     def features(self, layer: int, n: int = N_FEATURES) -> dict[int, list[int]]:
+        """Each class's n most selective features (queried once per layer and n)."""
         from pipelines.edit_ops import select_features
 
-        sid = self.session(layer).target.sae_id
-        return {c: select_features(self.wh, sid, c, n, MIN_FIRE_RATE) for c in range(10)}
+        if (layer, n) not in self._features:
+            sid = self.session(layer).target.sae_id
+            self._features[layer, n] = {c: select_features(self.wh, sid, c, n, MIN_FIRE_RATE) for c in range(10)}
+        return self._features[layer, n]
 
     def record(self, key: str, row: dict) -> None:
         row = {"key": key, **row}

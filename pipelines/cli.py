@@ -164,12 +164,8 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-def cmd_edit(args) -> int:
-    """Sample the same seeds without and with a feature edit; judge, grid, `edits` rows."""
-    from pipelines.edit_ops import run_configured_edits, with_edit
-    from storage.activation_store import StoreError
-    from storage.warehouse import WarehouseError
-    from tide_core.edit import EditError
+def edit_overrides(args) -> dict:
+    """`tide edit` arguments as `[edit]` fields; None = not given (the config's value stays)."""
 
     def ints(text: str | None) -> list[int] | None:
         try:
@@ -180,13 +176,22 @@ def cmd_edit(args) -> int:
     features = ints(args.features)
     if features is None and args.target_class is not None:
         features = []  # --class picks the features, whatever edit.feature_ids says
-    project = with_edit(_load_project(args), sae_id=args.sae, layer=args.layer, variant=args.variant, op=args.op,
-                        target_class=args.target_class, feature_ids=features, n_features=args.n_features,
-                        min_fire_rate=args.min_fire_rate, strengths=args.strength, windows=args.window,
-                        units=args.units, n_samples=args.samples, sample_ids=ints(args.sample_ids),
-                        reference_ids=ints(args.reference), branch=args.branch, cfg_renorm=args.cfg_renorm,
-                        unconditional=args.unconditional or None, pooled=args.pooled or None,
-                        spatial=args.spatial or None)
+    return dict(sae_id=args.sae, layer=args.layer, variant=args.variant, op=args.op,
+                target_class=args.target_class, feature_ids=features, n_features=args.n_features,
+                min_fire_rate=args.min_fire_rate, strengths=args.strength, windows=args.window,
+                units=args.units, n_samples=args.samples, sample_ids=ints(args.sample_ids),
+                reference_ids=ints(args.reference), branch=args.branch, cfg_renorm=args.cfg_renorm,
+                unconditional=args.unconditional, pooled=args.pooled, spatial=args.spatial)
+
+
+def cmd_edit(args) -> int:
+    """Sample the same seeds without and with a feature edit; judge, grid, `edits` rows."""
+    from pipelines.edit_ops import run_configured_edits, with_edit
+    from storage.activation_store import StoreError
+    from storage.warehouse import WarehouseError
+    from tide_core.edit import EditError
+
+    project = with_edit(_load_project(args), **edit_overrides(args))
     try:
         report = run_configured_edits(project, log=lambda m: print(f"[tide] {m}", flush=True),
                                       publish=not args.no_publish)
@@ -303,20 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "style: fraction of the way to the reference")
     e.add_argument("--window", action="append",
                    help="repeatable; early | middle | late | all | START-END (steps, inclusive; 0 = noisiest)")
-    e.add_argument("--spatial", action="store_true",
-                   help="add / clamp: weight each token by where the feature usually fires (top-image heatmaps)")
+    e.add_argument("--spatial", action=argparse.BooleanOptionalAction,
+                   help="add / clamp: weight each token by where the feature usually fires (top-image heatmaps); "
+                        "--no-spatial: every token alike")
     e.add_argument("--units", choices=["mean_act", "absolute"],
                    help="unit of add / clamp strengths: the feature's mean activation, or raw latent units")
     e.add_argument("--samples", type=int, help="how many held-out samples to edit")
     e.add_argument("--sample-ids", help="explicit sample ids of the run, comma-separated")
     e.add_argument("--reference", help="style: reference sample id(s): one, or one per edited sample")
-    e.add_argument("--pooled", action="store_true",
-                   help="style: match each feature's mean over the image to the reference's, keeping the layout")
+    e.add_argument("--pooled", action=argparse.BooleanOptionalAction,
+                   help="style: match each feature's mean over the image to the reference's, keeping the layout "
+                        "(--no-pooled: copy token by token)")
     e.add_argument("--branch", choices=["both", "cond"], help="CFG halves edited (default both)")
     e.add_argument("--cfg-renorm", type=float,
                    help="cap each image's guided noise prediction at this times the conditional one's norm")
-    e.add_argument("--unconditional", action="store_true",
-                   help="sample with the null class and no guidance: the features, not the label, decide the digit")
+    e.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
+                   help="sample with the null class and no guidance: the features, not the label, decide the digit "
+                        "(--no-unconditional: the run's class labels and guidance)")
     e.add_argument("--no-publish", action="store_true", help="do not write `edits` rows (grid PNG only)")
     c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
     c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")

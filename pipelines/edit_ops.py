@@ -22,11 +22,20 @@ import numpy as np
 from pipelines.capture_ops import open_store
 from pipelines.project import Project, content_key
 from pipelines.sae_ops import SITE, load_digit_judge, run_sampler, split_samples
+from storage.activation_store import ActivationStore
+from storage.warehouse import SaeRecord, UnknownSaeError
 from tide_core.config import EditConfig, parse_config
 from tide_core.edit import EditError, EditSpec, StepWindow, check_feature_ids
 
 Log = Callable[[str], None]
-BOOSTING = ("add", "clamp")  # ops that push features up; zero and scale < 1 push them down
+UNIT_OPS = ("add", "clamp")  # ops whose strength is in units of each feature (units, spatial maps)
+
+
+def suppresses(op: str, strength: float) -> bool:
+    """Whether an edit pushes its features down (towards "not target_class") rather than up: zero, scale
+    < 1, add < 0, clamp <= 0. Style moves towards a reference and neither boosts nor suppresses a class."""
+    return (op == "zero" or (op == "scale" and strength < 1) or (op == "add" and strength < 0)
+            or (op == "clamp" and strength <= 0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -41,23 +50,11 @@ def with_edit(project: Project, **overrides) -> Project:
     return dataclasses.replace(project, config=parse_config(data, origin="tide edit arguments"))
 
 
-@dataclass(frozen=True)
-class EditTarget:
-    """The SAE to edit with, and the run whose sample ids the edit reuses."""
-
-    sae_id: str
-    layer: int
-    path: str
-    run_id: str
-    n_latents: int
-
-
-def resolve_sae(project: Project, wh) -> EditTarget:
-    """edit.sae_id, or the SAE of edit.layer / edit.variant trained on the current store's run."""
-    from storage.warehouse import UnknownSaeError
-
+def resolve_sae(project: Project, wh, store: ActivationStore | None = None) -> SaeRecord:
+    """edit.sae_id, or the SAE of edit.layer / edit.variant trained on the current store's run (the `saes`
+    row; its sample ids are the run's), with its checkpoint on disk."""
     e = project.config.edit
-    store = open_store(project)
+    store = store if store is not None else open_store(project)
     run_id = store.provenance["run_id"]
     if e.sae_id is not None:
         try:
@@ -85,21 +82,26 @@ def resolve_sae(project: Project, wh) -> EditTarget:
     if model_hash and model_hash[0] and model_hash[0] != want:
         raise EditError(f"SAE {rec.sae_id} comes from model {model_hash[0]}, but the configured model is "
                         f"{want}: use an SAE trained on this model's activations")
-    return EditTarget(sae_id=rec.sae_id, layer=int(rec.layer), path=str(rec.path), run_id=rec.run_id,
-                      n_latents=int(rec.n_latents))
+    from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE
+
+    if not rec.path or not all((Path(rec.path) / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        raise EditError(f"the checkpoint of SAE {rec.sae_id} is missing: {rec.path} has no "
+                        f"{CONFIG_FILE} and {WEIGHTS_FILE}. re-materialize `sae` {int(rec.layer):02d} "
+                        f"(the `sae` asset's partition of layer {rec.layer}) to retrain it")
+    return rec
 
 
 def select_features(wh, sae_id: str, class_id: int, n: int, min_fire_rate: float = 0.0) -> list[int]:
     """The n latents most selective for class_id (top_class = class_id, highest class_selectivity first),
     ignoring those firing on fewer than min_fire_rate of tokens."""
-    have = wh.query("SELECT count(*) FROM features WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
-    if not have:
-        raise EditError(f"the `features` table has no rows for SAE {sae_id}: materialize the feature "
-                        "statistics first, or name the features (--features / edit.feature_ids)")
     rows = wh.query("SELECT feature_id FROM v_features WHERE sae_id = ? AND top_class = ? AND fire_rate >= ? "
                     "AND class_selectivity IS NOT NULL ORDER BY class_selectivity DESC, fire_rate DESC, "
                     "feature_id LIMIT ?", [sae_id, class_id, min_fire_rate, n]).column(0).to_pylist()
     if not rows:
+        have = wh.query("SELECT count(*) FROM features WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
+        if not have:
+            raise EditError(f"the `features` table has no rows for SAE {sae_id}: materialize the feature "
+                            "statistics first, or name the features (--features / edit.feature_ids)")
         raise EditError(f"no feature of SAE {sae_id} has top_class {class_id} and fire_rate >= {min_fire_rate}: "
                         "lower edit.min_fire_rate (--min-fire-rate) or check the class id")
     return [int(f) for f in rows]
@@ -154,13 +156,12 @@ class Judged:
 class EditSession:
     """Everything an edit needs, loaded once per SAE; ``before`` caches the unedited images by sample id."""
 
-    target: EditTarget
+    target: SaeRecord
     sae: object
-    sampler: object
+    sampler: object  # its cfg_renorm (None = off) applies to before and after images alike
     judge: object | None
     run_classes: list[int]
     heldout: np.ndarray  # int64 sample ids never used to train the SAE
-    cfg_renorm: float | None = None
     null_class: int | None = None  # set: sample unconditionally (this label, no guidance)
     _before: dict[int, tuple] = field(default_factory=dict)
 
@@ -208,14 +209,14 @@ class EditSession:
         return Judged(np.stack([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
 
 
-def open_session(project: Project, target: EditTarget, cfg_renorm: float | None = None,
-                 unconditional: bool = False) -> EditSession:
+def open_session(project: Project, target: SaeRecord, cfg_renorm: float | None = None,
+                 unconditional: bool = False, store: ActivationStore | None = None) -> EditSession:
     """unconditional: sample with the null class and no guidance, so the digit is decided by the noise
-    and the features rather than by a label every block is conditioned on."""
+    and the features rather than by a label every block is conditioned on. cfg_renorm: the sampler's."""
     from tide_core.edit import check_sae_fits
     from tide_core.sae import SparseAutoencoder
 
-    store = open_store(project)
+    store = store if store is not None else open_store(project)
     sampler = run_sampler(project, cfg_renorm=cfg_renorm)
     if unconditional:
         sampler.guidance_scale = 1.0  # guidance needs a label to guide towards
@@ -224,7 +225,7 @@ def open_session(project: Project, target: EditTarget, cfg_renorm: float | None 
     split = split_samples(store, project.config.sae.heldout_fraction)
     return EditSession(target=target, sae=sae, sampler=sampler, judge=load_digit_judge(project),
                        run_classes=list(store.provenance["sampling"]["classes"]), heldout=split.heldout,
-                       cfg_renorm=cfg_renorm, null_class=sampler.bundle.null_class if unconditional else None)
+                       null_class=sampler.bundle.null_class if unconditional else None)
 
 
 @dataclass(frozen=True)
@@ -246,9 +247,9 @@ class EditResult:
 
     def rows(self, run_id: str) -> list[dict]:
         cfg = json.dumps(self.config, sort_keys=True)
+        judged = self.before.pred is not None
         out = []
         for i, sid in enumerate(self.sample_ids):
-            judged = self.before.pred is not None
             out.append({
                 # An unconditional image shares the run sample's seed, not its label: no run row describes it.
                 "sample_id": int(sid), "run_id": None if self.config["unconditional"] else run_id,
@@ -276,7 +277,7 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
              target_class: int | None = None, label: dict | None = None) -> EditResult:
     """Sample ``sample_ids`` with the edit (references, for style, appended to the batch) and judge it
     against the cached unedited images of the same seeds."""
-    from tide_core.edit import EditHook
+    from tide_core.edit import EditHook, StepRecord
 
     ids = np.asarray(sample_ids, np.int64)
     refs = None if reference_ids is None else np.asarray(reference_ids, np.int64)
@@ -285,7 +286,7 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
                         f"{len(ids)} samples")
     per_row = [list(f) for f in row_features] if row_features is not None else [list(spec.feature_ids)] * len(ids)
     hook = EditHook(session.sampler.bundle.transformer, session.target.layer, session.sae, spec, session.num_steps,
-                    row_features=per_row if row_features is not None else None, feature_units=units,
+                    row_features=row_features, feature_units=units,
                     feature_maps=maps, n_references=0 if refs is None else len(refs))
     before = session.before(ids)
     batch = ids if refs is None else np.concatenate([ids, refs])
@@ -298,7 +299,7 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
         "sae_id": session.target.sae_id, "layer": session.target.layer, "op": spec.op,
         "feature_ids": per_row if row_features is not None else list(spec.feature_ids),
         "per_sample_features": row_features is not None, "strength": spec.strength,
-        "window": [spec.window.start, spec.window.end], "branch": spec.branch, "cfg_renorm": spec.cfg_renorm,
+        "window": [spec.window.start, spec.window.end], "branch": spec.branch, "cfg_renorm": s.cfg_renorm,
         "pooled": spec.pooled, "spatial": maps is not None,
         "units": {str(k): round(float(v), 6) for k, v in sorted((units or {}).items())},
         "target_class": target_class, "sample_ids": ids.tolist(),
@@ -308,7 +309,7 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
         "unconditional": session.null_class is not None,
         **(label or {}),
     }
-    ratio = float(np.mean([r.delta_norm / max(r.act_norm, 1e-12) for r in hook.records])) if hook.records else 0.0
+    ratio = StepRecord.mean_ratio(hook.records)
     paired = None if refs is None else refs[np.arange(len(ids)) % len(refs)]  # [n] reference of each sample
     return EditResult(edit_id=edit_id_of(config), spec=spec, config=config, sample_ids=ids,
                       class_ids=session.class_of(ids), feature_ids=per_row, reference_ids=paired,
@@ -336,7 +337,7 @@ def summarise(r: EditResult) -> EditSummary:
     hit, eligible = None, 0
     c = r.target_class
     if c is not None and r.spec.op != "style":
-        boosting = r.spec.op in BOOSTING or (r.spec.op == "scale" and r.spec.strength > 1)
+        boosting = not suppresses(r.spec.op, r.spec.strength)
         ok = r.before.pred != c if boosting else r.before.pred == c
         eligible = int(ok.sum())
         if eligible:
@@ -353,7 +354,7 @@ def summarise(r: EditResult) -> EditSummary:
 class EditPlan:
     """A validated `[edit]` request resolved against the warehouse (no model loaded yet)."""
 
-    target: EditTarget
+    target: SaeRecord
     specs: list[EditSpec]  # one per (window, strength)
     feature_ids: list[int]
     units: dict[int, float] | None
@@ -363,13 +364,14 @@ class EditPlan:
     target_class: int | None
 
 
-def plan_edits(project: Project, wh) -> EditPlan:
+def plan_edits(project: Project, wh, store: ActivationStore | None = None) -> EditPlan:
     """Check everything in `[edit]` against the warehouse and the schedule before any sampling."""
     e: EditConfig = project.config.edit
     num_steps = project.config.sampling.num_steps
-    target = resolve_sae(project, wh)
+    store = store if store is not None else open_store(project)
+    target = resolve_sae(project, wh, store)
     if e.target_class is not None and not e.feature_ids:
-        classes = open_store(project).provenance["sampling"]["classes"]
+        classes = store.provenance["sampling"]["classes"]
         if e.target_class not in classes:
             raise EditError(f"edit.target_class={e.target_class} is not a class of the run (classes {classes})")
     if e.feature_ids:
@@ -379,24 +381,25 @@ def plan_edits(project: Project, wh) -> EditPlan:
         features = []  # all latents
     else:
         features = select_features(wh, target.sae_id, e.target_class, e.n_features, e.min_fire_rate)
-    units = feature_units(wh, target.sae_id, features) if e.units == "mean_act" and e.op in BOOSTING else None
-    maps = feature_maps(wh, target.sae_id, features) if e.spatial and e.op in BOOSTING else None
+    units = feature_units(wh, target.sae_id, features) if e.units == "mean_act" and e.op in UNIT_OPS else None
+    maps = feature_maps(wh, target.sae_id, features) if e.spatial and e.op in UNIT_OPS else None
     windows = [StepWindow.parse(w, num_steps) for w in e.windows]
     strengths = [0.0] if e.op == "zero" else list(e.strengths)
-    specs = [EditSpec(e.op, tuple(features), s, w, e.branch, e.cfg_renorm, pooled=e.pooled)
-             for w in windows for s in strengths]
+    specs = [EditSpec(e.op, tuple(features), s, w, e.branch, pooled=e.pooled) for w in windows for s in strengths]
     for spec in specs:
         spec.check(target.n_latents, num_steps)
-    samples, refs = _samples(project, e, target)
+    samples, refs = _samples(project, e, target, store)
     return EditPlan(target=target, specs=specs, feature_ids=features, units=units, maps=maps, sample_ids=samples,
                     reference_ids=refs, target_class=None if e.feature_ids else e.target_class)
 
 
-def _samples(project: Project, e: EditConfig, target: EditTarget) -> tuple[np.ndarray, np.ndarray | None]:
-    """edit.sample_ids, or held-out samples: of other classes when boosting target_class, of it otherwise."""
+def _samples(project: Project, e: EditConfig, target: SaeRecord,
+             store: ActivationStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """edit.sample_ids, or held-out samples: of other classes when boosting target_class, of it when any
+    strength suppresses it (``suppresses``)."""
     from tide_core.sampling import class_for
 
-    store = open_store(project)
+    store = store if store is not None else open_store(project)
     n_run = store.layout.num_samples
     classes = store.provenance["sampling"]["classes"]
     for name, ids in (("sample_ids", e.sample_ids), ("reference_ids", e.reference_ids)):
@@ -409,7 +412,7 @@ def _samples(project: Project, e: EditConfig, target: EditTarget) -> tuple[np.nd
     else:
         pool = heldout
         if e.target_class is not None and not e.feature_ids and e.op != "style" and not e.unconditional:
-            suppress = e.op == "zero" or (e.op == "scale" and min(e.strengths) < 1)
+            suppress = any(suppresses(e.op, s) for s in e.strengths or [0.0])  # zero may list none
             cls = np.array([class_for(int(i), classes) for i in heldout])
             pool = heldout[(cls == e.target_class) if suppress else (cls != e.target_class)]
         ids = pool[:e.n_samples]
@@ -447,11 +450,13 @@ def run_configured_edits(project: Project, log: Log = print, publish: bool = Tru
     from storage.warehouse import Warehouse
 
     wh = Warehouse(project.duckdb_path)
-    plan = plan_edits(project, wh)
+    store = open_store(project)
+    plan = plan_edits(project, wh, store)
     e = project.config.edit
     log(f"editing with {plan.target.sae_id}: op {e.op}, features {plan.feature_ids or 'all'}, "
         f"{len(plan.sample_ids)} samples, {len(plan.specs)} settings")
-    session = open_session(project, plan.target, cfg_renorm=e.cfg_renorm, unconditional=e.unconditional)
+    session = open_session(project, plan.target, cfg_renorm=e.cfg_renorm, unconditional=e.unconditional,
+                           store=store)
     results, summaries = [], []
     for spec in plan.specs:
         r = run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
@@ -473,8 +478,7 @@ def run_configured_edits(project: Project, log: Log = print, publish: bool = Tru
 
 
 def publish_edits(wh, results: Sequence[EditResult], run_id: str) -> None:
-    """Replace each edit's rows (partition = edit_id)."""
-    wh.init_schema()
+    """Replace each edit's rows (partition = edit_id; replace_partition creates the schema if needed)."""
     for r in results:
         wh.replace_partition("edits", {"edit_id": r.edit_id}, r.rows(run_id))
 

@@ -344,3 +344,55 @@ def test_edits_asset_picks_class_features_and_style_references(edit_project):
     r = report.results[0]
     assert r.reference_ids.tolist() == [18, 19] and r.references is not None
     assert {row["reference_id"] for row in wh.query("SELECT * FROM edits WHERE op = 'style'").to_pylist()} == {18, 19}
+
+
+# --- CLI flags, sample choice, missing checkpoints ---------------------------------------------------------
+
+
+def test_no_flags_turn_off_config_defaults(tmp_path):
+    from pipelines.cli import build_parser, edit_overrides
+    from pipelines.edit_ops import with_edit
+    from pipelines.project import Project
+    from tests.conftest import write_config
+
+    project = Project.load(write_config(tmp_path, {"edit": {"unconditional": True, "spatial": True}}))
+
+    def edit_config(*argv):
+        return with_edit(project, **edit_overrides(build_parser().parse_args(["edit", *argv]))).config.edit
+
+    off = edit_config("--no-unconditional", "--no-spatial")
+    assert off.unconditional is False and off.spatial is False
+    kept = edit_config()  # not given: the config's values stay
+    assert kept.unconditional is True and kept.spatial is True and kept.pooled is False
+    assert edit_config("--op", "style", "--pooled").pooled is True
+
+
+def test_suppressing_edits_take_samples_of_the_target_class(edit_project):
+    from pipelines.capture_ops import open_store
+    from pipelines.edit_ops import _samples, resolve_sae, suppresses, with_edit
+    from tide_core.sampling import class_for
+
+    assert suppresses("add", -8.0) and suppresses("zero", 0.0) and suppresses("scale", 0.5)
+    assert not suppresses("add", 8.0) and not suppresses("scale", 2.0) and not suppresses("clamp", 1.0)
+    project, wh, sae_id = edit_project
+    store = open_store(project)
+    classes = store.provenance["sampling"]["classes"]
+    target = resolve_sae(with_edit(project, sae_id=sae_id), wh, store)
+    for strength, own in ((-8.0, True), (8.0, False)):
+        p = with_edit(project, sae_id=sae_id, op="add", target_class=int(classes[16 % len(classes)]),
+                      strengths=[strength], n_samples=3)
+        ids, refs = _samples(p, p.config.edit, target, store)
+        got = {class_for(int(i), classes) == p.config.edit.target_class for i in ids}
+        assert len(ids) and refs is None and got == {own}, (strength, ids)
+
+
+def test_a_missing_sae_checkpoint_fails_in_the_plan_naming_the_asset_to_rerun(edit_project):
+    import shutil
+
+    from pipelines.edit_ops import plan_edits, with_edit
+
+    project, wh, sae_id = edit_project
+    path = wh.require_sae(sae_id).path
+    shutil.rmtree(path)
+    with pytest.raises(EditError, match=rf"{sae_id} is missing: {path} .*re-materialize `sae` 01"):
+        plan_edits(with_edit(project, sae_id=sae_id, feature_ids=[1]), wh)

@@ -26,8 +26,8 @@ Batch layout: the sampler runs [targets; references] (per CFG half: [cond; uncon
 target i towards reference i mod n_references; references themselves are never edited, so they come out
 exactly as they would unedited and their latents at each step are the ones an unedited run has.
 
-CFG renorm (``EditSpec.cfg_renorm``) is applied by the sampler (``Sampler(cfg_renorm=...)``) to the guided
-noise prediction, to before and after images alike, so the comparison isolates the edit.
+CFG renorm is a sampler setting (``Sampler(cfg_renorm=...)``), not part of an edit: it applies to the guided
+noise prediction of before and after images alike, so the comparison isolates the edit.
 """
 
 from __future__ import annotations
@@ -105,7 +105,6 @@ class EditSpec:
     strength: float
     window: StepWindow
     branch: Branch = "both"  # CFG halves edited: both (like splicing) or the conditional one only
-    cfg_renorm: float | None = None  # cap |guided eps| at this times |cond eps| per image (sampler-side)
     pooled: bool = False  # style only: match per-feature means over tokens instead of copying token by token
 
     def check(self, n_latents: int, num_steps: int) -> None:
@@ -123,8 +122,6 @@ class EditSpec:
             raise EditError(f"branch must be 'both' or 'cond', got {self.branch!r}")
         if self.pooled and self.op != "style":
             raise EditError(f"pooled applies to op 'style' only, not {self.op!r}")
-        if self.cfg_renorm is not None and not self.cfg_renorm > 0:
-            raise EditError(f"cfg_renorm must be > 0 (or None to disable), got {self.cfg_renorm}")
         self.window.check(num_steps)
 
 
@@ -158,11 +155,20 @@ def check_sae_fits(model: nn.Module, layer: int, sae) -> None:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What the hook did at one step (for tests and reports)."""
+    """What the hook did at one step (for tests and reports). The norms are 0-dim tensors on the model's
+    device, so recording them does not wait for the GPU; read them once sampling is done."""
 
     step: int
-    delta_norm: float  # mean L2 norm of dec(z') - dec(z) over edited tokens, original activation scale
-    act_norm: float  # mean L2 norm of the block output over the same tokens
+    delta_norm: torch.Tensor  # mean L2 norm of dec(z') - dec(z) over edited target tokens, activation scale
+    act_norm: torch.Tensor  # mean L2 norm of the block output over the same tokens
+
+    @staticmethod
+    def mean_ratio(records: Sequence[StepRecord]) -> float:
+        """Mean over steps of delta_norm / act_norm (one device sync); 0 without records."""
+        if not records:
+            return 0.0
+        norms = torch.stack([torch.stack([r.delta_norm, r.act_norm]) for r in records]).double().cpu()  # [S, 2]
+        return float((norms[:, 0] / norms[:, 1].clamp_min(1e-12)).mean())
 
 
 class EditHook(BlockHook):
@@ -219,10 +225,13 @@ class EditHook(BlockHook):
         self._features = torch.tensor(union, dtype=torch.long, device=device)  # [|F|]
         self._mask = mask.to(device)
         self._units = units.to(device)
+        # dec(z') - dec(z) = (z' - z) W_dec / input_scale (the decoder bias cancels): the rows of the edited
+        # columns, divided once here instead of at every step.
+        with torch.no_grad():
+            self._w_delta = (sae.W_dec[self._features] / sae.input_scale).detach()  # [|F|, D]
         self.records: list[StepRecord] = []
-        self._handle = None
         self._step = self._timestep = 0
-        self._batch, self._guided, self._active = 0, False, False
+        self._guided, self._active = False, False
 
     # --- StepObserver --------------------------------------------------------------------------------
 
@@ -232,7 +241,7 @@ class EditHook(BlockHook):
             want = self.n_targets if self.n_targets is not None else ">= 1"
             raise EditError(f"the batch has {batch} rows with {self.n_references} reference(s), so {n_t} "
                             f"targets, but the edit was built for {want}: sample [targets; references]")
-        self._step, self._timestep, self._batch, self._guided = step, timestep, batch, guided
+        self._step, self._timestep, self._guided = step, timestep, guided
         self._active = step in self.spec.window
 
     def end_step(self, step: int) -> None:
@@ -289,11 +298,10 @@ class EditHook(BlockHook):
                 t = torch.full((x.shape[0],), self._timestep, dtype=torch.long, device=x.device)
                 z = self.sae.encode(x, t)[:, self._features].reshape(edited, n, n_tok, -1)  # [H, n, T, |F|]
             dz = self.edit_latents(z) - z  # [H, n, T, |F|]; exactly 0 wherever the edit changes nothing
-            # dec(z') - dec(z) = (z' - z) W_dec / input_scale: the decoder bias cancels.
-            delta = dz @ self.sae.W_dec[self._features] / self.sae.input_scale  # [H, n, T, D]
-        out = h.clone()
-        out[:edited] += delta
-        n_t = n - self.n_references
-        self.records.append(StepRecord(self._step, float(delta[:, :n_t].norm(dim=-1).mean()),
-                                       float(h[:edited, :n_t].norm(dim=-1).mean())))
+            delta = dz @ self._w_delta  # [H, n, T, D] = dec(z') - dec(z)
+            out = h.clone()
+            out[:edited] += delta
+            n_t = n - self.n_references
+            self.records.append(StepRecord(self._step, delta[:, :n_t].norm(dim=-1).mean(),
+                                           h[:edited, :n_t].norm(dim=-1).mean()))
         return out.reshape(b, n_tok, d).to(output.dtype)

@@ -18,7 +18,6 @@ class SAESplice(BlockHook):
 
     def __init__(self, model: nn.Module, layer: int, sae: nn.Module, steps: set[int] | None = None):
         self.model, self.layer, self.sae, self.steps = model, layer, sae, steps
-        self._handle = None
         self._timestep = 0
         self._active = False
 
