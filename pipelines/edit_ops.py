@@ -21,7 +21,7 @@ import numpy as np
 
 from pipelines.capture_ops import open_store
 from pipelines.project import Project, content_key
-from pipelines.sae_ops import SITE, load_digit_judge, run_sampler, split_samples
+from pipelines.sae_ops import SITE, load_digit_judge, missing_checkpoint, run_sampler, split_samples
 from storage.activation_store import ActivationStore
 from storage.warehouse import SaeRecord, UnknownSaeError
 from tide_core.config import EditConfig, parse_config
@@ -82,12 +82,8 @@ def resolve_sae(project: Project, wh, store: ActivationStore | None = None) -> S
     if model_hash and model_hash[0] and model_hash[0] != want:
         raise EditError(f"SAE {rec.sae_id} comes from model {model_hash[0]}, but the configured model is "
                         f"{want}: use an SAE trained on this model's activations")
-    from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE
-
-    if not rec.path or not all((Path(rec.path) / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise EditError(f"the checkpoint of SAE {rec.sae_id} is missing: {rec.path} has no "
-                        f"{CONFIG_FILE} and {WEIGHTS_FILE}. re-materialize `sae` {int(rec.layer):02d} "
-                        f"(the `sae` asset's partition of layer {rec.layer}) to retrain it")
+    if problem := missing_checkpoint(rec):
+        raise EditError(problem)
     return rec
 
 

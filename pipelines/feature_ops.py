@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.project import Project, content_key
-from pipelines.sae_ops import SITE, check_inputs
+from pipelines.sae_ops import SITE, check_inputs, missing_checkpoint
 from storage.activation_store import ActivationStore
 from storage.schema import TOP_IMAGE_SCOPES
 from storage.warehouse import SaeRecord, Warehouse
@@ -90,8 +90,8 @@ def layer_saes(project: Project, layer: int) -> tuple[ActivationStore, list[SaeR
                            f"`sae` asset's partition {layer:02d} first")
     records = [SaeRecord(**r) for r in rows]
     for r in records:
-        if not (Path(r.path) / "cfg.json").exists():
-            raise FeatureError(f"SAE {r.sae_id}'s checkpoint {r.path} is missing: re-materialize `sae` {layer:02d}")
+        if problem := missing_checkpoint(r):
+            raise FeatureError(problem)
     return store, records
 
 

@@ -342,5 +342,16 @@ def clear_features(project: Project, wh, sae_id: str) -> None:
     summary_path(project, sae_id).unlink(missing_ok=True)
 
 
+def missing_checkpoint(rec) -> str | None:
+    """Why the SAE of a `saes` row cannot be loaded (its checkpoint files are gone), or None."""
+    from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE
+
+    if rec.path and all((Path(rec.path) / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
+        return None
+    return (f"the checkpoint of SAE {rec.sae_id} is missing: {rec.path} has no {CONFIG_FILE} and {WEIGHTS_FILE}. "
+            f"re-materialize `sae` {int(rec.layer):02d} (the `sae` asset's partition of layer {rec.layer}) to "
+            "retrain it")
+
+
 def sae_paths(project: Project) -> list[Path]:
     return sorted(p for p in (project.root / "saes").glob("L*") if (p / "cfg.json").exists())
