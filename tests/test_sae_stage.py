@@ -128,3 +128,23 @@ def test_tide_modulation_can_start_from_the_dit_adaln(tiny_project):
     assert not torch.equal(sae.time_mlp[2].weight, emb_before.expand_as(sae.time_mlp[2].weight))
     report = sae_ops.train_layer(project, 0, log=lambda m: None)
     assert report.reports[0].metrics["heldout"][-1]["cosine"] > 0
+
+
+@pytest.mark.slow
+def test_killed_layer_resumes_from_its_saved_state(tiny_project, monkeypatch):
+    project = captured(tiny_project(SAE))
+    evaluate = sae_ops.evaluate_sae
+
+    def killed(*args, **kwargs):  # the kill lands after training, before anything is published
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(sae_ops, "evaluate_sae", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sae_ops.train_layer(project, 1, log=lambda m: None)
+    monkeypatch.setattr(sae_ops, "evaluate_sae", evaluate)
+    logs: list[str] = []
+    report = sae_ops.train_layer(project, 1, log=logs.append)
+    assert any(m.startswith("resuming layer 1 SAEs") for m in logs), logs[:1]
+    assert not any("reusing" in m for m in logs)  # trained but never published: not reused
+    assert all(r.tokens_seen >= 12000 for r in report.reports)
+    assert not list((project.root / "saes" / "_state").glob("L01-*"))  # cleaned up once finished
