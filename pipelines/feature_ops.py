@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +247,7 @@ def summary_key(path: Path) -> str:
     try:
         with np.load(path) as z:
             return str(z["key"]) if "key" in z.files else ""
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # missing, empty or cut short: not on record
         return ""
 
 

@@ -274,3 +274,16 @@ def test_killed_statistics_run_is_redone_not_reused(tiny_project, monkeypatch):
     assert not any("reusing" in m for m in logs)
     wh = Warehouse(project.duckdb_path)
     assert wh.query("SELECT max(rank) FROM feature_neighbors").column(0)[0].as_py() == 2
+
+
+def test_a_damaged_summary_is_not_on_record(tmp_path):
+    from pipelines.feature_ops import summary_key
+
+    path = tmp_path / "s.npz"
+    np.savez(path, key=np.array("k1"), tokens=np.arange(3))
+    assert summary_key(path) == "k1"
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"", b"not a zip"):
+        path.write_bytes(damaged)
+        assert summary_key(path) == ""  # so the statistics are computed again
+    assert summary_key(tmp_path / "missing.npz") == ""
