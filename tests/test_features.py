@@ -287,3 +287,34 @@ def test_a_damaged_summary_is_not_on_record(tmp_path):
         path.write_bytes(damaged)
         assert summary_key(path) == ""  # so the statistics are computed again
     assert summary_key(tmp_path / "missing.npz") == ""
+
+
+def test_histogram_bins_follow_the_edges_exactly():
+    from tide_core.feature_stats import BIN_EDGE, BIN_FIRST, BIN_KEY0, HIST_EDGES, _hist_bin
+
+    bins = len(HIST_EDGES) - 1
+    rng = np.random.default_rng(4)
+    near = np.concatenate([HIST_EDGES * f for f in (1 - 1e-7, 1.0, 1 + 1e-7)])  # around every edge
+    v = np.concatenate([10 ** rng.uniform(-5, 5, 20000), near, [1e-30, 3e38]]).astype(np.float32)
+    want = np.clip(np.searchsorted(HIST_EDGES, v.astype(np.float64), side="right") - 1, 0, bins - 1)
+    got = np.array([_hist_bin(x, BIN_KEY0, BIN_FIRST, BIN_EDGE) for x in v])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("variant", ["tide", "topk"])
+def test_fused_topk_counts_equal_the_general_path(variant):
+    # chunk_partial's compiled select-and-count sweep against fired_latents + _accumulate (what relu SAEs
+    # and rows with a NaN go through)
+    from tide_core import feature_stats as fs
+
+    sae = tiny_sae(variant)
+    acts = np.random.default_rng(5).normal(size=(9, P, D)).astype(np.float32)
+    x, classes = torch.from_numpy(acts.reshape(-1, D)), np.arange(9) % C
+    fast, general = fs._Counts.zeros(C, N_LAT, 9), fs._Counts.zeros(C, N_LAT, 9)
+    assert fs._count_topk(sae, x, TIMESTEPS[1], P, classes, fast)
+    f = fs.fired_latents(sae, x, TIMESTEPS[1])
+    fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, classes, *general.args())
+    for a, b in zip(fast.args()[3:], general.args()[3:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    x[4, 2] = float("nan")  # a NaN row: the sweep says so, chunk_partial takes the general path
+    assert not fs._count_topk(sae, x, TIMESTEPS[1], P, classes, fs._Counts.zeros(C, N_LAT, 9))

@@ -86,3 +86,12 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n,k", [(1024, 32), (96, 7), (64, 40)])
+def test_topk_rows_many_ties_match_a_stable_sort(n, k):
+    # integers: most values repeat, so the k-th value is tied in nearly every row; the selection must be
+    # exactly what a stable descending sort takes (equal values, lower position first)
+    x = np.round(np.random.default_rng(3).normal(size=(400, n)) * 2).astype(np.float32)
+    want = np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(np.sort(_check(x, k), axis=1), want)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from tide_core.topk import row_topk, scratch_len
+
 # Activation histograms use one fixed log-spaced binning (mergeable across chunks without a first pass
 # for each latent's range): 10 bins per decade over [1e-3, 1e3); values outside land in the end bins.
 HIST_LOG_LO, HIST_LOG_HI, HIST_PER_DECADE = -3, 3, 10
@@ -43,18 +45,34 @@ class StepPartial:
     def merge(self, other: StepPartial) -> StepPartial:
         if other.step != self.step:
             raise ValueError(f"cannot merge statistics of step {other.step} into step {self.step}")
-        val, sid = merge_top(np.concatenate([self.top_val, other.top_val], 1),
-                             np.concatenate([self.top_sid, other.top_sid], 1), self.top_val.shape[1])
+        val, sid = merge_top(self.top_val, self.top_sid, other.top_val, other.top_sid)
         return StepPartial(
             step=self.step, tokens=self.tokens + other.tokens, class_tokens=self.class_tokens + other.class_tokens,
             fires=self.fires + other.fires, act_sum=self.act_sum + other.act_sum,
             act_max=np.maximum(self.act_max, other.act_max), hist=self.hist + other.hist, top_val=val, top_sid=sid)
 
 
-def merge_top(val: np.ndarray, sid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n largest of each row of val [F, M] (descending) with their sample ids."""
-    order = np.argsort(-val, axis=1, kind="stable")[:, :n]  # [F, n]
-    return np.take_along_axis(val, order, 1), np.take_along_axis(sid, order, 1)
+@njit(nogil=True, cache=True, boundscheck=False)
+def _merge_sorted(a_val, a_sid, b_val, b_sid, out_val, out_sid):  # pragma: no cover - compiled
+    """Per row, the first N of two descending lists [F, N] merged (ties: a's first), into out [F, N]."""
+    for f in range(a_val.shape[0]):
+        i = j = 0
+        for o in range(out_val.shape[1]):
+            if j >= b_val.shape[1] or (i < a_val.shape[1] and a_val[f, i] >= b_val[f, j]):
+                out_val[f, o], out_sid[f, o] = a_val[f, i], a_sid[f, i]
+                i += 1
+            else:
+                out_val[f, o], out_sid[f, o] = b_val[f, j], b_sid[f, j]
+                j += 1
+
+
+def merge_top(a_val: np.ndarray, a_sid: np.ndarray, b_val: np.ndarray, b_sid: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The N largest of two descending top lists [F, N] and their sample ids, descending (ties: a's first,
+    what a stable sort of the two side by side gives)."""
+    out_val, out_sid = np.empty_like(a_val), np.empty_like(a_sid)
+    _merge_sorted(a_val, a_sid, b_val, b_sid, out_val, out_sid)
+    return out_val, out_sid
 
 
 @dataclass(frozen=True)
@@ -79,19 +97,153 @@ def fired_latents(sae, x: torch.Tensor, timestep: int | None) -> Fired:
     return Fired(rows, latents, z[rows, latents])
 
 
+def _bin_table(edges: np.ndarray = HIST_EDGES) -> tuple[int, np.ndarray, np.ndarray]:
+    """A lookup for the histogram bin of a positive float32 v, exact against ``edges`` (bin b holds
+    [edges[b], edges[b+1]); values outside go to the end bins) without a log: v's top 16 bits (exponent
+    and 7 mantissa bits) index a slice 2^-7 wide in relative terms, which holds at most one edge (bins are
+    10^0.1 wide), so bin = first[slice] + (v >= edge_in[slice]). Returns (first slice key, first, edge_in)."""
+    as_key = lambda x: int(np.float32(x).view(np.int32)) >> 16  # noqa: E731
+    lo, hi = as_key(edges[0]), as_key(edges[-1])
+    keys = np.arange(lo, hi + 1)
+    start = (keys << 16).astype(np.int32).view(np.float32).astype(np.float64)  # smallest value of each slice
+    stop = ((keys + 1) << 16).astype(np.int32).view(np.float32).astype(np.float64)
+    last = len(edges) - 2
+    first = np.clip(np.searchsorted(edges, start, side="right") - 1, 0, last)
+    nxt = edges[np.minimum(first + 1, len(edges) - 1)]
+    edge_in = np.where((nxt < stop) & (first < last), nxt, np.inf)
+    return lo, first.astype(np.int64), edge_in
+
+
+BIN_KEY0, BIN_FIRST, BIN_EDGE = _bin_table()
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _hist_bin(v, key0, first, edge_in):  # pragma: no cover - compiled
+    """Histogram bin of a float32 v > 0 (see _bin_table)."""
+    i = (np.int32(np.float32(v).view(np.int32)) >> 16) - key0
+    if i < 0:
+        return 0
+    if i >= first.shape[0]:  # >= the last edge: the last bin, which is also the last slice's
+        return first[first.shape[0] - 1]
+    return first[i] + (np.float64(v) >= edge_in[i])
+
+
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _add(sample, latent, v, c, key0, first, edge_in, fires, act_sum, act_max, hist, per_image):  # pragma: no cover
+    """Count one firing activation v > 0 of latent on a token of image ``sample`` (class c)."""
+    fires[c, latent] += 1
+    act_sum[c, latent] += v
+    act_max[latent] = max(act_max[latent], v)
+    hist[latent, _hist_bin(v, key0, first, edge_in)] += 1
+    per_image[sample, latent] = max(per_image[sample, latent], v)
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def _accumulate(rows, latents, values, bins, p, sample_class, fires, act_sum, act_max, hist, per_image):  # pragma: no cover
+def _accumulate(rows, latents, values, p, sample_class, key0, first, edge_in, fires, act_sum, act_max, hist,
+                per_image):  # pragma: no cover - compiled
     """One pass over firing candidates (entries with value <= 0 are skipped): every per-chunk statistic."""
     for i in range(values.shape[0]):
         v = values[i]
         if v > 0:
-            latent, sample = latents[i], rows[i] // p
-            c = sample_class[sample]
-            fires[c, latent] += 1
-            act_sum[c, latent] += v
-            act_max[latent] = max(act_max[latent], v)
-            hist[latent, bins[i]] += 1
-            per_image[sample, latent] = max(per_image[sample, latent], v)
+            s = rows[i] // p
+            _add(s, latents[i], v, sample_class[s], key0, first, edge_in, fires, act_sum, act_max, hist, per_image)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, fires, act_sum, act_max, hist,
+                     per_image):  # pragma: no cover - compiled
+    """TopK encode and _accumulate in one sweep: per token row of pre [T, n] (encoder matmul without the
+    bias, added here in place; rows row0.. of the chunk), its top k, ReLU'd, counted straight away. False
+    if a row had a NaN (the counts are then partial: the caller starts over on the general path)."""
+    n = pre.shape[1]
+    cv, ci = np.empty(scratch_len(n), np.float32), np.empty(n, np.int32)
+    sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
+    val, idx = np.empty(k, np.float32), np.empty(k, np.int32)
+    for r in range(pre.shape[0]):
+        if not row_topk(pre[r], bias, k, cv, ci, sv, si, val, idx):
+            return False
+        s = (row0 + r) // p
+        c = sample_class[s]
+        for j in range(k):
+            if val[j] > 0:  # the ReLU: a selected pre-activation <= 0 does not fire
+                _add(s, idx[j], val[j], c, key0, first, edge_in, fires, act_sum, act_max, hist, per_image)
+    return True
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """A chunk's accumulators, filled in place by the compiled kernels."""
+
+    fires: np.ndarray  # int64 [C, n]
+    act_sum: np.ndarray  # float64 [C, n]
+    act_max: np.ndarray  # float32 [n]
+    hist: np.ndarray  # int64 [n, B]
+    per_image: np.ndarray  # float32 [b, n] image activation = max over the image's tokens
+
+    @classmethod
+    def zeros(cls, n_classes: int, n: int, images: int) -> _Counts:
+        return cls(np.zeros((n_classes, n), np.int64), np.zeros((n_classes, n), np.float64), np.zeros(n, np.float32),
+                   np.zeros((n, len(HIST_EDGES) - 1), np.int64), np.zeros((images, n), np.float32))
+
+    def args(self) -> tuple:
+        return BIN_KEY0, BIN_FIRST, BIN_EDGE, self.fires, self.act_sum, self.act_max, self.hist, self.per_image
+
+
+_TILE_ROWS = 512  # the matmul and the sweep go tile by tile: a [512, n] tile stays in cache, and memory
+# stays small for wide SAEs (a whole chunk's [4096, 16384] pre-activations would be 256 MB per thread)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _encoder_input(x, scale, gain, shift, b_dec, out):  # pragma: no cover - compiled
+    """out [T, d] = ((x * scale) * gain + shift) - b_dec: SparseAutoencoder.encoder_input at one timestep,
+    the same float32 operations in the same order (so the same bits) in one pass. gain/shift None: no
+    modulation."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j] * scale
+            if gain is not None:
+                v = v * gain[j] + shift[j]
+            out[i, j] = v - b_dec[j]
+
+
+@torch.no_grad()
+def _count_topk(sae, x: torch.Tensor, timestep: int, p: int, sample_class: np.ndarray, counts: _Counts) -> bool:
+    """The fast path for TopK SAEs on CPU: the encoder matmul, then one compiled sweep that selects and
+    counts (no [T, n] bias pass, no pair arrays). The same numbers as fired_latents: the same matmul, the
+    same IEEE bias add, the same exact top-k. False where it does not apply or a row had a NaN."""
+    if not (sae.spec.is_topk and x.device.type == "cpu" and sae.W_enc.dtype == torch.float32):
+        return False
+    mod = sae.timestep_modulation(timestep)
+    xc = torch.empty_like(x)  # [T, d] what the encoder reads
+    gain, shift = (None, None) if mod is None else (mod.gain.numpy(), mod.shift.numpy())
+    _encoder_input(x.numpy(), np.float32(sae.input_scale), gain, shift, sae.b_dec.detach().numpy(), xc.numpy())
+    w, bias = sae.W_enc.t(), sae.b_enc.detach().numpy()  # [d, n], [n]
+    tile = _TILE_ROWS
+    pre = torch.empty(min(tile, len(xc)), w.shape[1])  # [tile, n]: stays in L2 between matmul and sweep
+    for r0 in range(0, len(xc), tile):
+        out = pre[:len(xc) - r0]
+        torch.mm(xc[r0:r0 + tile], w, out=out)  # bias not yet added
+        if not _topk_accumulate(out.numpy(), r0, bias, sae.spec.k, p, sample_class, *counts.args()):
+            return False
+    return True
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _chunk_top(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - compiled
+    """Insert every image activation > 0 of per_image [b, n] into its latent's descending list top_val /
+    top_sid [n, N] (filled with EMPTY / -1): equal activations keep the earlier image first."""
+    last = top_val.shape[1] - 1
+    for s in range(per_image.shape[0]):
+        for latent in range(per_image.shape[1]):
+            v = per_image[s, latent]
+            if v > 0 and v > top_val[latent, last]:
+                j = last
+                while j > 0 and top_val[latent, j - 1] < v:
+                    top_val[latent, j] = top_val[latent, j - 1]
+                    top_sid[latent, j] = top_sid[latent, j - 1]
+                    j -= 1
+                top_val[latent, j] = v
+                top_sid[latent, j] = sample_ids[s]
 
 
 def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: np.ndarray,
@@ -100,27 +252,20 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
     b, p, d = acts.shape
     n = sae.spec.n_latents
     x = torch.from_numpy(np.ascontiguousarray(acts)).view(b * p, d).float()  # [b*P, d]
-    f = fired_latents(sae, x, timestep)
-    n_bins = len(HIST_EDGES) - 1
-    # log10 of a non-firing zero is -inf, clamped to bin 0; _accumulate skips those pairs
-    bins = ((torch.log10(f.values) - HIST_LOG_LO) * HIST_PER_DECADE).floor_().clamp_(0, n_bins - 1).int()
-    fires = np.zeros((n_classes, n), np.int64)
-    act_sum = np.zeros((n_classes, n), np.float64)
-    act_max = np.zeros(n, np.float32)
-    hist = np.zeros((n, n_bins), np.int64)
-    per_image = np.zeros((b, n), np.float32)  # image activation = max over the image's tokens
-    _accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), bins.numpy(), p,
-                np.asarray(class_ids, np.int64), fires, act_sum, act_max, hist, per_image)
+    sample_class = np.asarray(class_ids, np.int64)
+    counts = _Counts.zeros(n_classes, n, b)
+    if not _count_topk(sae, x, timestep, p, sample_class, counts):
+        counts = _Counts.zeros(n_classes, n, b)
+        f = fired_latents(sae, x, timestep)
+        _accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), p, sample_class, *counts.args())
     # A chunk contributes its best top_n images per latent.
-    keep = min(top_n, b)
-    top = torch.from_numpy(per_image).topk(keep, dim=0)  # values, indices [keep, n]
     top_val = np.full((n, top_n), EMPTY, np.float32)
     top_sid = np.full((n, top_n), -1, np.int64)
-    top_val[:, :keep] = np.where(top.values.T.numpy() > 0, top.values.T.numpy(), EMPTY)
-    top_sid[:, :keep] = np.asarray(sample_ids, np.int64)[top.indices.T.numpy()]
-    class_tokens = np.bincount(np.asarray(class_ids, np.int64), minlength=n_classes) * p
-    return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=fires, act_sum=act_sum,
-                       act_max=act_max, hist=hist, top_val=top_val, top_sid=top_sid)
+    _chunk_top(counts.per_image, np.asarray(sample_ids, np.int64), top_val, top_sid)
+    class_tokens = np.bincount(sample_class, minlength=n_classes) * p
+    return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=counts.fires,
+                       act_sum=counts.act_sum, act_max=counts.act_max, hist=counts.hist, top_val=top_val,
+                       top_sid=top_sid)
 
 
 def tree_reduce(items: list, combine):

@@ -208,6 +208,14 @@ class _Pass:
 
 
 @dataclass(frozen=True)
+class Modulation:
+    """TIDE's per-channel affine map at one timestep: x' = x * gain + shift."""
+
+    gain: Tensor  # [d] 1 + scale(t)
+    shift: Tensor  # [d]
+
+
+@dataclass(frozen=True)
 class TopKSelection:
     """The k largest entries of each row."""
 
@@ -456,6 +464,17 @@ class SparseAutoencoder(nn.Module):
             )
         return t
 
+    @torch.no_grad()
+    def timestep_modulation(self, timestep: int) -> Modulation | None:
+        """TIDE's modulation at one timestep, x' = x * gain + shift (None for the other variants): what
+        ``_modulate`` applies to every token of that timestep, for kernels that fuse it."""
+        if self.time_mlp is None:
+            return None
+        t = self._as_timesteps(torch.tensor([timestep]), 1)
+        emb = timestep_embedding(t, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [1, E]
+        scale, shift = self.time_mlp(emb)[0].chunk(2)  # [d] each
+        return Modulation(gain=1 + scale, shift=shift)
+
     def _modulate(self, xs: Tensor, t: Tensor | None) -> Tensor:
         """TIDE: x' = x * (1 + scale(t)) + shift(t); identity for the other variants."""
         if self.time_mlp is None:
@@ -506,11 +525,19 @@ class SparseAutoencoder(nn.Module):
         """TopK latents (idx, val) of activations x [B, d_in]; t [B] int timesteps (required for tide)."""
         if not self.spec.is_topk:
             raise ValueError("encode_sparse() is for the TopK variants; use encode() for a relu SAE")
-        x = self._as_acts(x)
-        t = self._as_timesteps(t, x.shape[0])
-        xc = self._modulate(x * self.input_scale, t) - self.b_dec
+        xc = self.encoder_input(x, t)
         sel = self._select(xc, topk_exact(self._pre_acts(xc), self.spec.k))
         return SparseLatents(sel.idx, sel.val)
+
+    def encoder_input(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
+        """What the encoder reads for activations x [B, d_in]: scaled, TIDE-modulated at timesteps t ([B]
+        ints, or one int for every token), minus b_dec: xc [B, d_in]."""
+        x = self._as_acts(x)
+        if isinstance(t, int):  # one timestep: validated and modulated once, broadcast over the tokens
+            t = self._as_timesteps(torch.tensor([t]), 1)
+        else:
+            t = self._as_timesteps(t, x.shape[0])
+        return self._modulate(x * self.input_scale, t) - self.b_dec  # [B, d]
 
     def encode(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         """Dense latents z [B, n_latents] (>= 0, at most k nonzero per token for TopK variants)."""

@@ -1,0 +1,166 @@
+"""Two 16-lane vector loops for numba kernels, written as LLVM IR: the parts of the top-k selection that
+LLVM does not vectorise from plain loops.
+
+* ``row_threshold32`` adds a bias into a row in place and returns a lower bound for its 32nd largest
+  entry (the minimum of 32 interleaved group maxima), or NaN if the row holds a NaN.
+* ``compress_ge / gt / lt / eq`` pack the entries of a buffer that compare so with a pivot, in order,
+  with their int32 positions (``llvm.masked.compressstore``: one ``vcompressps`` per 16 entries on
+  AVX-512; other CPUs get LLVM's generic lowering, slower but the same result).
+
+All compares are IEEE ordered compares, so a NaN never passes one. Each intrinsic is inlined into the
+calling kernel; a numba function that calls them compiles them for the host CPU, like any other.
+"""
+
+from __future__ import annotations
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f"))  # numba compiles for the host CPU
+LANES = 16
+GROUPS = 2 * LANES  # row_threshold32's interleaved groups: its bound holds for k <= GROUPS
+_F32, _I32, _I16, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(64)
+_VF, _VI, _VB = ir.VectorType(_F32, LANES), ir.VectorType(_I32, LANES), ir.VectorType(ir.IntType(1), LANES)
+_LANE_IDS = ir.Constant(_VI, list(range(LANES)))
+_ALIGN = ir.Constant(_I32, 4)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vty: ir.VectorType) -> ir.Value:
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(_VI, [0] * LANES))
+
+
+def _decl(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _lanes_below(builder: ir.IRBuilder, base: ir.Value, n: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(positions base..base+15, mask of those < n)."""
+    pos = builder.add(_splat(builder, base, _VI), _LANE_IDS)
+    return pos, builder.icmp_signed("<", pos, _splat(builder, n, _VI))
+
+
+def _masked_load(builder, ptr, mask, passthru, vty):
+    name = "llvm.masked.load.v16f32.p0" if vty is _VF else "llvm.masked.load.v16i32.p0"
+    return builder.call(_decl(builder, name, vty, [ptr.type, _I32, _VB, vty]), [ptr, _ALIGN, mask, passthru])
+
+
+def _make_compress(op: str, doc: str, padded: bool = False):
+    @intrinsic
+    def compress(typingctx, val, idx, m, pivot, out_val, out_idx):
+        sig = types.intp(val, idx, m, pivot, out_val, out_idx)
+        return sig, lambda context, builder, signature, args: _compress_loop(op, context, builder, signature,
+                                                                               args, padded)
+
+    compress.__doc__ = (f"compress_{doc}(val f32[:], idx i32[:] or None, m, pivot f32, out_val f32[:], "
+                        f"out_idx i32[:] or None) -> c: packs val[i] {op} pivot (i < m) into out_val[:c] in order, "
+                        "their idx (None: the positions i) into out_idx[:c] (None: not kept). The outputs must "
+                        "not overlap the inputs.")
+    return compress
+
+
+def _make_count(op: str, doc: str):
+    @intrinsic
+    def count(typingctx, val, m, pivot):
+        sig = types.intp(val, m, pivot)
+        return sig, lambda context, builder, signature, args: _compress_loop(
+            op, context, builder, types.intp(signature.args[0], types.none, *signature.args[1:], types.none,
+                                              types.none), [args[0], None, *args[1:], None, None])
+
+    count.__doc__ = f"count_{doc}(val f32[:], m, pivot f32) -> how many of val[:m] are {op} pivot."
+    return count
+
+
+def _compress_loop(op, context, builder, signature, args, padded=False):
+    """The loop behind compress_* and count_*: 16 entries per step, the tail masked."""
+    src, src_idx, dst, dst_idx = (
+        None if isinstance(signature.args[i], types.NoneType)
+        else context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 4, 5))
+    m_ = builder.trunc(args[2], _I32)
+    piv = _splat(builder, args[3], _VF)
+    popcount = _decl(builder, "llvm.ctpop.i16", _I16, [_I16])
+    count = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
+    blocks = builder.udiv(builder.add(m_, ir.Constant(_I32, LANES - 1)), ir.Constant(_I32, LANES))
+    with cgutils.for_range(builder, blocks) as loop:
+        base = builder.mul(builder.trunc(loop.index, _I32), ir.Constant(_I32, LANES))
+        pos, live = _lanes_below(builder, base, m_)
+        v = _masked_load(builder, builder.gep(src.data, [base]), live, ir.Constant(_VF, None), _VF)
+        keep = builder.and_(builder.fcmp_ordered(op, v, piv), live)
+        c = builder.load(count)
+        if dst is not None and padded and _AVX512:
+            # compress in a register, then store all 16 lanes: faster than a compressing store to memory
+            pack = _decl(builder, "llvm.x86.avx512.mask.compress.v16f32", _VF, [_VF, _VF, _VB])
+            packed = builder.call(pack, [v, ir.Constant(_VF, None), keep])
+            builder.store(packed, builder.bitcast(builder.gep(dst.data, [c]), _VF.as_pointer()), align=4)
+        elif dst is not None:
+            store_f = _decl(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, dst.data.type, _VB])
+            builder.call(store_f, [v, builder.gep(dst.data, [c]), keep])
+        if dst_idx is not None:
+            ids = (_masked_load(builder, builder.gep(src_idx.data, [base]), live, ir.Constant(_VI, None), _VI)
+                   if src_idx is not None else pos)
+            store_i = _decl(builder, "llvm.masked.compressstore.v16i32", ir.VoidType(),
+                            [_VI, dst_idx.data.type, _VB])
+            builder.call(store_i, [ids, builder.gep(dst_idx.data, [c]), keep])
+        kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
+        builder.store(builder.add(c, kept), count)
+    return builder.sext(builder.load(count), _I64)
+
+
+compress_ge = _make_compress(">=", "ge")
+# Scratch versions: may write up to 15 values past out_val[c] (out_val needs m + 16 entries); idx as above.
+pad_compress_ge = _make_compress(">=", "ge", padded=True)
+pad_compress_gt = _make_compress(">", "gt", padded=True)
+pad_compress_lt = _make_compress("<", "lt", padded=True)
+compress_gt = _make_compress(">", "gt")
+compress_lt = _make_compress("<", "lt")
+compress_eq = _make_compress("==", "eq")
+count_gt = _make_count(">", "gt")
+count_eq = _make_count("==", "eq")
+
+
+@intrinsic
+def row_threshold32(typingctx, row, bias):
+    """row_threshold32(row f32[:], bias f32[:] or None) -> f32: adds bias into row in place (the same
+    IEEE add as numpy's or torch's), then returns the minimum over GROUPS interleaved groups (group g holds
+    entries g, g + 32, ...) of each group's maximum: each group holds an entry >= it, so it bounds the k-th
+    largest entry from below for every k <= 32 (-inf for a row shorter than 32). NaN if the row holds a
+    NaN."""
+    with_bias = not isinstance(bias, types.NoneType)
+    sig = types.float32(row, bias)
+
+    def codegen(context, builder, signature, args):
+        r = context.make_array(signature.args[0])(context, builder, args[0])
+        b = context.make_array(signature.args[1])(context, builder, args[1]) if with_bias else None
+        n = builder.trunc(r.nitems, _I32)
+        neg_inf = ir.Constant(_VF, [float("-inf")] * LANES)
+        acc = [cgutils.alloca_once_value(builder, neg_inf) for _ in range(GROUPS // LANES)]
+        nan = cgutils.alloca_once_value(builder, ir.Constant(_VB, [0] * LANES))
+        blocks = builder.udiv(builder.add(n, ir.Constant(_I32, GROUPS - 1)), ir.Constant(_I32, GROUPS))
+        with cgutils.for_range(builder, blocks) as loop:
+            for part, a in enumerate(acc):
+                base = builder.add(builder.mul(builder.trunc(loop.index, _I32), ir.Constant(_I32, GROUPS)),
+                                   ir.Constant(_I32, part * LANES))
+                _, live = _lanes_below(builder, base, n)
+                ptr = builder.gep(r.data, [base])
+                v = _masked_load(builder, ptr, live, neg_inf, _VF)  # lanes past the end: -inf
+                if with_bias:
+                    v = builder.fadd(v, _masked_load(builder, builder.gep(b.data, [base]), live,
+                                                     ir.Constant(_VF, None), _VF))
+                    store = _decl(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                  [_VF, ptr.type, _I32, _VB])
+                    builder.call(store, [v, ptr, _ALIGN, live])
+                best = builder.load(a)
+                builder.store(builder.select(builder.fcmp_ordered(">", v, best), v, best), a)
+                builder.store(builder.or_(builder.load(nan), builder.fcmp_unordered("uno", v, v)), nan)
+        low = builder.load(acc[0])
+        for a in acc[1:]:
+            other = builder.load(a)
+            low = builder.select(builder.fcmp_ordered("<", low, other), low, other)
+        low = builder.call(_decl(builder, "llvm.vector.reduce.fmin.v16f32", _F32, [_VF]), [low])
+        any_nan = builder.icmp_unsigned("!=", builder.bitcast(builder.load(nan), _I16), ir.Constant(_I16, 0))
+        return builder.select(any_nan, ir.Constant(_F32, float("nan")), low)
+
+    return sig, codegen
