@@ -311,10 +311,10 @@ def test_fused_topk_counts_equal_the_general_path(variant):
     acts = np.random.default_rng(5).normal(size=(9, P, D)).astype(np.float32)
     x, classes = torch.from_numpy(acts.reshape(-1, D)), np.arange(9) % C
     fast, general = fs._Counts.zeros(C, N_LAT, 9), fs._Counts.zeros(C, N_LAT, 9)
-    assert fs._count_topk(sae, x, TIMESTEPS[1], P, classes, fast)
+    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, classes, fast)
     f = fs.fired_latents(sae, x, TIMESTEPS[1])
     fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, classes, *general.args())
     for a, b in zip(fast.args()[3:], general.args()[3:], strict=True):
         np.testing.assert_array_equal(a, b)
     x[4, 2] = float("nan")  # a NaN row: the sweep says so, chunk_partial takes the general path
-    assert not fs._count_topk(sae, x, TIMESTEPS[1], P, classes, fs._Counts.zeros(C, N_LAT, 9))
+    assert not fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, classes, fs._Counts.zeros(C, N_LAT, 9))

@@ -48,6 +48,24 @@ def _masked_load(builder, ptr, mask, passthru, vty):
     return builder.call(_decl(builder, name, vty, [ptr.type, _I32, _VB, vty]), [ptr, _ALIGN, mask, passthru])
 
 
+def _load(builder, ptr, live, passthru, vty):
+    """16 lanes from ptr; where live is given (a tail), only those lanes (the rest: passthru)."""
+    if live is None:
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+    return _masked_load(builder, ptr, live, passthru, vty)
+
+
+def _for_blocks(builder: ir.IRBuilder, n: ir.Value, width: int, body) -> None:
+    """body(base, tail) for each block of ``width`` entries of [0, n): whole blocks with tail=False (plain
+    loads, no masks), then a last partial block, if any, with tail=True."""
+    whole = builder.udiv(n, ir.Constant(_I32, width))
+    with cgutils.for_range(builder, whole) as loop:
+        body(builder.mul(builder.trunc(loop.index, _I32), ir.Constant(_I32, width)), False)
+    start = builder.mul(whole, ir.Constant(_I32, width))
+    with builder.if_then(builder.icmp_signed("<", start, n), likely=False):
+        body(start, True)
+
+
 def _make_compress(op: str, doc: str, padded: bool = False):
     @intrinsic
     def compress(typingctx, val, idx, m, pivot, out_val, out_idx):
@@ -75,7 +93,7 @@ def _make_count(op: str, doc: str):
 
 
 def _compress_loop(op, context, builder, signature, args, padded=False):
-    """The loop behind compress_* and count_*: 16 entries per step, the tail masked."""
+    """The loop behind compress_* and count_*: 16 entries per step."""
     src, src_idx, dst, dst_idx = (
         None if isinstance(signature.args[i], types.NoneType)
         else context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 4, 5))
@@ -83,12 +101,13 @@ def _compress_loop(op, context, builder, signature, args, padded=False):
     piv = _splat(builder, args[3], _VF)
     popcount = _decl(builder, "llvm.ctpop.i16", _I16, [_I16])
     count = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
-    blocks = builder.udiv(builder.add(m_, ir.Constant(_I32, LANES - 1)), ir.Constant(_I32, LANES))
-    with cgutils.for_range(builder, blocks) as loop:
-        base = builder.mul(builder.trunc(loop.index, _I32), ir.Constant(_I32, LANES))
+
+    def body(base, tail):
         pos, live = _lanes_below(builder, base, m_)
-        v = _masked_load(builder, builder.gep(src.data, [base]), live, ir.Constant(_VF, None), _VF)
-        keep = builder.and_(builder.fcmp_ordered(op, v, piv), live)
+        live = live if tail else None
+        v = _load(builder, builder.gep(src.data, [base]), live, ir.Constant(_VF, None), _VF)
+        keep = builder.fcmp_ordered(op, v, piv)
+        keep = builder.and_(keep, live) if tail else keep
         c = builder.load(count)
         if dst is not None and padded and _AVX512:
             # compress in a register, then store all 16 lanes: faster than a compressing store to memory
@@ -99,23 +118,28 @@ def _compress_loop(op, context, builder, signature, args, padded=False):
             store_f = _decl(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, dst.data.type, _VB])
             builder.call(store_f, [v, builder.gep(dst.data, [c]), keep])
         if dst_idx is not None:
-            ids = (_masked_load(builder, builder.gep(src_idx.data, [base]), live, ir.Constant(_VI, None), _VI)
+            ids = (_load(builder, builder.gep(src_idx.data, [base]), live, ir.Constant(_VI, None), _VI)
                    if src_idx is not None else pos)
-            store_i = _decl(builder, "llvm.masked.compressstore.v16i32", ir.VoidType(),
-                            [_VI, dst_idx.data.type, _VB])
-            builder.call(store_i, [ids, builder.gep(dst_idx.data, [c]), keep])
+            if padded and _AVX512:
+                pack = _decl(builder, "llvm.x86.avx512.mask.compress.v16i32", _VI, [_VI, _VI, _VB])
+                packed = builder.call(pack, [ids, ir.Constant(_VI, None), keep])
+                builder.store(packed, builder.bitcast(builder.gep(dst_idx.data, [c]), _VI.as_pointer()), align=4)
+            else:
+                store_i = _decl(builder, "llvm.masked.compressstore.v16i32", ir.VoidType(),
+                                [_VI, dst_idx.data.type, _VB])
+                builder.call(store_i, [ids, builder.gep(dst_idx.data, [c]), keep])
         kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
         builder.store(builder.add(c, kept), count)
+
+    _for_blocks(builder, m_, LANES, body)
     return builder.sext(builder.load(count), _I64)
 
 
-compress_ge = _make_compress(">=", "ge")
-# Scratch versions: may write up to 15 values past out_val[c] (out_val needs m + 16 entries); idx as above.
+# Scratch versions: may write up to 15 entries past out_val[c] / out_idx[c] (both need m + 16 entries).
 pad_compress_ge = _make_compress(">=", "ge", padded=True)
 pad_compress_gt = _make_compress(">", "gt", padded=True)
 pad_compress_lt = _make_compress("<", "lt", padded=True)
 compress_gt = _make_compress(">", "gt")
-compress_lt = _make_compress("<", "lt")
 compress_eq = _make_compress("==", "eq")
 count_gt = _make_count(">", "gt")
 count_eq = _make_count("==", "eq")
@@ -138,23 +162,26 @@ def row_threshold32(typingctx, row, bias):
         neg_inf = ir.Constant(_VF, [float("-inf")] * LANES)
         acc = [cgutils.alloca_once_value(builder, neg_inf) for _ in range(GROUPS // LANES)]
         nan = cgutils.alloca_once_value(builder, ir.Constant(_VB, [0] * LANES))
-        blocks = builder.udiv(builder.add(n, ir.Constant(_I32, GROUPS - 1)), ir.Constant(_I32, GROUPS))
-        with cgutils.for_range(builder, blocks) as loop:
+        def body(start, tail):
             for part, a in enumerate(acc):
-                base = builder.add(builder.mul(builder.trunc(loop.index, _I32), ir.Constant(_I32, GROUPS)),
-                                   ir.Constant(_I32, part * LANES))
-                _, live = _lanes_below(builder, base, n)
+                base = builder.add(start, ir.Constant(_I32, part * LANES))
+                live = _lanes_below(builder, base, n)[1] if tail else None
                 ptr = builder.gep(r.data, [base])
-                v = _masked_load(builder, ptr, live, neg_inf, _VF)  # lanes past the end: -inf
+                v = _load(builder, ptr, live, neg_inf, _VF)  # lanes past the end: -inf
                 if with_bias:
-                    v = builder.fadd(v, _masked_load(builder, builder.gep(b.data, [base]), live,
-                                                     ir.Constant(_VF, None), _VF))
-                    store = _decl(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                  [_VF, ptr.type, _I32, _VB])
-                    builder.call(store, [v, ptr, _ALIGN, live])
+                    v = builder.fadd(v, _load(builder, builder.gep(b.data, [base]), live, ir.Constant(_VF, None),
+                                              _VF))
+                    if tail:
+                        store = _decl(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                                      [_VF, ptr.type, _I32, _VB])
+                        builder.call(store, [v, ptr, _ALIGN, live])
+                    else:
+                        builder.store(v, builder.bitcast(ptr, _VF.as_pointer()), align=4)
                 best = builder.load(a)
                 builder.store(builder.select(builder.fcmp_ordered(">", v, best), v, best), a)
                 builder.store(builder.or_(builder.load(nan), builder.fcmp_unordered("uno", v, v)), nan)
+
+        _for_blocks(builder, n, GROUPS, body)
         low = builder.load(acc[0])
         for a in acc[1:]:
             other = builder.load(a)

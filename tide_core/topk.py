@@ -89,7 +89,7 @@ def scratch_len(n):
 def row_topk(row, bias, k, cv, ci, sv, si, out_val, out_idx):  # pragma: no cover - compiled
     """Top-k of one float32 row [n] (plus bias [n], added into row in place; None: none) into out_val [k]
     / out_idx [k] (int32), in no particular order; False (outputs unfilled) if the row has a NaN.
-    Scratch: cv [scratch_len(n)] float32, ci [n] int32, sv [2, scratch_len(n)] float32, si [n] int32."""
+    Scratch: cv, ci [scratch_len(n)] float32 / int32, sv [2, scratch_len(n)] float32, si [n] int32."""
     n = row.shape[0]
     thr = row_threshold32(row, bias)
     if thr != thr:
@@ -112,7 +112,7 @@ def _topk_block(pre, k, out_val, out_idx, r0, r1):  # pragma: no cover - compile
     """Top-k of rows r0..r1 of pre [B, n] (float32) into out_val / out_idx [B, k]; returns the number of
     rows that had a NaN (left unfilled)."""
     n = pre.shape[1]
-    cv, ci = np.empty(scratch_len(n), np.float32), np.empty(n, np.int32)
+    cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
     idx = np.empty(k, np.int32)
     bad = 0
