@@ -114,25 +114,32 @@ def statistics_pass(store: ActivationStore, sae, layer: int, top_n: int, schedul
     import dask
 
     lay = store.layout
-    read = dask.delayed(store.read_block, pure=True)  # -> [shard, P, D]; pickles as the store's URL
     timesteps = store.provenance["capture_timesteps"]
     class_ids = store.samples()["class_id"]
     n_classes = int(store.provenance["model"]["num_classes"])
     sae_d = dask.delayed(sae, pure=True)
+    store_d = dask.delayed(store, pure=True)  # pickles as the store's URL
     steps = []
     for a, step in enumerate(lay.steps):
         parts = []
         for shard in range(lay.num_shards):
             ids = np.asarray(lay.shard_range(shard))
-            block = read(site, layer, step, shard)  # [shard, P, D]
-            parts.append(dask.delayed(chunk_partial, pure=True)(
-                sae_d, block, step, int(timesteps[a]), ids, class_ids[ids], n_classes, top_n))
+            parts.append(dask.delayed(_chunk_statistics, pure=True)(
+                store_d, sae_d, site, layer, step, shard, int(timesteps[a]), ids, class_ids[ids], n_classes, top_n))
         # pairwise, so no single task holds every shard's partial
         steps.append(tree_reduce(parts, dask.delayed(StepPartial.merge, pure=True)))
     t0 = time.perf_counter()
     merged = _compute(steps, scheduler, workers)
     summary = summarise(list(merged))
     return PassResult(summary, int(summary.tokens.sum()), time.perf_counter() - t0)
+
+
+def _chunk_statistics(store: ActivationStore, sae, site: str, layer: int, step: int, shard: int, timestep: int,
+                      ids: np.ndarray, classes: np.ndarray, n_classes: int, top_n: int) -> StepPartial:
+    """Read one Zarr chunk and reduce it to its partial: one task, so a chunk is never handed between
+    tasks (the store pickles as its URL for dask.distributed)."""
+    block = store.read_block(site, layer, step, shard)  # [shard, P, D]
+    return chunk_partial(sae, block, step, timestep, ids, classes, n_classes, top_n)
 
 
 def _compute(tasks: list, scheduler: str | None, workers: int) -> tuple:

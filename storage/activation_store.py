@@ -110,6 +110,7 @@ class ActivationStore:
         self.group = group
         self.layout = StoreLayout(**group.attrs["layout"])
         self.fs, self._root = fsspec.core.url_to_fs(self.url)
+        self._local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
         self._arrays: dict[str, zarr.Array] = {}  # zarr re-reads zarr.json on every group lookup
         self._made_dirs: set[str] = set()
 
@@ -320,8 +321,11 @@ class ActivationStore:
         key = self._plain_chunk_key(arr, (a, shard, 0, 0), shape)
         if key is None:
             return arr[a, samples.start:samples.stop]
+        dtype = np.dtype(lay.dtype).newbyteorder("<")
+        if self._local:  # one read straight into the array: ~0.2 ms a MB, against ~0.8 through fsspec
+            return np.fromfile(key, dtype=dtype).reshape(shape)
         data = bytearray(self.fs.cat_file(key))  # writable, so torch can wrap it without a copy or warning
-        return np.frombuffer(data, dtype=np.dtype(lay.dtype).newbyteorder("<")).reshape(shape)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
     def __reduce__(self):
         # Pickled (e.g. into a dask.distributed task) as its URL: the worker reopens the store read-only.

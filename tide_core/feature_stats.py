@@ -130,28 +130,27 @@ def _hist_bin(v, key0, first, edge_in):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _add(sample, latent, v, c, key0, first, edge_in, fires, act_sum, act_max, hist, per_image):  # pragma: no cover
+def _add(sample, latent, v, c, key0, first, edge_in, fires, act_sum, hist, per_image):  # pragma: no cover
     """Count one firing activation v > 0 of latent on a token of image ``sample`` (class c)."""
     fires[c, latent] += 1
     act_sum[c, latent] += v
-    act_max[latent] = max(act_max[latent], v)
     hist[latent, _hist_bin(v, key0, first, edge_in)] += 1
     per_image[latent, sample] = max(per_image[latent, sample], v)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _accumulate(rows, latents, values, p, sample_class, key0, first, edge_in, fires, act_sum, act_max, hist,
+def _accumulate(rows, latents, values, p, sample_class, key0, first, edge_in, fires, act_sum, hist,
                 per_image):  # pragma: no cover - compiled
     """One pass over firing candidates (entries with value <= 0 are skipped): every per-chunk statistic."""
     for i in range(values.shape[0]):
         v = values[i]
         if v > 0:
             s = rows[i] // p
-            _add(s, latents[i], v, sample_class[s], key0, first, edge_in, fires, act_sum, act_max, hist, per_image)
+            _add(s, latents[i], v, sample_class[s], key0, first, edge_in, fires, act_sum, hist, per_image)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, fires, act_sum, act_max, hist,
+def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, fires, act_sum, hist,
                      per_image):  # pragma: no cover - compiled
     """TopK encode and _accumulate in one sweep: per token row of pre [T, n] (encoder matmul without the
     bias, added here in place; rows row0.. of the chunk), its top k, ReLU'd, counted straight away. False
@@ -167,7 +166,7 @@ def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, 
         c = sample_class[s]
         for j in range(k):
             if val[j] > 0:  # the ReLU: a selected pre-activation <= 0 does not fire
-                _add(s, idx[j], val[j], c, key0, first, edge_in, fires, act_sum, act_max, hist, per_image)
+                _add(s, idx[j], val[j], c, key0, first, edge_in, fires, act_sum, hist, per_image)
     return True
 
 
@@ -177,17 +176,17 @@ class _Counts:
 
     fires: np.ndarray  # int64 [C, n]
     act_sum: np.ndarray  # float64 [C, n]
-    act_max: np.ndarray  # float32 [n]
     hist: np.ndarray  # int64 [n, B]
-    per_image: np.ndarray  # float32 [n, b] image activation = max over the image's tokens
+    per_image: np.ndarray  # float32 [n, b] image activation = max over the image's tokens (its max over
+    # images is the latent's max activation, so that needs no counter of its own)
 
     @classmethod
     def zeros(cls, n_classes: int, n: int, images: int) -> _Counts:
-        return cls(np.zeros((n_classes, n), np.int64), np.zeros((n_classes, n), np.float64), np.zeros(n, np.float32),
+        return cls(np.zeros((n_classes, n), np.int64), np.zeros((n_classes, n), np.float64),
                    np.zeros((n, len(HIST_EDGES) - 1), np.int64), np.zeros((n, images), np.float32))
 
     def args(self) -> tuple:
-        return BIN_KEY0, BIN_FIRST, BIN_EDGE, self.fires, self.act_sum, self.act_max, self.hist, self.per_image
+        return BIN_KEY0, BIN_FIRST, BIN_EDGE, self.fires, self.act_sum, self.hist, self.per_image
 
 
 _TILE_ROWS = 512  # the matmul and the sweep go tile by tile: a [512, n] tile stays in cache, and memory
@@ -293,7 +292,7 @@ def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: n
     _chunk_top(counts.per_image, np.asarray(sample_ids, np.int64), top_val, top_sid)
     class_tokens = np.bincount(sample_class, minlength=n_classes) * p
     return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=counts.fires,
-                       act_sum=counts.act_sum, act_max=counts.act_max, hist=counts.hist, top_val=top_val,
+                       act_sum=counts.act_sum, act_max=counts.per_image.max(1), hist=counts.hist, top_val=top_val,
                        top_sid=top_sid)
 
 

@@ -142,6 +142,7 @@ pad_compress_lt = _make_compress("<", "lt", padded=True)
 compress_gt = _make_compress(">", "gt")
 compress_eq = _make_compress("==", "eq")
 count_gt = _make_count(">", "gt")
+count_ge = _make_count(">=", "ge")
 count_eq = _make_count("==", "eq")
 
 

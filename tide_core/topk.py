@@ -52,7 +52,7 @@ from tide_core.simd import (
 numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
 def _kth_largest(val, m, k, scratch):  # pragma: no cover - compiled
     """The k-th largest of val[:m] (1 <= k <= m, no NaN), by a quickselect that packs the side holding it
     into the ping-pong rows of scratch [2, >= m] (val is not changed)."""
@@ -85,7 +85,7 @@ def scratch_len(n):
     return n + LANES
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
 def row_topk(row, bias, k, cv, ci, sv, si, out_val, out_idx):  # pragma: no cover - compiled
     """Top-k of one float32 row [n] (plus bias [n], added into row in place; None: none) into out_val [k]
     / out_idx [k] (int32), in no particular order; False (outputs unfilled) if the row has a NaN.
@@ -97,7 +97,11 @@ def row_topk(row, bias, k, cv, ci, sv, si, out_val, out_idx):  # pragma: no cove
     if k > GROUPS:  # the group bound needs k <= GROUPS: every entry is a candidate
         thr = np.float32(-np.inf)
     c = pad_compress_ge(row, None, n, thr, cv, ci)
-    t = _kth_largest(cv, c, k, sv)
+    # The quickselect runs on a copy of the candidate values: measured ~12% faster for the whole top-k than
+    # on cv itself (likely the many overlapping 16-lane stores that built cv, retired by the time the copy
+    # is read; not pinned down).
+    pad_compress_ge(cv, None, c, thr, sv[1], None)
+    t = _kth_largest(sv[1], c, k, sv)
     above = compress_gt(cv, ci, c, t, out_val, out_idx)  # < k of them, in position order
     if above < k:  # the rest are ties at t: lowest positions first
         compress_eq(cv, ci, c, t, sv[0], si)
