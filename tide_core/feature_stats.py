@@ -152,21 +152,24 @@ def _accumulate(rows, latents, values, p, sample_class, key0, first, edge_in, fi
 @njit(nogil=True, cache=True, boundscheck=False)
 def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, fires, act_sum, hist,
                      per_image):  # pragma: no cover - compiled
-    """TopK encode and _accumulate in one sweep: per token row of pre [T, n] (encoder matmul without the
-    bias, added here in place; rows row0.. of the chunk), its top k, ReLU'd, counted straight away. False
-    if a row had a NaN (the counts are then partial: the caller starts over on the general path)."""
-    n = pre.shape[1]
+    """TopK encode and _accumulate in one call: the top k of each token row of pre [T, n] (encoder matmul
+    without the bias, added here in place; rows row0.. of the chunk), then their ReLU'd values counted.
+    False if a row had a NaN (nothing counted: the caller takes the general path)."""
+    t, n = pre.shape
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
-    val, idx = np.empty(k, np.float32), np.empty(k, np.int32)
-    for r in range(pre.shape[0]):
-        if not row_topk(pre[r], bias, k, cv, ci, sv, si, val, idx):
+    val, idx = np.empty((t, k), np.float32), np.empty((t, k), np.int32)
+    for r in range(t):
+        if not row_topk(pre[r], bias, k, cv, ci, sv, si, val[r], idx[r]):
             return False
+    # Counted in a second loop: reading each row's selection right after the compressing stores that
+    # wrote it stalled (measured: the fused loop cost ~2x the two loops).
+    for r in range(t):
         s = (row0 + r) // p
         c = sample_class[s]
         for j in range(k):
-            if val[j] > 0:  # the ReLU: a selected pre-activation <= 0 does not fire
-                _add(s, idx[j], val[j], c, key0, first, edge_in, fires, act_sum, hist, per_image)
+            if val[r, j] > 0:  # the ReLU: a selected pre-activation <= 0 does not fire
+                _add(s, idx[r, j], val[r, j], c, key0, first, edge_in, fires, act_sum, hist, per_image)
     return True
 
 
@@ -189,8 +192,10 @@ class _Counts:
         return BIN_KEY0, BIN_FIRST, BIN_EDGE, self.fires, self.act_sum, self.hist, self.per_image
 
 
-_TILE_ROWS = 512  # the matmul and the sweep go tile by tile: a [512, n] tile stays in cache, and memory
-# stays small for wide SAEs (a whole chunk's [4096, 16384] pre-activations would be 256 MB per thread)
+# The matmul and the sweep go tile by tile, a tile's pre-activations at most this many floats (16 MB): a
+# whole chunk in one tile for the default SAE (fewer Python-level calls, which hold the GIL the other
+# dask threads wait for), bounded memory for wide ones (a chunk of a 16k-latent SAE would be 256 MB).
+_TILE_FLOATS = 1 << 22
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -235,7 +240,7 @@ def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, sample_class: np.n
     gain, shift = (None, None) if mod is None else (mod.gain.numpy(), mod.shift.numpy())
     _encoder_input(x, np.float32(sae.input_scale), gain, shift, sae.b_dec.detach().numpy(), xc)
     w, bias = sae.W_enc.t(), sae.b_enc.detach().numpy()  # [d, n], [n]
-    tile = min(_TILE_ROWS, t)
+    tile = max(1, min(t, _TILE_FLOATS // w.shape[1]))
     pre = torch.from_numpy(_workspace("pre", (tile, w.shape[1])))  # [tile, n]: in cache from matmul to sweep
     xc = torch.from_numpy(xc)
     for r0 in range(0, t, tile):

@@ -118,13 +118,15 @@ def _topk_block(pre, k, out_val, out_idx, r0, r1):  # pragma: no cover - compile
     n = pre.shape[1]
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
-    idx = np.empty(k, np.int32)
+    idx = np.empty((r1 - r0, k), np.int32)
     bad = 0
     for r in range(r0, r1):
-        if row_topk(pre[r], None, k, cv, ci, sv, si, out_val[r], idx):
-            out_idx[r] = idx  # int32 -> the caller's int64
-        else:
-            bad += 1
+        bad += not row_topk(pre[r], None, k, cv, ci, sv, si, out_val[r], idx[r - r0])
+    # widened to the caller's int64 afterwards: read right after the compressing stores wrote them, they
+    # stall (see feature_stats._topk_accumulate)
+    for r in range(r0, r1):
+        for j in range(k):
+            out_idx[r, j] = idx[r - r0, j]
     return bad
 
 
