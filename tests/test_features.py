@@ -311,10 +311,33 @@ def test_fused_topk_counts_equal_the_general_path(variant):
     acts = np.random.default_rng(5).normal(size=(9, P, D)).astype(np.float32)
     x, classes = torch.from_numpy(acts.reshape(-1, D)), np.arange(9) % C
     fast, general = fs._Counts.zeros(C, N_LAT, 9), fs._Counts.zeros(C, N_LAT, 9)
-    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, classes, fast)
+    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, 0, classes, fast) == len(x)
     f = fs.fired_latents(sae, x, TIMESTEPS[1])
-    fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, classes, *general.args())
+    fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, 0, classes, *general.args())
     for a, b in zip(fast.args()[3:], general.args()[3:], strict=True):
         np.testing.assert_array_equal(a, b)
-    x[4, 2] = float("nan")  # a NaN row: the sweep says so, chunk_partial takes the general path
-    assert not fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, classes, fs._Counts.zeros(C, N_LAT, 9))
+    x[4, 2] = float("nan")  # a NaN row: the sweep stops before its tile, the rest takes the general path
+    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, 0, classes, fs._Counts.zeros(C, N_LAT, 9)) == 0
+
+
+def test_step_partial_over_chunks_equals_merged_chunk_partials():
+    # a feature-pass task counts several chunks of a step into one set of arrays; merging one partial per
+    # chunk must give the same statistics (NaN rows in one chunk take the general path there)
+    from tide_core.feature_stats import Chunk, step_partial
+
+    sae = tiny_sae("tide")
+    rng = np.random.default_rng(6)
+    acts = rng.normal(size=(3, 5, P, D)).astype(np.float32)  # 3 chunks of 5 images
+    acts[1, 2, 3, 0] = np.nan
+    ids = np.arange(15).reshape(3, 5) + 100
+    classes = rng.integers(0, C, (3, 5))
+    one = step_partial(sae, (Chunk(a, i, c) for a, i, c in zip(acts, ids, classes, strict=True)), 15, 1,
+                       TIMESTEPS[1], C, TOP)
+    merged = merge_all([chunk_partial(sae, a, 1, TIMESTEPS[1], i, c, C, TOP)
+                        for a, i, c in zip(acts, ids, classes, strict=True)])
+    for name in ("tokens", "class_tokens", "fires", "hist", "act_max", "top_val", "top_sid"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(merged, name), err_msg=name)
+    np.testing.assert_allclose(one.act_sum, merged.act_sum, rtol=1e-12)
+    with pytest.raises(ValueError, match="told of 16 images but got 15"):
+        step_partial(sae, (Chunk(a, i, c) for a, i, c in zip(acts, ids, classes, strict=True)), 16, 1,
+                     TIMESTEPS[1], C, TOP)

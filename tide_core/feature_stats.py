@@ -14,6 +14,7 @@ activation for a latent at a step is the maximum over the image's tokens; top im
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,22 +140,23 @@ def _add(sample, latent, v, c, key0, first, edge_in, fires, act_sum, hist, per_i
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _accumulate(rows, latents, values, p, sample_class, key0, first, edge_in, fires, act_sum, hist,
+def _accumulate(rows, latents, values, p, s0, sample_class, key0, first, edge_in, fires, act_sum, hist,
                 per_image):  # pragma: no cover - compiled
-    """One pass over firing candidates (entries with value <= 0 are skipped): every per-chunk statistic."""
+    """One pass over firing candidates (entries with value <= 0 are skipped) of token rows of images s0..
+    (P tokens each): every statistic."""
     for i in range(values.shape[0]):
         v = values[i]
         if v > 0:
-            s = rows[i] // p
+            s = s0 + rows[i] // p
             _add(s, latents[i], v, sample_class[s], key0, first, edge_in, fires, act_sum, hist, per_image)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, fires, act_sum, hist,
+def _topk_accumulate(pre, row0, bias, k, p, s0, sample_class, key0, first, edge_in, fires, act_sum, hist,
                      per_image):  # pragma: no cover - compiled
     """TopK encode and _accumulate in one call: the top k of each token row of pre [T, n] (encoder matmul
-    without the bias, added here in place; rows row0.. of the chunk), then their ReLU'd values counted.
-    False if a row had a NaN (nothing counted: the caller takes the general path)."""
+    without the bias, added here in place; rows row0.. of a chunk whose first image is s0), then their
+    ReLU'd values counted. False if a row had a NaN (nothing counted: the caller takes the general path)."""
     t, n = pre.shape
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
@@ -165,7 +167,7 @@ def _topk_accumulate(pre, row0, bias, k, p, sample_class, key0, first, edge_in, 
     # Counted in a second loop: reading each row's selection right after the compressing stores that
     # wrote it stalled (measured: the fused loop cost ~2x the two loops).
     for r in range(t):
-        s = (row0 + r) // p
+        s = s0 + (row0 + r) // p
         c = sample_class[s]
         for j in range(k):
             if val[r, j] > 0:  # the ReLU: a selected pre-activation <= 0 does not fire
@@ -225,13 +227,14 @@ def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @torch.no_grad()
-def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, sample_class: np.ndarray, counts: _Counts) -> bool:
-    """The fast path for TopK SAEs on CPU, for acts [T, d]: the encoder matmul, then one compiled sweep
-    that selects and counts (no [T, n] bias pass, no pair arrays). The same numbers as fired_latents: the
-    same matmul, the same IEEE bias add, the same exact top-k. False where it does not apply or a row had
-    a NaN."""
+def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, s0: int, sample_class: np.ndarray,
+                counts: _Counts) -> int:
+    """The fast path for TopK SAEs on CPU, for the tokens acts [T, d] of images s0..: the encoder matmul,
+    then one compiled sweep that selects and counts (no [T, n] bias pass, no pair arrays). The same
+    numbers as fired_latents: the same matmul, the same IEEE bias add, the same exact top-k. Returns the
+    rows counted: T, or fewer where it does not apply (0) or a tile had a NaN (the rows before it)."""
     if not (sae.spec.is_topk and sae.W_enc.device.type == "cpu" and sae.W_enc.dtype == torch.float32):
-        return False
+        return 0
     t, d = acts.shape
     x = _workspace("x", (t, d))
     torch.from_numpy(x).copy_(torch.from_numpy(acts))  # float16 -> float32, vectorised (numpy's is ~6x slower)
@@ -246,14 +249,14 @@ def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, sample_class: np.n
     for r0 in range(0, t, tile):
         out = pre[:t - r0]
         torch.mm(xc[r0:r0 + tile], w, out=out)  # bias not yet added
-        if not _topk_accumulate(out.numpy(), r0, bias, sae.spec.k, p, sample_class, *counts.args()):
-            return False
-    return True
+        if not _topk_accumulate(out.numpy(), r0, bias, sae.spec.k, p, s0, sample_class, *counts.args()):
+            return r0
+    return t
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _chunk_top(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - compiled
-    """Each latent's best images: of per_image [n, b], the top N (N = top_val.shape[1]) activations > 0
+def _top_images(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - compiled
+    """Each latent's best images (one step): of per_image [n, b], the top N (N = top_val.shape[1]) activations > 0
     into top_val / top_sid [n, N] (filled with EMPTY / -1), descending, equal activations earlier image
     first."""
     n, b = per_image.shape
@@ -279,26 +282,54 @@ def _chunk_top(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - c
             filled += 1
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """The stored activations of some images at one step (a Zarr chunk)."""
+
+    acts: np.ndarray  # [b, P, d] float16 or float32
+    sample_ids: np.ndarray  # int64 [b]
+    class_ids: np.ndarray  # int64 [b]
+
+
+def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timestep: int, n_classes: int,
+                 top_n: int) -> StepPartial:
+    """Statistics of some chunks of one step, n_images images in all, counted into one set of arrays (no
+    per-chunk partials to merge); chunks may be a generator, so only one is in memory at a time."""
+    n = sae.spec.n_latents
+    counts = _Counts.zeros(n_classes, n, n_images)
+    sample_ids = np.full(n_images, -1, np.int64)
+    sample_class = np.zeros(n_images, np.int64)
+    class_tokens = np.zeros(n_classes, np.int64)
+    s0 = tokens = 0
+    for chunk in chunks:
+        b, p, d = chunk.acts.shape
+        if s0 + b > n_images:
+            raise ValueError(f"step_partial was told of {n_images} images but got more")
+        sample_ids[s0:s0 + b], sample_class[s0:s0 + b] = chunk.sample_ids, chunk.class_ids
+        acts = chunk.acts.reshape(b * p, d)
+        done = _count_topk(sae, acts, timestep, p, s0, sample_class, counts)
+        if done < b * p:  # relu SAEs, rows with a NaN: the general path for the rest of the chunk
+            x = torch.from_numpy(np.ascontiguousarray(acts[done:])).float()  # [rows, d]
+            f = fired_latents(sae, x, timestep)
+            _accumulate(f.rows.numpy() + done, f.latents.numpy(), f.values.numpy(), p, s0, sample_class,
+                        *counts.args())
+        class_tokens += np.bincount(chunk.class_ids, minlength=n_classes) * p
+        s0, tokens = s0 + b, tokens + b * p
+    if s0 != n_images:
+        raise ValueError(f"step_partial was told of {n_images} images but got {s0}")
+    top_val = np.full((n, top_n), EMPTY, np.float32)
+    top_sid = np.full((n, top_n), -1, np.int64)
+    _top_images(counts.per_image, sample_ids, top_val, top_sid)
+    return StepPartial(step=step, tokens=tokens, class_tokens=class_tokens, fires=counts.fires,
+                       act_sum=counts.act_sum, act_max=counts.per_image.max(1), hist=counts.hist, top_val=top_val,
+                       top_sid=top_sid)
+
+
 def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: np.ndarray,
                   class_ids: np.ndarray, n_classes: int, top_n: int) -> StepPartial:
     """Statistics of one chunk: acts [b, P, d] of samples sample_ids [b] (classes class_ids [b]) at one step."""
-    b, p, d = acts.shape
-    n = sae.spec.n_latents
-    sample_class = np.asarray(class_ids, np.int64)
-    counts = _Counts.zeros(n_classes, n, b)
-    if not _count_topk(sae, acts.reshape(b * p, d), timestep, p, sample_class, counts):
-        counts = _Counts.zeros(n_classes, n, b)
-        x = torch.from_numpy(np.ascontiguousarray(acts)).view(b * p, d).float()  # [b*P, d]
-        f = fired_latents(sae, x, timestep)
-        _accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), p, sample_class, *counts.args())
-    # A chunk contributes its best top_n images per latent.
-    top_val = np.full((n, top_n), EMPTY, np.float32)
-    top_sid = np.full((n, top_n), -1, np.int64)
-    _chunk_top(counts.per_image, np.asarray(sample_ids, np.int64), top_val, top_sid)
-    class_tokens = np.bincount(sample_class, minlength=n_classes) * p
-    return StepPartial(step=step, tokens=b * p, class_tokens=class_tokens, fires=counts.fires,
-                       act_sum=counts.act_sum, act_max=counts.per_image.max(1), hist=counts.hist, top_val=top_val,
-                       top_sid=top_sid)
+    chunk = Chunk(acts, np.asarray(sample_ids, np.int64), np.asarray(class_ids, np.int64))
+    return step_partial(sae, [chunk], len(chunk.sample_ids), step, timestep, n_classes, top_n)
 
 
 def tree_reduce(items: list, combine):

@@ -470,10 +470,18 @@ class SparseAutoencoder(nn.Module):
         ``_modulate`` applies to every token of that timestep, for kernels that fuse it."""
         if self.time_mlp is None:
             return None
-        t = self._as_timesteps(torch.tensor([timestep]), 1)
-        emb = timestep_embedding(t, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [1, E]
-        scale, shift = self.time_mlp(emb)[0].chunk(2)  # [d] each
-        return Modulation(gain=1 + scale, shift=shift)
+        # Cached per timestep and weights version (a feature pass asks once per chunk, from every thread;
+        # the MLP's small torch calls hold the GIL). Training bumps the versions, so stale entries miss.
+        key = (int(timestep), *(p._version for p in self.time_mlp.parameters()))
+        cache = self.__dict__.setdefault("_modulations", {})
+        if key not in cache:
+            t = self._as_timesteps(torch.tensor([timestep]), 1)
+            emb = timestep_embedding(t, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [1, E]
+            scale, shift = self.time_mlp(emb)[0].chunk(2)  # [d] each
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = Modulation(gain=1 + scale, shift=shift)
+        return cache[key]
 
     def _modulate(self, xs: Tensor, t: Tensor | None) -> Tensor:
         """TIDE: x' = x * (1 + scale(t)) + shift(t); identity for the other variants."""
