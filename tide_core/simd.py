@@ -1,14 +1,17 @@
-"""Two 16-lane vector loops for numba kernels, written as LLVM IR: the parts of the top-k selection that
+"""16-lane vector loops for numba kernels, written as LLVM IR: the parts of the top-k selection that
 LLVM does not vectorise from plain loops.
 
 * ``row_threshold32`` adds a bias into a row in place and returns a lower bound for its 32nd largest
   entry (the minimum of 32 interleaved group maxima), or NaN if the row holds a NaN.
-* ``compress_ge / gt / lt / eq`` pack the entries of a buffer that compare so with a pivot, in order,
-  with their int32 positions (``llvm.masked.compressstore``: one ``vcompressps`` per 16 entries on
-  AVX-512; other CPUs get LLVM's generic lowering, slower but the same result).
+* ``compress_gt / eq`` pack the entries of a buffer that compare so with a pivot, in order, with their
+  int32 positions, exactly into their outputs (``llvm.masked.compressstore``).
+* ``pad_compress_ge / gt / lt`` do the same into scratch buffers with 16 entries to spare: on AVX-512 they
+  compress in a register (``vcompressps``) and store all 16 lanes, which is faster.
+* ``count_gt / eq`` count the entries that compare so.
 
-All compares are IEEE ordered compares, so a NaN never passes one. Each intrinsic is inlined into the
-calling kernel; a numba function that calls them compiles them for the host CPU, like any other.
+Other CPUs get LLVM's generic lowering of the same IR: slower, the same results. All compares are IEEE
+ordered compares, so a NaN never passes one. Each intrinsic is inlined into the calling kernel, which
+numba compiles (and caches) for the host CPU.
 """
 
 from __future__ import annotations
@@ -142,7 +145,6 @@ pad_compress_lt = _make_compress("<", "lt", padded=True)
 compress_gt = _make_compress(">", "gt")
 compress_eq = _make_compress("==", "eq")
 count_gt = _make_count(">", "gt")
-count_ge = _make_count(">=", "ge")
 count_eq = _make_count("==", "eq")
 
 
@@ -163,6 +165,7 @@ def row_threshold32(typingctx, row, bias):
         neg_inf = ir.Constant(_VF, [float("-inf")] * LANES)
         acc = [cgutils.alloca_once_value(builder, neg_inf) for _ in range(GROUPS // LANES)]
         nan = cgutils.alloca_once_value(builder, ir.Constant(_VB, [0] * LANES))
+
         def body(start, tail):
             for part, a in enumerate(acc):
                 base = builder.add(start, ir.Constant(_I32, part * LANES))
