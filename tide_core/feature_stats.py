@@ -152,15 +152,16 @@ def _accumulate(rows, latents, values, p, s0, sample_class, key0, first, edge_in
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _topk_accumulate(pre, row0, bias, k, p, s0, sample_class, key0, first, edge_in, fires, act_sum, hist,
+def _topk_accumulate(pre, row0, bias, val, idx, p, s0, sample_class, key0, first, edge_in, fires, act_sum, hist,
                      per_image):  # pragma: no cover - compiled
     """TopK encode and _accumulate in one call: the top k of each token row of pre [T, n] (encoder matmul
     without the bias, added here in place; rows row0.. of a chunk whose first image is s0), then their
-    ReLU'd values counted. False if a row had a NaN (nothing counted: the caller takes the general path)."""
+    ReLU'd values counted. Scratch val / idx [>= T, k] float32 / int32 gives k. False if a row had a NaN
+    (nothing counted: the caller takes the general path)."""
     t, n = pre.shape
+    k = val.shape[1]
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
-    val, idx = np.empty((t, k), np.float32), np.empty((t, k), np.int32)
     for r in range(t):
         if not row_topk(pre[r], bias, k, cv, ci, sv, si, val[r], idx[r]):
             return False
@@ -216,12 +217,12 @@ def _encoder_input(x, scale, gain, shift, b_dec, out):  # pragma: no cover - com
 _WORK = threading.local()
 
 
-def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 scratch array kept per thread: fresh multi-MB arrays cost page faults on every chunk
-    (measured: ~0.4 ms of a ~10 ms chunk)."""
+def _workspace(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A scratch array kept per thread: fresh multi-MB arrays cost page faults on every chunk (measured:
+    ~0.4 ms of a ~10 ms chunk)."""
     buf = getattr(_WORK, name, None)
-    if buf is None or buf.shape != shape:
-        buf = np.empty(shape, np.float32)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = np.empty(shape, dtype)
         setattr(_WORK, name, buf)
     return buf
 
@@ -245,11 +246,12 @@ def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, s0: int, sample_cl
     w, bias = sae.W_enc.t(), sae.b_enc.detach().numpy()  # [d, n], [n]
     tile = max(1, min(t, _TILE_FLOATS // w.shape[1]))
     pre = torch.from_numpy(_workspace("pre", (tile, w.shape[1])))  # [tile, n]: in cache from matmul to sweep
+    val, idx = _workspace("val", (tile, sae.spec.k)), _workspace("idx", (tile, sae.spec.k), np.int32)
     xc = torch.from_numpy(xc)
     for r0 in range(0, t, tile):
         out = pre[:t - r0]
         torch.mm(xc[r0:r0 + tile], w, out=out)  # bias not yet added
-        if not _topk_accumulate(out.numpy(), r0, bias, sae.spec.k, p, s0, sample_class, *counts.args()):
+        if not _topk_accumulate(out.numpy(), r0, bias, val, idx, p, s0, sample_class, *counts.args()):
             return r0
     return t
 
