@@ -164,8 +164,8 @@ def _compute(tasks: list, scheduler: str | None, workers: int) -> tuple:
             return dask.compute(*tasks, scheduler=client)
     workers = workers or os.cpu_count() or 1
     # Chunks run in parallel threads with a share of the cores each, so they do not oversubscribe them. Set
-    # in every worker thread: MKL's thread count is per thread, and a new thread's matmul would otherwise
-    # use every core (measured: 2 threads x 2 MKL threads cost the pass ~20%).
+    # in every worker thread too: MKL's thread count is per thread, and a matmul in a fresh thread used
+    # every core (measured in a bare thread; dask's threads showed no difference in the pass).
     share = max(1, (os.cpu_count() or 1) // workers)
     before = torch.get_num_threads()
     torch.set_num_threads(share)
