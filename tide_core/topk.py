@@ -52,6 +52,15 @@ from tide_core.simd import (
 numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
+@njit(nogil=True, cache=True, boundscheck=False, fastmath={"nnan", "nsz", "reassoc"})
+def _max(val, m):  # pragma: no cover - compiled
+    """max of val[:m], no NaN (so LLVM may vectorise the reduction; infinities are fine)."""
+    t = val[0]
+    for i in range(1, m):
+        t = max(t, val[i])
+    return t
+
+
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
 def _kth_largest(val, m, k, scratch):  # pragma: no cover - compiled
     """The k-th largest of val[:m] (1 <= k <= m, no NaN), by a quickselect that packs the side holding it
@@ -59,8 +68,15 @@ def _kth_largest(val, m, k, scratch):  # pragma: no cover - compiled
     src = val
     flip = 0
     while m > k:
+        if k == 1:
+            return _max(src, m)
         x, y, z = src[0], src[m >> 1], src[m - 1]
-        p = max(min(x, y), min(max(x, y), z))  # median of three
+        if 3 * k < m:  # the k-th is near the top: the largest of three samples is a closer pivot
+            p = max(x, max(y, z))
+        elif 3 * k > 2 * m:  # near the bottom: the smallest
+            p = min(x, min(y, z))
+        else:
+            p = max(min(x, y), min(max(x, y), z))  # median of three
         dst = scratch[flip]
         gt = count_gt(src, m, p)
         if gt >= k:
