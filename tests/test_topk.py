@@ -95,3 +95,13 @@ def test_topk_rows_many_ties_match_a_stable_sort(n, k):
     x = np.round(np.random.default_rng(3).normal(size=(400, n)) * 2).astype(np.float32)
     want = np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
     np.testing.assert_array_equal(np.sort(_check(x, k), axis=1), want)
+
+
+def test_topk_rows_exact_when_the_running_guess_is_wrong():
+    # rows are screened with a guess from earlier rows' k-th values; rows on wildly different scales make
+    # the guess too high (fewer than k kept: the exact group bound takes over) or far too low
+    rng = np.random.default_rng(4)
+    scale = 10.0 ** rng.uniform(-3, 3, size=(500, 1))
+    shift = rng.normal(size=(500, 1)) * scale * 3
+    _check((rng.normal(size=(500, 1024)) * scale + shift).astype(np.float32), 32)
+    _check((rng.normal(size=(500, 96)) * scale + shift).astype(np.float32), 40)  # k > 32: no group bound

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from tide_core.topk import row_topk, scratch_len
+from tide_core.topk import next_guess, row_topk, scratch_len, update_estimate
 
 # Activation histograms use one fixed log-spaced binning (mergeable across chunks without a first pass
 # for each latent's range): 10 bins per decade over [1e-3, 1e3); values outside land in the end bins.
@@ -162,9 +162,12 @@ def _topk_accumulate(pre, row0, bias, val, idx, p, s0, sample_class, key0, first
     k = val.shape[1]
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
+    est = np.zeros(3)
     for r in range(t):
-        if not row_topk(pre[r], bias, k, cv, ci, sv, si, val[r], idx[r]):
+        kth = row_topk(pre[r], bias, k, next_guess(est), cv, ci, sv, si, val[r], idx[r])
+        if kth != kth:
             return False
+        update_estimate(est, kth)
     # Counted in a second loop: reading each row's selection right after the compressing stores that
     # wrote it stalled (measured: the fused loop cost ~2x the two loops).
     for r in range(t):
@@ -266,8 +269,8 @@ def _top_images(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - 
     cv, ci = np.empty(scratch_len(b), np.float32), np.empty(scratch_len(b), np.int32)
     sv, si = np.empty((2, scratch_len(b)), np.float32), np.empty(b, np.int32)
     val, idx = np.empty(keep, np.float32), np.empty(keep, np.int32)
-    for latent in range(n):
-        row_topk(per_image[latent], None, keep, cv, ci, sv, si, val, idx)  # no NaN: maxima of finite values
+    for latent in range(n):  # no NaN: maxima of finite values; no guess: latents differ too much
+        row_topk(per_image[latent], None, keep, np.float32(-np.inf), cv, ci, sv, si, val, idx)
         filled = 0
         for j in range(keep):  # insertion sort, descending; ties stay in position order (row_topk's output)
             v, s = val[j], idx[j]

@@ -58,6 +58,30 @@ def _load(builder, ptr, live, passthru, vty):
     return _masked_load(builder, ptr, live, passthru, vty)
 
 
+def _store(builder, v, ptr, live):
+    """16 lanes to ptr; where live is given (a tail), only those lanes."""
+    if live is None:
+        builder.store(v, builder.bitcast(ptr, v.type.as_pointer()), align=4)
+    else:
+        store = _decl(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_VF, ptr.type, _I32, _VB])
+        builder.call(store, [v, ptr, _ALIGN, live])
+
+
+def _pack_store(builder, v, base_ptr, at, keep, padded):
+    """The lanes of v where keep, packed in order to base_ptr[at:]. padded (the buffer has 16 entries to
+    spare) on AVX-512: compress in a register and store all 16 lanes, faster than a compressing store."""
+    vty = v.type
+    suffix = "v16f32" if vty is _VF else "v16i32"
+    ptr = builder.gep(base_ptr, [at])
+    if padded and _AVX512:
+        pack = _decl(builder, f"llvm.x86.avx512.mask.compress.{suffix}", vty, [vty, vty, _VB])
+        builder.store(builder.call(pack, [v, ir.Constant(vty, None), keep]), builder.bitcast(ptr, vty.as_pointer()),
+                      align=4)
+    else:
+        store = _decl(builder, f"llvm.masked.compressstore.{suffix}", ir.VoidType(), [vty, ptr.type, _VB])
+        builder.call(store, [v, ptr, keep])
+
+
 def _for_blocks(builder: ir.IRBuilder, n: ir.Value, width: int, body) -> None:
     """body(base, tail) for each block of ``width`` entries of [0, n): whole blocks with tail=False (plain
     loads, no masks), then a last partial block, if any, with tail=True."""
@@ -112,25 +136,12 @@ def _compress_loop(op, context, builder, signature, args, padded=False):
         keep = builder.fcmp_ordered(op, v, piv)
         keep = builder.and_(keep, live) if tail else keep
         c = builder.load(count)
-        if dst is not None and padded and _AVX512:
-            # compress in a register, then store all 16 lanes: faster than a compressing store to memory
-            pack = _decl(builder, "llvm.x86.avx512.mask.compress.v16f32", _VF, [_VF, _VF, _VB])
-            packed = builder.call(pack, [v, ir.Constant(_VF, None), keep])
-            builder.store(packed, builder.bitcast(builder.gep(dst.data, [c]), _VF.as_pointer()), align=4)
-        elif dst is not None:
-            store_f = _decl(builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [_VF, dst.data.type, _VB])
-            builder.call(store_f, [v, builder.gep(dst.data, [c]), keep])
+        if dst is not None:
+            _pack_store(builder, v, dst.data, c, keep, padded)
         if dst_idx is not None:
             ids = (_load(builder, builder.gep(src_idx.data, [base]), live, ir.Constant(_VI, None), _VI)
                    if src_idx is not None else pos)
-            if padded and _AVX512:
-                pack = _decl(builder, "llvm.x86.avx512.mask.compress.v16i32", _VI, [_VI, _VI, _VB])
-                packed = builder.call(pack, [ids, ir.Constant(_VI, None), keep])
-                builder.store(packed, builder.bitcast(builder.gep(dst_idx.data, [c]), _VI.as_pointer()), align=4)
-            else:
-                store_i = _decl(builder, "llvm.masked.compressstore.v16i32", ir.VoidType(),
-                                [_VI, dst_idx.data.type, _VB])
-                builder.call(store_i, [ids, builder.gep(dst_idx.data, [c]), keep])
+            _pack_store(builder, ids, dst_idx.data, c, keep, padded)
         kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
         builder.store(builder.add(c, kept), count)
 
@@ -146,6 +157,51 @@ compress_gt = _make_compress(">", "gt")
 compress_eq = _make_compress("==", "eq")
 count_gt = _make_count(">", "gt")
 count_eq = _make_count("==", "eq")
+
+
+@intrinsic
+def add_compress_ge(typingctx, row, bias, pivot, out_val, out_idx):
+    """add_compress_ge(row f32[:], bias f32[:] or None, pivot f32, out_val f32[:], out_idx i32[:]) -> c:
+    adds bias into row in place (as row_threshold32 does) and, in the same sweep, packs the entries >=
+    pivot and their positions into out_val[:c] / out_idx[:c], which need 16 entries to spare (as
+    pad_compress_ge). -1 if the row holds a NaN."""
+    with_bias = not isinstance(bias, types.NoneType)
+    sig = types.intp(row, bias, pivot, out_val, out_idx)
+
+    def codegen(context, builder, signature, args):
+        r, b, _, dst, dst_idx = (None if isinstance(t, types.NoneType) or not isinstance(t, types.Array)
+                                 else context.make_array(t)(context, builder, a)
+                                 for t, a in zip(signature.args, args, strict=True))
+        n = builder.trunc(r.nitems, _I32)
+        piv = _splat(builder, args[2], _VF)
+        popcount = _decl(builder, "llvm.ctpop.i16", _I16, [_I16])
+        count = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
+        nan = cgutils.alloca_once_value(builder, ir.Constant(_VB, [0] * LANES))
+
+        def body(base, tail):
+            pos, live = _lanes_below(builder, base, n)
+            live = live if tail else None
+            ptr = builder.gep(r.data, [base])
+            v = _load(builder, ptr, live, ir.Constant(_VF, None), _VF)
+            if with_bias:
+                v = builder.fadd(v, _load(builder, builder.gep(b.data, [base]), live, ir.Constant(_VF, None), _VF))
+                _store(builder, v, ptr, live)
+            keep = builder.fcmp_ordered(">=", v, piv)
+            bad = builder.fcmp_unordered("uno", v, v)
+            if tail:
+                keep, bad = builder.and_(keep, live), builder.and_(bad, live)
+            builder.store(builder.or_(builder.load(nan), bad), nan)
+            c = builder.load(count)
+            _pack_store(builder, v, dst.data, c, keep, True)
+            _pack_store(builder, pos, dst_idx.data, c, keep, True)
+            kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
+            builder.store(builder.add(c, kept), count)
+
+        _for_blocks(builder, n, LANES, body)
+        any_nan = builder.icmp_unsigned("!=", builder.bitcast(builder.load(nan), _I16), ir.Constant(_I16, 0))
+        return builder.select(any_nan, ir.Constant(_I64, -1), builder.sext(builder.load(count), _I64))
+
+    return sig, codegen
 
 
 @intrinsic
@@ -175,12 +231,7 @@ def row_threshold32(typingctx, row, bias):
                 if with_bias:
                     v = builder.fadd(v, _load(builder, builder.gep(b.data, [base]), live, ir.Constant(_VF, None),
                                               _VF))
-                    if tail:
-                        store = _decl(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                                      [_VF, ptr.type, _I32, _VB])
-                        builder.call(store, [v, ptr, _ALIGN, live])
-                    else:
-                        builder.store(v, builder.bitcast(ptr, _VF.as_pointer()), align=4)
+                    _store(builder, v, ptr, live)
                 best = builder.load(a)
                 builder.store(builder.select(builder.fcmp_ordered(">", v, best), v, best), a)
                 builder.store(builder.or_(builder.load(nan), builder.fcmp_unordered("uno", v, v)), nan)

@@ -36,6 +36,7 @@ from numba import njit, prange
 from tide_core.simd import (
     GROUPS,
     LANES,
+    add_compress_ge,
     compress_eq,
     compress_gt,
     count_eq,
@@ -102,21 +103,33 @@ def scratch_len(n):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def row_topk(row, bias, k, cv, ci, sv, si, out_val, out_idx):  # pragma: no cover - compiled
+def row_topk(row, bias, k, guess, cv, ci, sv, si, out_val, out_idx):  # pragma: no cover - compiled
     """Top-k of one float32 row [n] (plus bias [n], added into row in place; None: none) into out_val [k]
-    / out_idx [k] (int32), in no particular order; False (outputs unfilled) if the row has a NaN.
-    Scratch: cv, ci [scratch_len(n)] float32 / int32, sv [2, scratch_len(n)] float32, si [n] int32."""
+    / out_idx [k] (int32), in no particular order. Returns the k-th largest value, or NaN (outputs
+    unfilled) if the row has a NaN. ``guess``: an estimate of the k-th largest from earlier rows
+    (``KthEstimate``; -inf: none). Scratch: cv, ci [scratch_len(n)] float32 / int32, sv [2,
+    scratch_len(n)] float32, si [n] int32."""
     n = row.shape[0]
-    thr = row_threshold32(row, bias)
-    if thr != thr:
-        return False
-    if k > GROUPS:  # the group bound needs k <= GROUPS: every entry is a candidate
-        thr = np.float32(-np.inf)
-    c = pad_compress_ge(row, None, n, thr, cv, ci)
+    c = -2
+    if guess > -np.inf:  # one sweep adds the bias and keeps the entries >= guess, checked below
+        c = add_compress_ge(row, bias, guess, cv, ci)
+        if c == -1:
+            return np.float32(np.nan)
+    if c < k:  # no guess, or a guess above the k-th largest (fewer than k kept): the group bound
+        if c == -2:  # the bias is still to add
+            thr = row_threshold32(row, bias)
+        else:
+            thr = row_threshold32(row, None)
+        if thr != thr:
+            return np.float32(np.nan)
+        if k > GROUPS:  # the group bound needs k <= GROUPS: every entry is a candidate
+            thr = np.float32(-np.inf)
+        c = pad_compress_ge(row, None, n, thr, cv, ci)
+    # c >= k candidates hold the top k: at least k entries are >= the bound they passed.
     # The quickselect runs on a copy of the candidate values: measured ~12% faster for the whole top-k than
     # on cv itself (likely the many overlapping 16-lane stores that built cv, retired by the time the copy
     # is read; not pinned down).
-    pad_compress_ge(cv, None, c, thr, sv[1], None)
+    pad_compress_ge(cv, None, c, np.float32(-np.inf), sv[1], None)
     t = _kth_largest(sv[1], c, k, sv)
     above = compress_gt(cv, ci, c, t, out_val, out_idx)  # < k of them, in position order
     if above < k:  # the rest are ties at t: lowest positions first
@@ -124,7 +137,27 @@ def row_topk(row, bias, k, cv, ci, sv, si, out_val, out_idx):  # pragma: no cove
         for i in range(k - above):
             out_val[above + i] = t
             out_idx[above + i] = si[i]
-    return True
+    return t
+
+
+@njit(nogil=True, cache=True, inline="always")
+def next_guess(est):  # pragma: no cover - compiled
+    """The guess to pass row_topk from a running estimate est = [mean, variance, rows] of the k-th largest
+    value: mean - 3 sd, which keeps ~6% of a row of the default SAEs' pre-activations instead of the
+    group bound's ~12% (and is wrong, costing a second sweep, for ~0.02% of rows); -inf until 8 rows."""
+    if est[2] < 8:
+        return np.float32(-np.inf)
+    return np.float32(est[0] - 3.0 * np.sqrt(est[1]))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def update_estimate(est, t):  # pragma: no cover - compiled
+    """Fold a row's k-th largest value t into est (exponentially weighted, so it follows drift)."""
+    if np.isfinite(t):
+        d = t - est[0] if est[2] > 0 else 0.0
+        est[0] = est[0] + 0.05 * d if est[2] > 0 else t
+        est[1] = 0.95 * (est[1] + 0.05 * d * d)
+        est[2] += 1
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -135,9 +168,12 @@ def _topk_block(pre, k, out_val, out_idx, r0, r1):  # pragma: no cover - compile
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
     sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
     idx = np.empty((r1 - r0, k), np.int32)
+    est = np.zeros(3)
     bad = 0
     for r in range(r0, r1):
-        bad += not row_topk(pre[r], None, k, cv, ci, sv, si, out_val[r], idx[r - r0])
+        t = row_topk(pre[r], None, k, next_guess(est), cv, ci, sv, si, out_val[r], idx[r - r0])
+        bad += t != t
+        update_estimate(est, t)
     # widened to the caller's int64 afterwards: read right after the compressing stores wrote them, they
     # stall (see feature_stats._topk_accumulate)
     for r in range(r0, r1):
