@@ -105,3 +105,20 @@ def test_topk_rows_exact_when_the_running_guess_is_wrong():
     shift = rng.normal(size=(500, 1)) * scale * 3
     _check((rng.normal(size=(500, 1024)) * scale + shift).astype(np.float32), 32)
     _check((rng.normal(size=(500, 96)) * scale + shift).astype(np.float32), 40)  # k > 32: no group bound
+
+
+def test_kernels_compiled_for_a_cpu_without_avx512(tmp_path):
+    # On AVX-512 the compresses use vcompressps on registers; elsewhere LLVM's generic lowering of the
+    # same IR. Compile everything for a baseline x86-64 CPU (own cache dir) and run the exactness checks
+    # and the feature pass's fused-path check there.
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    tests = ["tests/test_topk.py::test_topk_rows_is_exact", "tests/test_topk.py::test_topk_rows_masked_rows_and_nan",
+             "tests/test_topk.py::test_topk_rows_many_ties_match_a_stable_sort",
+             "tests/test_topk.py::test_topk_rows_exact_when_the_running_guess_is_wrong",
+             "tests/test_features.py::test_fused_topk_counts_equal_the_general_path"]
+    probe = "from tide_core import simd; assert not simd._AVX512"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", probe], env=env, cwd=root, timeout=120).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

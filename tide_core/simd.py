@@ -16,13 +16,23 @@ numba compiles (and caches) for the host CPU.
 
 from __future__ import annotations
 
+import numba
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f"))  # numba compiles for the host CPU
+
+def _targets_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512F: the host's, or the one NUMBA_CPU_NAME names (then
+    only if NUMBA_CPU_FEATURES lists +avx512f)."""
+    if numba.config.CPU_NAME:
+        return "+avx512f" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("avx512f"))
+
+
+_AVX512 = _targets_avx512()
 LANES = 16
 GROUPS = 2 * LANES  # row_threshold32's interleaved groups: its bound holds for k <= GROUPS
 _F32, _I32, _I16, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(16), ir.IntType(64)
