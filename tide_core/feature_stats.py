@@ -1,9 +1,10 @@
 """Feature statistics of one SAE as a map-reduce over chunks of stored activations.
 
-A chunk is one diffusion step of a block of samples (one Zarr chunk). ``chunk_partial`` encodes it and
-returns a ``StepPartial``: fire counts and activation sums by class, maxima, a histogram and the chunk's
-top images per latent. Partials of the same step merge exactly (sums, maxima, a top-N merge), so any
-scheduler may reduce them in any order and get the same numbers. ``summarise`` stacks the merged steps
+A chunk is one diffusion step of a block of samples (one Zarr chunk). ``step_partial`` encodes some
+chunks of one step and returns a ``StepPartial``: fire counts and activation sums by class, maxima, a
+histogram and the top images per latent (``chunk_partial``: one chunk). Partials of the same step merge
+exactly (sums, maxima, a top-N merge), so any scheduler may reduce them in any order and get the same
+numbers. ``summarise`` stacks the merged steps
 into a ``FeatureSummary`` whose properties give per-step, per-class and overall statistics.
 
 Vocabulary: a latent's *activation* on a token is its SAE latent value (scaled SAE units; for TopK SAEs
@@ -181,7 +182,7 @@ def _topk_accumulate(pre, row0, bias, val, idx, p, s0, sample_class, key0, first
 
 @dataclass(frozen=True)
 class _Counts:
-    """A chunk's accumulators, filled in place by the compiled kernels."""
+    """The counters of one step over some images (one or more chunks), filled in place by the kernels."""
 
     fires: np.ndarray  # int64 [C, n]
     act_sum: np.ndarray  # float64 [C, n]
