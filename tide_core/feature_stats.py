@@ -162,7 +162,7 @@ def _topk_accumulate(pre, row0, bias, val, idx, p, s0, sample_class, key0, first
     t, n = pre.shape
     k = val.shape[1]
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
-    sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
+    sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(scratch_len(n), np.int32)
     est = np.zeros(3)
     for r in range(t):
         kth = row_topk(pre[r], bias, k, next_guess(est), cv, ci, sv, si, val[r], idx[r])
@@ -268,7 +268,7 @@ def _top_images(per_image, sample_ids, top_val, top_sid):  # pragma: no cover - 
     n, b = per_image.shape
     keep = min(top_val.shape[1], b)
     cv, ci = np.empty(scratch_len(b), np.float32), np.empty(scratch_len(b), np.int32)
-    sv, si = np.empty((2, scratch_len(b)), np.float32), np.empty(b, np.int32)
+    sv, si = np.empty((2, scratch_len(b)), np.float32), np.empty(scratch_len(b), np.int32)
     val, idx = np.empty(keep, np.float32), np.empty(keep, np.int32)
     for latent in range(n):  # no NaN: maxima of finite values; no guess: latents differ too much
         row_topk(per_image[latent], None, keep, np.float32(-np.inf), cv, ci, sv, si, val, idx)

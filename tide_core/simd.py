@@ -3,15 +3,17 @@ LLVM does not vectorise from plain loops.
 
 * ``row_threshold32`` adds a bias into a row in place and returns a lower bound for its 32nd largest
   entry (the minimum of 32 interleaved group maxima), or NaN if the row holds a NaN.
-* ``compress_gt / eq`` pack the entries of a buffer that compare so with a pivot, in order, with their
-  int32 positions, exactly into their outputs (``llvm.masked.compressstore``).
-* ``pad_compress_ge / gt / lt`` do the same into scratch buffers with 16 entries to spare: on AVX-512 they
-  compress in a register (``vcompressps``) and store all 16 lanes, which is faster.
+* ``pad_compress_ge / gt / lt / eq`` pack the entries of a buffer that compare so with a pivot, in order,
+  with their int32 positions, into scratch buffers with 16 entries to spare; ``add_compress_ge`` does
+  it for a row while adding the bias. On AVX-512 they compress in a register (``vcompressps``) and store
+  all 16 lanes: a compressing store to memory is slow on some CPUs (AMD's Zen 4 microcodes it; on this
+  Intel machine it measured about the same). Elsewhere, ``llvm.masked.compressstore``.
 * ``count_gt / eq`` count the entries that compare so.
 
 Other CPUs get LLVM's generic lowering of the same IR: slower, the same results. All compares are IEEE
 ordered compares, so a NaN never passes one. Each intrinsic is inlined into the calling kernel, which
-numba compiles (and caches) for the host CPU.
+numba compiles (and caches) for the host CPU. Numba's cache does not see edits to this file: after one,
+delete tide_core/__pycache__/*.nbi and *.nbc.
 """
 
 from __future__ import annotations
@@ -77,13 +79,13 @@ def _store(builder, v, ptr, live):
         builder.call(store, [v, ptr, _ALIGN, live])
 
 
-def _pack_store(builder, v, base_ptr, at, keep, padded):
-    """The lanes of v where keep, packed in order to base_ptr[at:]. padded (the buffer has 16 entries to
-    spare) on AVX-512: compress in a register and store all 16 lanes, faster than a compressing store."""
+def _pack_store(builder, v, base_ptr, at, keep):
+    """The lanes of v where keep, packed in order to base_ptr[at:], which has 16 entries to spare: on
+    AVX-512 compressed in a register and stored whole."""
     vty = v.type
     suffix = "v16f32" if vty is _VF else "v16i32"
     ptr = builder.gep(base_ptr, [at])
-    if padded and _AVX512:
+    if _AVX512:
         pack = _decl(builder, f"llvm.x86.avx512.mask.compress.{suffix}", vty, [vty, vty, _VB])
         builder.store(builder.call(pack, [v, ir.Constant(vty, None), keep]), builder.bitcast(ptr, vty.as_pointer()),
                       align=4)
@@ -103,17 +105,17 @@ def _for_blocks(builder: ir.IRBuilder, n: ir.Value, width: int, body) -> None:
         body(start, True)
 
 
-def _make_compress(op: str, doc: str, padded: bool = False):
+def _make_compress(op: str, doc: str):
     @intrinsic
     def compress(typingctx, val, idx, m, pivot, out_val, out_idx):
         sig = types.intp(val, idx, m, pivot, out_val, out_idx)
         return sig, lambda context, builder, signature, args: _compress_loop(op, context, builder, signature,
-                                                                               args, padded)
+                                                                               args)
 
-    compress.__doc__ = (f"compress_{doc}(val f32[:], idx i32[:] or None, m, pivot f32, out_val f32[:], "
-                        f"out_idx i32[:] or None) -> c: packs val[i] {op} pivot (i < m) into out_val[:c] in order, "
-                        "their idx (None: the positions i) into out_idx[:c] (None: not kept). The outputs must "
-                        "not overlap the inputs.")
+    compress.__doc__ = (f"pad_compress_{doc}(val f32[:], idx i32[:] or None, m, pivot f32, out_val f32[:] or "
+                        f"None, out_idx i32[:] or None) -> c: packs val[i] {op} pivot (i < m) into out_val[:c] in "
+                        "order, their idx (None: the positions i) into out_idx[:c] (None: not kept). The outputs "
+                        "need 16 entries to spare past c and must not overlap the inputs.")
     return compress
 
 
@@ -129,7 +131,7 @@ def _make_count(op: str, doc: str):
     return count
 
 
-def _compress_loop(op, context, builder, signature, args, padded=False):
+def _compress_loop(op, context, builder, signature, args):
     """The loop behind compress_* and count_*: 16 entries per step."""
     src, src_idx, dst, dst_idx = (
         None if isinstance(signature.args[i], types.NoneType)
@@ -147,11 +149,11 @@ def _compress_loop(op, context, builder, signature, args, padded=False):
         keep = builder.and_(keep, live) if tail else keep
         c = builder.load(count)
         if dst is not None:
-            _pack_store(builder, v, dst.data, c, keep, padded)
+            _pack_store(builder, v, dst.data, c, keep)
         if dst_idx is not None:
             ids = (_load(builder, builder.gep(src_idx.data, [base]), live, ir.Constant(_VI, None), _VI)
                    if src_idx is not None else pos)
-            _pack_store(builder, ids, dst_idx.data, c, keep, padded)
+            _pack_store(builder, ids, dst_idx.data, c, keep)
         kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
         builder.store(builder.add(c, kept), count)
 
@@ -159,12 +161,10 @@ def _compress_loop(op, context, builder, signature, args, padded=False):
     return builder.sext(builder.load(count), _I64)
 
 
-# Scratch versions: may write up to 15 entries past out_val[c] / out_idx[c] (both need m + 16 entries).
-pad_compress_ge = _make_compress(">=", "ge", padded=True)
-pad_compress_gt = _make_compress(">", "gt", padded=True)
-pad_compress_lt = _make_compress("<", "lt", padded=True)
-compress_gt = _make_compress(">", "gt")
-compress_eq = _make_compress("==", "eq")
+pad_compress_ge = _make_compress(">=", "ge")
+pad_compress_gt = _make_compress(">", "gt")
+pad_compress_lt = _make_compress("<", "lt")
+pad_compress_eq = _make_compress("==", "eq")
 count_gt = _make_count(">", "gt")
 count_eq = _make_count("==", "eq")
 
@@ -202,8 +202,8 @@ def add_compress_ge(typingctx, row, bias, pivot, out_val, out_idx):
                 keep, bad = builder.and_(keep, live), builder.and_(bad, live)
             builder.store(builder.or_(builder.load(nan), bad), nan)
             c = builder.load(count)
-            _pack_store(builder, v, dst.data, c, keep, True)
-            _pack_store(builder, pos, dst_idx.data, c, keep, True)
+            _pack_store(builder, v, dst.data, c, keep)
+            _pack_store(builder, pos, dst_idx.data, c, keep)
             kept = builder.zext(builder.call(popcount, [builder.bitcast(keep, _I16)]), _I32)
             builder.store(builder.add(c, kept), count)
 

@@ -37,10 +37,9 @@ from tide_core.simd import (
     GROUPS,
     LANES,
     add_compress_ge,
-    compress_eq,
-    compress_gt,
     count_eq,
     count_gt,
+    pad_compress_eq,
     pad_compress_ge,
     pad_compress_gt,
     pad_compress_lt,
@@ -107,8 +106,8 @@ def row_topk(row, bias, k, guess, cv, ci, sv, si, out_val, out_idx):  # pragma: 
     """Top-k of one float32 row [n] (plus bias [n], added into row in place; None: none) into out_val [k]
     / out_idx [k] (int32), in no particular order. Returns the k-th largest value, or NaN (outputs
     unfilled) if the row has a NaN. ``guess``: an estimate of the k-th largest from earlier rows
-    (``KthEstimate``; -inf: none). Scratch: cv, ci [scratch_len(n)] float32 / int32, sv [2,
-    scratch_len(n)] float32, si [n] int32."""
+    (``next_guess``; -inf: none). Scratch: cv, ci, si [scratch_len(n)] float32 / int32 / int32, sv [2,
+    scratch_len(n)] float32."""
     n = row.shape[0]
     c = -2
     if guess > -np.inf:  # one sweep adds the bias and keeps the entries >= guess, checked below
@@ -131,12 +130,16 @@ def row_topk(row, bias, k, guess, cv, ci, sv, si, out_val, out_idx):  # pragma: 
     # is read; not pinned down).
     pad_compress_ge(cv, None, c, np.float32(-np.inf), sv[1], None)
     t = _kth_largest(sv[1], c, k, sv)
-    above = compress_gt(cv, ci, c, t, out_val, out_idx)  # < k of them, in position order
+    # Packed into padded scratch, then copied out: a compressing store to memory is slow on some CPUs.
+    above = pad_compress_gt(cv, ci, c, t, sv[0], si)  # < k of them, in position order
     if above < k:  # the rest are ties at t: lowest positions first
-        compress_eq(cv, ci, c, t, sv[0], si)
-        for i in range(k - above):
-            out_val[above + i] = t
-            out_idx[above + i] = si[i]
+        pad_compress_eq(cv, ci, c, t, None, si[above:])
+    for i in range(above):
+        out_val[i] = sv[0, i]
+    for i in range(above, k):
+        out_val[i] = t
+    for i in range(k):
+        out_idx[i] = si[i]
     return t
 
 
@@ -166,7 +169,7 @@ def _topk_block(pre, k, out_val, out_idx, r0, r1):  # pragma: no cover - compile
     rows that had a NaN (left unfilled)."""
     n = pre.shape[1]
     cv, ci = np.empty(scratch_len(n), np.float32), np.empty(scratch_len(n), np.int32)
-    sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(n, np.int32)
+    sv, si = np.empty((2, scratch_len(n)), np.float32), np.empty(scratch_len(n), np.int32)
     idx = np.empty((r1 - r0, k), np.int32)
     est = np.zeros(3)
     bad = 0
