@@ -311,13 +311,14 @@ def test_fused_topk_counts_equal_the_general_path(variant):
     acts = np.random.default_rng(5).normal(size=(9, P, D)).astype(np.float32)
     x, classes = torch.from_numpy(acts.reshape(-1, D)), np.arange(9) % C
     fast, general = fs._Counts.zeros(C, N_LAT, 9), fs._Counts.zeros(C, N_LAT, 9)
-    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, 0, classes, fast) == len(x)
+    assert fs._count_topk(fs._fast_encoder(sae, TIMESTEPS[1]), x.numpy(), P, 0, classes, fast) == len(x)
     f = fs.fired_latents(sae, x, TIMESTEPS[1])
     fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, 0, classes, *general.args())
     for a, b in zip(fast.args()[3:], general.args()[3:], strict=True):
         np.testing.assert_array_equal(a, b)
     x[4, 2] = float("nan")  # a NaN row: the sweep stops before its tile, the rest takes the general path
-    assert fs._count_topk(sae, x.numpy(), TIMESTEPS[1], P, 0, classes, fs._Counts.zeros(C, N_LAT, 9)) == 0
+    enc = fs._fast_encoder(sae, TIMESTEPS[1])
+    assert fs._count_topk(enc, x.numpy(), P, 0, classes, fs._Counts.zeros(C, N_LAT, 9)) == 0
 
 
 def test_step_partial_over_chunks_equals_merged_chunk_partials():

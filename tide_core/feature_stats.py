@@ -231,31 +231,51 @@ def _workspace(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarra
     return buf
 
 
+@dataclass(frozen=True)
+class _Encoder:
+    """A TopK SAE's encoder at one timestep, in the pieces the compiled sweep takes (made once per task)."""
+
+    w: torch.Tensor  # [d, n] W_enc^T (a view)
+    bias: np.ndarray  # [n] b_enc
+    b_dec: np.ndarray  # [d]
+    scale: np.float32  # input_scale
+    gain: np.ndarray | None  # [d] TIDE's modulation at the timestep (None: no modulation)
+    shift: np.ndarray | None  # [d]
+    k: int
+
+
 @torch.no_grad()
-def _count_topk(sae, acts: np.ndarray, timestep: int, p: int, s0: int, sample_class: np.ndarray,
+def _fast_encoder(sae, timestep: int) -> _Encoder | None:
+    """The fast path's encoder, or None where it does not apply (not TopK, not float32 on the CPU)."""
+    if not (sae.spec.is_topk and sae.W_enc.device.type == "cpu" and sae.W_enc.dtype == torch.float32):
+        return None
+    mod = sae.timestep_modulation(timestep)
+    gain, shift = (None, None) if mod is None else (mod.gain.numpy(), mod.shift.numpy())
+    return _Encoder(w=sae.W_enc.detach().t(), bias=sae.b_enc.detach().numpy(), b_dec=sae.b_dec.detach().numpy(),
+                    scale=np.float32(sae.input_scale), gain=gain, shift=shift, k=sae.spec.k)
+
+
+@torch.no_grad()
+def _count_topk(enc: _Encoder, acts: np.ndarray, p: int, s0: int, sample_class: np.ndarray,
                 counts: _Counts) -> int:
     """The fast path for TopK SAEs on CPU, for the tokens acts [T, d] of images s0..: the encoder matmul,
     then one compiled sweep that selects and counts (no [T, n] bias pass, no pair arrays). The same
     numbers as fired_latents: the same matmul, the same IEEE bias add, the same exact top-k. Returns the
-    rows counted: T, or fewer where it does not apply (0) or a tile had a NaN (the rows before it)."""
-    if not (sae.spec.is_topk and sae.W_enc.device.type == "cpu" and sae.W_enc.dtype == torch.float32):
-        return 0
+    rows counted: T, or fewer if a tile had a NaN (the rows before it)."""
     t, d = acts.shape
+    n = enc.w.shape[1]
     x = _workspace("x", (t, d))
     torch.from_numpy(x).copy_(torch.from_numpy(acts))  # float16 -> float32, vectorised (numpy's is ~6x slower)
     xc = _workspace("xc", (t, d))  # what the encoder reads
-    mod = sae.timestep_modulation(timestep)
-    gain, shift = (None, None) if mod is None else (mod.gain.numpy(), mod.shift.numpy())
-    _encoder_input(x, np.float32(sae.input_scale), gain, shift, sae.b_dec.detach().numpy(), xc)
-    w, bias = sae.W_enc.t(), sae.b_enc.detach().numpy()  # [d, n], [n]
-    tile = max(1, min(t, _TILE_FLOATS // w.shape[1]))
-    pre = torch.from_numpy(_workspace("pre", (tile, w.shape[1])))  # [tile, n]: in cache from matmul to sweep
-    val, idx = _workspace("val", (tile, sae.spec.k)), _workspace("idx", (tile, sae.spec.k), np.int32)
+    _encoder_input(x, enc.scale, enc.gain, enc.shift, enc.b_dec, xc)
+    tile = max(1, min(t, _TILE_FLOATS // n))
+    pre = torch.from_numpy(_workspace("pre", (tile, n)))  # [tile, n]: in cache from matmul to sweep
+    val, idx = _workspace("val", (tile, enc.k)), _workspace("idx", (tile, enc.k), np.int32)
     xc = torch.from_numpy(xc)
     for r0 in range(0, t, tile):
         out = pre[:t - r0]
-        torch.mm(xc[r0:r0 + tile], w, out=out)  # bias not yet added
-        if not _topk_accumulate(out.numpy(), r0, bias, val, idx, p, s0, sample_class, *counts.args()):
+        torch.mm(xc[r0:r0 + tile], enc.w, out=out)  # bias not yet added
+        if not _topk_accumulate(out.numpy(), r0, enc.bias, val, idx, p, s0, sample_class, *counts.args()):
             return r0
     return t
 
@@ -306,6 +326,7 @@ def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timeste
     sample_ids = np.full(n_images, -1, np.int64)
     sample_class = np.zeros(n_images, np.int64)
     class_tokens = np.zeros(n_classes, np.int64)
+    enc = _fast_encoder(sae, timestep)
     s0 = tokens = 0
     for chunk in chunks:
         b, p, d = chunk.acts.shape
@@ -313,7 +334,7 @@ def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timeste
             raise ValueError(f"step_partial was told of {n_images} images but got more")
         sample_ids[s0:s0 + b], sample_class[s0:s0 + b] = chunk.sample_ids, chunk.class_ids
         acts = chunk.acts.reshape(b * p, d)
-        done = _count_topk(sae, acts, timestep, p, s0, sample_class, counts)
+        done = _count_topk(enc, acts, p, s0, sample_class, counts) if enc is not None else 0
         if done < b * p:  # relu SAEs, rows with a NaN: the general path for the rest of the chunk
             x = torch.from_numpy(np.ascontiguousarray(acts[done:])).float()  # [rows, d]
             f = fired_latents(sae, x, timestep)

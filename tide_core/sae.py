@@ -27,13 +27,13 @@ Recipe (OpenAI, "Scaling and evaluating sparse autoencoders", plus TIDE, arXiv 2
 
 Why TopK training is fast here: the encoder matmul x @ W_enc^T ([B, n_latents]) is unavoidable, but nothing
 else needs the dense latent. The top-k indices are picked without autograd (``topk_exact``: on CPU a
-compiled kernel from ``tide_core.topk``, ~2.7x faster than torch.topk), their values get a custom backward
+compiled kernel from ``tide_core.topk``, ~10x faster than torch.topk), their values get a custom backward
 that touches only the k selected encoder rows, and decoding is an ``embedding_bag`` over the k active
 decoder rows. Both weight gradients are sparse [n_latents, B] @ [B, d_in] products sharing one grouping of
 the (token, latent) pairs by latent (a compiled counting sort on CPU). A plain dense version does five
 [B x d_in x n_latents] matmuls per step (encode, decode, three in backward); this one does one. Measured
 on two CPU threads, d_in=128, n_latents=1024, k=32, B=1024 (training step incl. AdamW, vs
-``DenseTopKReference``): 2.2-2.4x (``bench/sae_train.py``, numbers in bench/RESULTS.md).
+``DenseTopKReference``): 2.4x (``bench/sae_train.py``, numbers in bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def topk_exact(pre: Tensor, k: int) -> TopKSelection:
     latent id; elsewhere torch breaks them).
 
     torch.topk on CPU costs ~4.5 µs per 1024-wide row, half a TopK SAE's training step; the compiled
-    kernel of ``tide_core.topk`` does the same exactly in ~1.7 µs and splits rows over the intra-op
+    kernel of ``tide_core.topk`` does the same exactly in ~0.45 µs and splits rows over the intra-op
     threads. On other devices (and for a row with a NaN) torch.topk is used as is.
     """
     if pre.device.type == "cpu" and pre.dtype == torch.float32 and k < pre.shape[1]:
@@ -470,18 +470,12 @@ class SparseAutoencoder(nn.Module):
         ``_modulate`` applies to every token of that timestep, for kernels that fuse it."""
         if self.time_mlp is None:
             return None
-        # Cached per timestep and weights version (a feature pass asks once per chunk, from every thread;
-        # the MLP's small torch calls hold the GIL). Training bumps the versions, so stale entries miss.
-        key = (int(timestep), *(p._version for p in self.time_mlp.parameters()))
-        cache = self.__dict__.setdefault("_modulations", {})
-        if key not in cache:
-            t = self._as_timesteps(torch.tensor([timestep]), 1)
-            emb = timestep_embedding(t, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [1, E]
-            scale, shift = self.time_mlp(emb)[0].chunk(2)  # [d] each
-            if len(cache) > 4096:
-                cache.clear()
-            cache[key] = Modulation(gain=1 + scale, shift=shift)
-        return cache[key]
+        scale, shift = self._time_mlp(self._as_timesteps(torch.tensor([timestep]), 1))[0].chunk(2)  # [d] each
+        return Modulation(gain=1 + scale, shift=shift)
+
+    def _time_mlp(self, t: Tensor) -> Tensor:
+        """The time MLP's output [U, 2d] (scale, shift) at distinct timesteps t [U]."""
+        return self.time_mlp(timestep_embedding(t, self.spec.time_embed_dim, self.spec.num_train_timesteps))
 
     def _modulate(self, xs: Tensor, t: Tensor | None) -> Tensor:
         """TIDE: x' = x * (1 + scale(t)) + shift(t); identity for the other variants."""
@@ -489,8 +483,7 @@ class SparseAutoencoder(nn.Module):
             return xs
         # Tokens share few distinct timesteps (one per sampling step), so run the MLP once per timestep.
         uniq, inverse = torch.unique(t, return_inverse=True)
-        emb = timestep_embedding(uniq, self.spec.time_embed_dim, self.spec.num_train_timesteps)  # [T, E]
-        mod = self.time_mlp(emb)  # [U, 2d]
+        mod = self._time_mlp(uniq)  # [U, 2d]
         # One timestep (a feature-pass chunk): broadcast [1, 2d] rather than gather B equal rows. Else
         # index_select, not mod[inverse]: the backward of indexing (an accumulating index_put) made
         # two-thread training differ run to run; index_select's (index_add_) does not.
