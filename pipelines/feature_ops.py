@@ -386,7 +386,7 @@ def build_top_images(project: Project, layer: int, log: Log = print) -> dict[str
     wh = Warehouse(project.duckdb_path)
     gh, gw = store.layout.token_grid
     timesteps = dict(zip(store.layout.steps, store.provenance["capture_timesteps"], strict=True))
-    missing = [summary_path(project, r.sae_id) for r in records if not summary_path(project, r.sae_id).exists()]
+    missing = [p for p in (summary_path(project, r.sae_id) for r in records) if not p.exists()]
     if missing:
         raise FeatureError(f"no statistics for {', '.join(p.stem for p in missing)} ({missing[0].parent}): "
                            f"materialize `feature_stats` partition {layer:02d} first")
