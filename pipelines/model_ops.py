@@ -128,14 +128,14 @@ def measure_quality(project: Project, log: Log = print) -> QualityReport:
     from tide_core.sampling import Sampler, to_uint8
 
     cfg = project.config
-    bundle = load_model(cfg.model, project.base_dir)
     s = cfg.sampling
-    key = _quality_key(project, bundle.config_hash)
+    key = _quality_key(project)
     reused = _reuse_quality(project, key)
     if reused is not None:
         log(f"sample quality of this model, sampler and judge (key {key}) is on record: reusing it "
             f"(class accuracy {reused.accuracy:.3f}); delete {project.root / 'sample_quality.json'} to measure again")
         return reused
+    bundle = load_model(cfg.model, project.base_dir)
     sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, seed=s.seed + 1_000_003)
     n = cfg.model.judge.quality_samples
     ids = np.arange(n)
@@ -167,13 +167,15 @@ def measure_quality(project: Project, log: Log = print) -> QualityReport:
     return report
 
 
-def _quality_key(project: Project, model_hash: str) -> str:
-    """What the quality numbers depend on: the DiT (config + weights), the sampler, the sample count and
-    the judge (its settings and trained weights)."""
+def _quality_key(project: Project) -> str:
+    """What the quality numbers depend on: the default DiT (its recorded config and weights hash, read
+    without loading it), the sampler, the sample count and the judge (its settings and trained weights)."""
     import hashlib
 
+    meta = read_model_meta(project.dit_checkpoint)
+    model = {"digits": meta.get("digits_fingerprint"), "weights": meta.get("weights_sha256")}
     judge = project.judge_dir / "judge.safetensors"
-    return content_key({"model": model_hash, "sampling": project.config.sampling.model_dump(),
+    return content_key({"model": model, "sampling": project.config.sampling.model_dump(),
                         "n": project.config.model.judge.quality_samples, "judge": _judge_fingerprint(project),
                         "judge_weights": hashlib.sha256(judge.read_bytes()).hexdigest() if judge.exists() else None})
 

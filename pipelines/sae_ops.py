@@ -167,6 +167,7 @@ def reuse_trained(project: Project, layer: int, ids: dict[str, str], key: str, r
     """The layer's report rebuilt from the warehouse, if every SAE in ``ids`` (variant -> sae_id) has a
     checkpoint finished under ``key`` and published metrics; None if anything must be trained."""
     from storage.warehouse import Warehouse
+    from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE
 
     if not project.duckdb_path.exists():
         return None
@@ -174,9 +175,11 @@ def reuse_trained(project: Project, layer: int, ids: dict[str, str], key: str, r
     reports = []
     for variant, sid in ids.items():
         path = project.root / "saes" / sid
-        try:
-            meta = json.loads((path / "cfg.json").read_text()).get("meta", {})
+        try:  # without its weights a finished checkpoint is not reusable: retrain, don't point back here
+            meta = json.loads((path / CONFIG_FILE).read_text()).get("meta", {})
         except (OSError, ValueError):
+            return None
+        if not (path / WEIGHTS_FILE).exists():
             return None
         published = wh.query("SELECT count(*) FROM saes WHERE sae_id = ? AND tokens_seen = ?",
                              [sid, meta.get("tokens_seen", -1)]).column(0)[0].as_py()

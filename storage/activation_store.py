@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 SCHEMA_VERSION = 1
 # Provenance keys that may differ between runs writing the same store (not part of its identity).
@@ -110,7 +111,7 @@ class ActivationStore:
         self.group = group
         self.layout = StoreLayout(**group.attrs["layout"])
         self.fs, self._root = fsspec.core.url_to_fs(self.url)
-        self._local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self._local = isinstance(self.fs, LocalFileSystem)
         self._arrays: dict[str, zarr.Array] = {}  # zarr re-reads zarr.json on every group lookup
         self._made_dirs: set[str] = set()
 
