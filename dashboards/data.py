@@ -1,7 +1,7 @@
 """What the feature browser reads from the warehouse: typed records and Arrow tables, from the views.
 
-Every read is one short read-only query through ``storage.warehouse.Warehouse`` (which retries while a
-writer holds the file), so building the site can interleave with a running pipeline. Values reach
+Every read is a short read-only query (or a block of them on one connection) through
+``storage.warehouse.Warehouse`` (which retries while a writer holds the file), so building the site can interleave with a running pipeline. Values reach
 DuckDB as parameters only. The per-feature tables are read in blocks of feature ids so that an SAE
 with 16k+ latents and heatmaps never sits in memory whole.
 """
@@ -150,19 +150,20 @@ class WarehouseReader:
             "WHERE f.sae_id = $sae ORDER BY f.feature_id", {"sae": sae_id})
 
     def feature_block(self, sae_id: str, lo: int, hi: int) -> FeatureBlock:
-        def read(view: str, order: str) -> pa.Table:
-            return self.wh.query(
-                f"SELECT * {_EXCLUDE_CONTEXT} FROM {view} WHERE sae_id = ? AND feature_id >= ? AND feature_id < ? "
-                f"ORDER BY {order}", [sae_id, lo, hi])
+        with self.wh.reading() as reads:  # five reads, one connection
+            def read(view: str, order: str) -> pa.Table:
+                return reads.query(
+                    f"SELECT * {_EXCLUDE_CONTEXT} FROM {view} WHERE sae_id = ? AND feature_id >= ? "
+                    f"AND feature_id < ? ORDER BY {order}", [sae_id, lo, hi])
 
-        return FeatureBlock(
-            sae_id=sae_id, lo=lo, hi=hi,
-            features=read("v_features", "feature_id"),
-            steps=read("v_feature_stats", "feature_id, step"),
-            classes=read("v_feature_classes", "feature_id, class_id"),
-            top=read("v_top_images", "feature_id, scope, rank"),
-            neighbors=read("v_feature_neighbors", "feature_id, rank"),
-        )
+            return FeatureBlock(
+                sae_id=sae_id, lo=lo, hi=hi,
+                features=read("v_features", "feature_id"),
+                steps=read("v_feature_stats", "feature_id, step"),
+                classes=read("v_feature_classes", "feature_id, class_id"),
+                top=read("v_top_images", "feature_id, scope, rank"),
+                neighbors=read("v_feature_neighbors", "feature_id, rank"),
+            )
 
     def feature_id_range(self, sae_id: str) -> tuple[int, int]:
         """[lo, hi) covering every feature id of the SAE in any feature view; (0, 0) when there are none."""

@@ -171,28 +171,28 @@ def reuse_trained(project: Project, layer: int, ids: dict[str, str], key: str, r
 
     if not project.duckdb_path.exists():
         return None
-    wh = Warehouse(project.duckdb_path)
     reports = []
-    for variant, sid in ids.items():
-        path = project.root / "saes" / sid
-        try:  # without its weights a finished checkpoint is not reusable: retrain, don't point back here
-            meta = json.loads((path / CONFIG_FILE).read_text()).get("meta", {})
-        except (OSError, ValueError):
-            return None
-        if not (path / WEIGHTS_FILE).exists():
-            return None
-        published = wh.query("SELECT count(*) FROM saes WHERE sae_id = ? AND tokens_seen = ?",
-                             [sid, meta.get("tokens_seen", -1)]).column(0)[0].as_py()
-        if meta.get("training_key") != key or not published:
-            return None
-        metrics: dict[str, dict[int, dict]] = {}
-        for row in wh.query("SELECT * EXCLUDE (sae_id) FROM sae_metrics WHERE sae_id = ?", [sid]).to_pylist():
-            metrics.setdefault(row.pop("split"), {})[row.pop("step")] = row
-        if "heldout" not in metrics:
-            return None
-        splice = wh.query("SELECT * EXCLUDE (sae_id) FROM sae_splice WHERE sae_id = ?", [sid]).to_pylist()
-        reports.append(SAEReport(sae_id=sid, variant=variant, path=str(path), tokens_seen=meta["tokens_seen"],
-                                 seconds=0.0, metrics=metrics, splice=splice[0] if splice else None))
+    with Warehouse(project.duckdb_path).reading() as wh:  # a few reads per variant, one connection
+        for variant, sid in ids.items():
+            path = project.root / "saes" / sid
+            try:  # without its weights a finished checkpoint is not reusable: retrain, don't point back here
+                meta = json.loads((path / CONFIG_FILE).read_text()).get("meta", {})
+            except (OSError, ValueError):
+                return None
+            if not (path / WEIGHTS_FILE).exists():
+                return None
+            published = wh.query("SELECT count(*) FROM saes WHERE sae_id = ? AND tokens_seen = ?",
+                                 [sid, meta.get("tokens_seen", -1)]).column(0)[0].as_py()
+            if meta.get("training_key") != key or not published:
+                return None
+            metrics: dict[str, dict[int, dict]] = {}
+            for row in wh.query("SELECT * EXCLUDE (sae_id) FROM sae_metrics WHERE sae_id = ?", [sid]).to_pylist():
+                metrics.setdefault(row.pop("split"), {})[row.pop("step")] = row
+            if "heldout" not in metrics:
+                return None
+            splice = wh.query("SELECT * EXCLUDE (sae_id) FROM sae_splice WHERE sae_id = ?", [sid]).to_pylist()
+            reports.append(SAEReport(sae_id=sid, variant=variant, path=str(path), tokens_seen=meta["tokens_seen"],
+                                     seconds=0.0, metrics=metrics, splice=splice[0] if splice else None))
     return LayerReport(layer=layer, run_id=run_id, reports=reports)
 
 

@@ -211,6 +211,22 @@ def connect(
 # ------------------------------------------------------------------------------------ warehouse
 
 
+class Reads:
+    """Read-only queries on one open connection: ``Warehouse.reading``."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self._con = con
+
+    def query(self, sql: str, params: Params = None) -> pa.Table:
+        """As ``Warehouse.query``."""
+        _refuse_writes(sql)
+        if isinstance(params, Mapping):
+            params = {name: _plain(value) for name, value in params.items()}
+        elif params is not None:
+            params = [_plain(value) for value in params]
+        return _fetch(self._con, sql, params)
+
+
 class Warehouse:
     """The warehouse file at ``path``; every method opens and closes its own connection."""
 
@@ -367,13 +383,15 @@ class Warehouse:
         ``sql``. Write statements raise ``WarehouseReadOnlyError``; DuckDB errors (syntax, unknown
         table) raise ``WarehouseQueryError`` carrying DuckDB's text.
         """
-        _refuse_writes(sql)
-        if isinstance(params, Mapping):
-            params = {name: _plain(value) for name, value in params.items()}
-        elif params is not None:
-            params = [_plain(value) for value in params]
+        with self.reading() as reads:
+            return reads.query(sql, params)
+
+    @contextmanager
+    def reading(self) -> Iterator[Reads]:
+        """Several ``query`` calls on one read-only connection (opening one costs ~16 ms); a writer waits
+        for the block to end, so keep it short."""
         with self._connection(read_only=True) as con:
-            return _fetch(con, sql, params)
+            yield Reads(con)
 
     # The CLI's name for the same thing: `query` never writes.
     readonly_query = query
