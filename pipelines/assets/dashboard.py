@@ -42,7 +42,7 @@ def build_dashboard(project: Project, log=print):
 
 
 def key_plots(report) -> dict[str, bytes]:
-    """Per layer, NMSE / L0 / live features against step (held-out), one line per variant; and, over all
+    """Per layer, NMSE / L0 / dead fraction against step (held-out), one line per variant; and, over all
     SAEs, how many features peak at each step and how fire rates are spread."""
     plots: dict[str, bytes] = {}
     layers = sorted({s.layer for s in report.saes})
