@@ -25,7 +25,7 @@ from pipelines.sae_ops import SITE, load_digit_judge, missing_checkpoint, run_sa
 from storage.activation_store import ActivationStore
 from storage.warehouse import SaeRecord, UnknownSaeError
 from tide_core.config import EditConfig, parse_config
-from tide_core.edit import EditError, EditSpec, StepWindow, check_feature_ids
+from tide_core.edit import EditError, EditSpec, StepWindow
 
 Log = Callable[[str], None]
 UNIT_OPS = ("add", "clamp")  # ops whose strength is in units of each feature (units, spatial maps)
@@ -270,7 +270,7 @@ def edit_id_of(config: dict) -> str:
 def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
              row_features: Sequence[Sequence[int]] | None = None, units: dict[int, float] | None = None,
              maps: dict[int, np.ndarray] | None = None, reference_ids: Sequence[int] | None = None,
-             target_class: int | None = None, label: dict | None = None) -> EditResult:
+             target_class: int | None = None) -> EditResult:
     """Sample ``sample_ids`` with the edit (references, for style, appended to the batch) and judge it
     against the cached unedited images of the same seeds."""
     from tide_core.edit import EditHook, StepRecord
@@ -303,7 +303,6 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
         "sampler": {"scheduler": s.scheduler_name, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale,
                     "seed": s.seed},
         "unconditional": session.null_class is not None,
-        **(label or {}),
     }
     ratio = StepRecord.mean_ratio(hook.records)
     paired = None if refs is None else refs[np.arange(len(ids)) % len(refs)]  # [n] reference of each sample
@@ -371,8 +370,7 @@ def plan_edits(project: Project, wh, store: ActivationStore | None = None) -> Ed
         if e.target_class not in classes:
             raise EditError(f"edit.target_class={e.target_class} is not a class of the run (classes {classes})")
     if e.feature_ids:
-        features = list(e.feature_ids)
-        check_feature_ids(features, target.n_latents)
+        features = list(e.feature_ids)  # checked against the SAE with each spec below
     elif e.op == "style":
         features = []  # all latents
     else:
@@ -390,12 +388,11 @@ def plan_edits(project: Project, wh, store: ActivationStore | None = None) -> Ed
 
 
 def _samples(project: Project, e: EditConfig, target: SaeRecord,
-             store: ActivationStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+             store: ActivationStore) -> tuple[np.ndarray, np.ndarray | None]:
     """edit.sample_ids, or held-out samples: of other classes when boosting target_class, of it when any
     strength suppresses it (``suppresses``)."""
     from tide_core.sampling import class_for
 
-    store = store if store is not None else open_store(project)
     n_run = store.layout.num_samples
     classes = store.provenance["sampling"]["classes"]
     for name, ids in (("sample_ids", e.sample_ids), ("reference_ids", e.reference_ids)):

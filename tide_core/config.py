@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tide_core.edit_windows import StepWindow
+
 CONFIG_ENV = "TIDE_CONFIG"
 DEFAULT_CONFIG_NAME = "tide.toml"
 DIGITS_SOURCE = "digits"
@@ -276,10 +278,10 @@ class EditConfig(_Section):
     """How many of target_class's most selective latents are edited."""
     min_fire_rate: float = Field(0.001, ge=0.0, le=1.0)
     """Latents firing on fewer tokens than this are never picked by class (their selectivity is noise)."""
-    strengths: list[float] = Field(default_factory=lambda: [16.0, 64.0])
+    strengths: list[float] = Field(default_factory=lambda: [16.0, 64.0], min_length=1)
     """Strengths shown side by side. add / clamp: multiples of each feature's unit (see units); scale: a
     factor; style: the fraction of the way to the reference's latents (1 = copy); zero ignores it."""
-    windows: list[str] = Field(default_factory=lambda: ["early", "all"])
+    windows: list[str] = Field(default_factory=lambda: ["early", "all"], min_length=1)
     """Step windows edited: early / middle / late thirds of the schedule, all, or START-END (inclusive)."""
     spatial: bool = True
     """add / clamp: weight each feature per token by where it usually fires (the mean heatmap of its top
@@ -307,13 +309,6 @@ class EditConfig(_Section):
     """If set, cap each image's guided noise prediction at this times the conditional one's norm (before
     and after images alike); unset = off."""
 
-    @field_validator("windows")
-    @classmethod
-    def _window_syntax(cls, v: list[str]) -> list[str]:
-        bad = [w for w in v if not re.fullmatch(r"early|middle|late|all|\d+(-\d+)?", w)]
-        if bad or not v:
-            raise ValueError(f"edit.windows={v}: each must be early, middle, late, all or START-END")
-        return v
 
 
 class WarehouseConfig(_Section):
@@ -371,12 +366,11 @@ class TideConfig(_Section):
                              f"{self.capture.layers}")
         if e.variant is not None and e.variant not in self.sae.variants:
             raise ValueError(f"edit.variant={e.variant!r} is not trained: use one of sae.variants {self.sae.variants}")
-        n = self.sampling.num_steps
-        for w in e.windows:
-            ends = [int(x) for x in w.split("-")] if w[0].isdigit() else []
-            if ends and not 0 <= ends[0] <= ends[-1] < n:
-                raise ValueError(f"edit.windows contains {w!r}: sampling.num_steps={n}, so a window START-END "
-                                 f"needs 0 <= START <= END <= {n - 1}")
+        for w in e.windows:  # the parser editing uses, against this schedule; its errors name the fix
+            try:
+                StepWindow.parse(w, self.sampling.num_steps)
+            except ValueError as err:
+                raise ValueError(f"edit.windows: {err}") from None
         if e.target_class is None and not e.feature_ids:
             raise ValueError("edit needs target_class (pick its most selective features) or feature_ids")
         if e.pooled and e.op != "style":

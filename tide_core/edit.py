@@ -32,6 +32,7 @@ noise prediction of before and after images alike, so the comparison isolates th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -40,62 +41,11 @@ import torch
 from torch import nn
 
 from tide_core.capture import BlockHook, blocks_of
+from tide_core.edit_windows import WINDOW_NAMES, EditError, StepWindow  # noqa: F401 - re-exported
 
 EditOp = Literal["add", "scale", "clamp", "zero", "style"]
 EDIT_OPS: tuple[str, ...] = get_args(EditOp)
 Branch = Literal["both", "cond"]
-WINDOW_NAMES = ("early", "middle", "late", "all")
-
-
-class EditError(ValueError):
-    """An edit that cannot work; the message names what to change."""
-
-
-@dataclass(frozen=True)
-class StepWindow:
-    """Sampling steps an edit is active at, both ends included (step 0 = noisiest)."""
-
-    start: int
-    end: int
-
-    @classmethod
-    def named(cls, name: str, num_steps: int) -> StepWindow:
-        """early / middle / late thirds of the schedule, or all of it."""
-        if name not in WINDOW_NAMES:
-            raise EditError(f"unknown step window {name!r}: use one of {', '.join(WINDOW_NAMES)} or 'START-END'")
-        if name == "all":
-            return cls(0, num_steps - 1)
-        i = WINDOW_NAMES.index(name)
-        edges = [round(num_steps * j / 3) for j in range(4)]
-        return cls(edges[i], max(edges[i], edges[i + 1] - 1))
-
-    @classmethod
-    def parse(cls, text: str, num_steps: int) -> StepWindow:
-        """'early' | 'middle' | 'late' | 'all' | 'START-END' (inclusive) | 'STEP'."""
-        text = text.strip()
-        if text in WINDOW_NAMES:
-            return cls.named(text, num_steps)
-        try:
-            lo, _, hi = text.partition("-")
-            window = cls(int(lo), int(hi) if hi else int(lo))
-        except ValueError:
-            raise EditError(f"step window {text!r} is not 'early', 'middle', 'late', 'all', 'START-END' "
-                            "or a single step") from None
-        window.check(num_steps)
-        return window
-
-    def check(self, num_steps: int) -> None:
-        if not 0 <= self.start <= self.end < num_steps:
-            raise EditError(f"step window {self.start}-{self.end} is outside the schedule: sampling has "
-                            f"{num_steps} steps, so start <= end must lie in 0..{num_steps - 1}")
-
-    def __contains__(self, step: int) -> bool:
-        return self.start <= step <= self.end
-
-    def __str__(self) -> str:
-        return f"{self.start}-{self.end}"
-
-
 @dataclass(frozen=True)
 class EditSpec:
     """One feature edit: which latents, how, how much and when."""
@@ -112,7 +62,7 @@ class EditSpec:
         if self.op not in EDIT_OPS:
             raise EditError(f"unknown edit op {self.op!r}: use one of {', '.join(EDIT_OPS)}")
         check_feature_ids(self.feature_ids, n_latents)
-        if not torch.isfinite(torch.tensor(float(self.strength))):
+        if not math.isfinite(self.strength):
             raise EditError(f"strength must be a finite number, got {self.strength}")
         if self.op in ("scale", "style") and self.strength < 0:
             raise EditError(f"op {self.op!r} takes strength >= 0 (got {self.strength}): "
