@@ -324,9 +324,14 @@ class ActivationStore:
             return arr[a, samples.start:samples.stop]
         dtype = np.dtype(lay.dtype).newbyteorder("<")
         if self._local:  # one read straight into the array: ~0.2 ms a MB, against ~0.8 through fsspec
-            return np.fromfile(key, dtype=dtype).reshape(shape)
-        data = bytearray(self.fs.cat_file(key))  # writable, so torch can wrap it without a copy or warning
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+            block = np.fromfile(key, dtype=dtype)
+        else:
+            block = np.frombuffer(bytearray(self.fs.cat_file(key)), dtype=dtype)  # writable: torch wraps it
+        if block.size != np.prod(shape):
+            raise StoreError(f"chunk {key} holds {block.size} values, not {shape}: the file is damaged. "
+                             f"Re-materialize `activations` partition {shard} to rewrite the shard (or delete "
+                             f"{self._marker(shard)} and `tide run` again)")
+        return block.reshape(shape)
 
     def __reduce__(self):
         # Pickled (e.g. into a dask.distributed task) as its URL: the worker reopens the store read-only.

@@ -104,6 +104,16 @@ def test_readers(full_store):
     np.testing.assert_array_equal(again.read_block("resid", 1, 3, 1), full_store.read_block("resid", 1, 3, 1))
 
 
+def test_damaged_chunk_is_a_clear_error(full_store):
+    lay = full_store.layout
+    shape = (len(lay.shard_range(1)), lay.tokens_stored, lay.d_model)
+    key = full_store._plain_chunk_key(full_store.array("resid", 0), (lay.step_axis(2), 1, 0, 0), shape)
+    with open(key, "r+b") as f:  # cut short, as by a full disk
+        f.truncate(100)
+    with pytest.raises(StoreError, match="damaged. Re-materialize `activations` partition 1"):
+        full_store.read_block("resid", 0, 2, 1)
+
+
 def test_compressed_store_reads_blocks_through_zarr(tiny_project, full_store):
     packed = capture_all(tiny_project({"capture": {"compression": "zstd"}}, name="zstd"))
     for shard in range(3):
