@@ -25,17 +25,12 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.errors import StoreError, StoreMismatchError
+from storage.token_batches import StoreTokenBatch, shuffled_token_batches
+
 SCHEMA_VERSION = 1
 # Provenance keys that may differ between runs writing the same store (not part of its identity).
 VOLATILE_KEYS = frozenset({"created_at", "code_version"})
-
-
-class StoreError(ValueError):
-    """The store cannot be used as asked; the message says what to change."""
-
-
-class StoreMismatchError(StoreError):
-    """An existing store was written with a different configuration."""
 
 
 @dataclass(frozen=True)
@@ -374,7 +369,7 @@ class ActivationStore:
     def iter_token_batches(self, site: str, layer: int, batch_size: int, seed: int,
                            sample_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None,
                            epochs: int = 1, samples_per_block: int | None = None,
-                           drop_last: bool = True) -> Iterator[TokenBatch]:
+                           drop_last: bool = True) -> Iterator[StoreTokenBatch]:
         """Shuffled token batches for SAE training, balanced across steps, memory bounded.
 
         Reads one block of samples (default one shard) over all steps at a time, shuffles its tokens,
@@ -389,47 +384,10 @@ class ActivationStore:
             raise StoreError("iter_token_batches got no sample ids")
         self._require_done(range(int(sample_ids.min()), int(sample_ids.max()) + 1))
         axes = np.arange(len(lay.steps)) if steps is None else np.array([lay.step_axis(s) for s in steps])
-        block = samples_per_block or lay.shard_size
-        rng = np.random.default_rng(seed)
-        timesteps = np.asarray(self.provenance["capture_timesteps"], np.int64)
-        steps_arr = np.asarray(lay.steps, np.int64)
-        carry: list[np.ndarray] = []
-        carry_meta: list[np.ndarray] = []
-        for _ in range(epochs):
-            order = rng.permutation(sample_ids)
-            for i in range(0, len(order), block):
-                ids = np.sort(order[i:i + block])
-                x = arr.get_orthogonal_selection((axes, ids))  # [s, b, P, D]
-                s_idx = np.broadcast_to(axes[:, None, None], x.shape[:3])
-                sid = np.broadcast_to(ids[None, :, None], x.shape[:3])
-                flat = x.reshape(-1, lay.d_model)  # [s*b*P, D]
-                meta = np.stack([s_idx.reshape(-1), sid.reshape(-1)], 1)  # [s*b*P, 2]
-                perm = rng.permutation(len(flat))
-                carry.append(flat[perm])
-                carry_meta.append(meta[perm])
-                pool = np.concatenate(carry)
-                pool_meta = np.concatenate(carry_meta)
-                n_full = len(pool) // batch_size
-                for j in range(n_full):
-                    sl = slice(j * batch_size, (j + 1) * batch_size)
-                    m = pool_meta[sl]
-                    yield TokenBatch(acts=pool[sl].astype(np.float32), steps=steps_arr[m[:, 0]],
-                                     timesteps=timesteps[m[:, 0]], sample_ids=m[:, 1])
-                carry, carry_meta = [pool[n_full * batch_size:]], [pool_meta[n_full * batch_size:]]
-        rest, rest_meta = np.concatenate(carry), np.concatenate(carry_meta)
-        if len(rest) and not drop_last:
-            yield TokenBatch(acts=rest.astype(np.float32), steps=steps_arr[rest_meta[:, 0]],
-                             timesteps=timesteps[rest_meta[:, 0]], sample_ids=rest_meta[:, 1])
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """A shuffled batch of stored tokens."""
-
-    acts: np.ndarray  # float32 [B, D]
-    steps: np.ndarray  # int64 [B] schedule position
-    timesteps: np.ndarray  # int64 [B] scheduler timestep value
-    sample_ids: np.ndarray  # int64 [B]
+        yield from shuffled_token_batches(
+            arr, axes, sample_ids, steps=np.asarray(lay.steps, np.int64),
+            timesteps=np.asarray(self.provenance["capture_timesteps"], np.int64), batch_size=batch_size,
+            seed=seed, epochs=epochs, block=samples_per_block or lay.shard_size, drop_last=drop_last)
 
 
 def _check_writable(fs, root: str) -> None:

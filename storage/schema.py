@@ -129,17 +129,23 @@ TABLES: dict[str, Table] = {
         Table(
             "sae_splice",
             ("sae_id", "split"),
-            "one SAE spliced into its block: images sampled with the block output replaced by the"
-            " reconstruction at every step, against the unspliced images of the same seeds",
+            "one SAE spliced into its site: the denoiser's loss with the reconstruction in place of the site's"
+            " output, and images sampled with it at every step against the unspliced images of the same seeds",
             (
                 Col("sae_id", "VARCHAR"),
-                Col("split", "VARCHAR", "which samples' seeds were resampled", f"CHECK (split IN ({_sql_list(SPLITS)}))"),
+                Col("split", "VARCHAR", "which samples' seeds were used", f"CHECK (split IN ({_sql_list(SPLITS)}))"),
                 Col("n_samples", "INTEGER", "images compared"),
-                Col("accuracy_spliced", "DOUBLE", "judge class accuracy of the spliced images (NULL: no judge)"),
-                Col("accuracy_unspliced", "DOUBLE", "judge class accuracy of the original images"),
-                Col("frechet_spliced", "DOUBLE", "Frechet distance to real digits, judge features"),
-                Col("frechet_unspliced", "DOUBLE", "the same for the original images"),
+                Col("loss_clean", "DOUBLE", "noise-prediction MSE on the noised images, model as it is"),
+                Col("loss_spliced", "DOUBLE", "the same with the SAE's reconstruction spliced in"),
+                Col("loss_ablated", "DOUBLE", "the same with the site's output replaced by the SAE's decoder bias"),
+                Col("loss_recovered", "DOUBLE", "(ablated - spliced) / (ablated - clean): 1 = nothing lost"),
                 Col("pixel_mse", "DOUBLE", "mean squared pixel difference, images in [-1, 1]"),
+                Col("frechet_to_unspliced", "DOUBLE",
+                    "Frechet distance between spliced and unspliced images (the judge's features, else pooled pixels)"),
+                Col("accuracy_spliced", "DOUBLE", "judge accuracy of the spliced images (NULL: no judge)"),
+                Col("accuracy_unspliced", "DOUBLE", "judge accuracy of the original images"),
+                Col("frechet_spliced", "DOUBLE", "Frechet distance of the spliced images to the judge's real images"),
+                Col("frechet_unspliced", "DOUBLE", "the same for the original images"),
                 Col("agreement", "DOUBLE", "fraction of images the judge labels the same with and without"),
             ),
         ),
@@ -365,3 +371,14 @@ def all_ddl() -> list[str]:
     for view in VIEWS.values():
         stmts += view_ddl(view)
     return stmts
+
+
+def table_spec(name: str) -> Table:
+    """The declaration of table ``name``; a ValueError lists the tables (and says views are read-only)."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown table {name!r}; the warehouse tables are {', '.join(TABLES)}"
+            + (" (views are read-only)" if name in VIEWS else "")
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -13,11 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.schema import TABLES, VIEWS
-from storage.warehouse import (
+import storage
+from pipelines.table_format import format_table
+from storage import (
+    TABLES,
+    VIEWS,
     ReplaceResult,
+    StorageError,
     UnknownSaeError,
     Warehouse,
+    WarehouseError,
     WarehouseLockedError,
     WarehouseMissingError,
     WarehouseQueryError,
@@ -25,9 +31,11 @@ from storage.warehouse import (
     WarehouseSchemaError,
     WarehouseWriteError,
     connect,
-    format_table,
+    csv_bytes,
     write_table,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -217,6 +225,112 @@ def test_require_sae_suggests_close_ids(wh: Warehouse) -> None:
     assert isinstance(err.value, KeyError) and "Known SAEs: l3_topk, l4_topk" in str(err.value)
 
 
+# ------------------------------------------------------------------------------ transactions
+
+
+def _metrics(sae_id: str, mse: float) -> dict:
+    return {"sae_id": [sae_id], "split": ["train"], "step": [-1], "mse": [mse]}
+
+
+def _state(wh: Warehouse) -> tuple[list, list]:
+    saes = wh.query("SELECT sae_id, layer FROM saes ORDER BY sae_id").to_pylist()
+    metrics = wh.query("SELECT sae_id, mse FROM sae_metrics ORDER BY sae_id").to_pylist()
+    return saes, metrics
+
+
+def test_transaction_failing_in_its_second_table_keeps_both_tables_old_rows(wh: Warehouse) -> None:
+    wh.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=2)])
+    wh.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.5))
+    before = _state(wh)
+    with pytest.raises(WarehouseWriteError, match="(?s)'sae_metrics'.*rolled back.*CHECK"):
+        with wh.transaction() as tx:
+            assert tx.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=9)]).rows_inserted == 1
+            tx.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.1) | {"split": ["test"]})
+    assert _state(wh) == before
+    # A validation error (raised before any SQL) rolls back the writes before it just the same.
+    with pytest.raises(ValueError, match="no column.*'bogus'"):
+        with wh.transaction() as tx:
+            tx.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=9)])
+            tx.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.1) | {"bogus": [1]})
+    assert _state(wh) == before
+
+
+def test_transaction_commits_every_table_together_and_isolates_them(wh: Warehouse) -> None:
+    wh.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=2)])
+    wh.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.5))
+    before = _state(wh)
+    # Another connection to the file (the same process: another one could not even open it) sees
+    # none of the block's rows until the block ends.
+    with connect(wh.path, read_only=False) as other, wh.transaction() as tx:
+        tx.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=7)])
+        assert other.execute("SELECT layer FROM saes").fetchall() == [(2,)]
+        tx.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.25))
+        tx.replace_partition("features", {"sae_id": "s1"}, {})  # clearing a table is a write too
+        tx.upsert_run("r1", {"seed": 3})
+        assert other.execute("SELECT count(*) FROM runs").fetchall() == [(0,)]
+    assert _state(wh) != before
+    assert _state(wh) == ([{"sae_id": "s1", "layer": 7}], [{"sae_id": "s1", "mse": 0.25}])
+    assert wh.query("SELECT run_id FROM runs").to_pylist() == [{"run_id": "r1"}]
+    with pytest.raises(WarehouseWriteError, match="after its transaction ended"):
+        tx.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1")])
+
+
+def test_transaction_rolls_back_on_any_exception_and_when_a_failed_write_was_caught(wh: Warehouse) -> None:
+    wh.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=2)])
+    before = _state(wh)
+    with pytest.raises(RuntimeError, match="stage crashed"):
+        with wh.transaction() as tx:
+            tx.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=9)])
+            raise RuntimeError("stage crashed")
+    assert _state(wh) == before
+    # DuckDB aborts a transaction on its first error and then "commits" nothing without a word:
+    # catching the error inside the block must not pass for success.
+    with pytest.raises(WarehouseWriteError, match="none of its writes were committed"):
+        with wh.transaction() as tx:
+            tx.replace_partition("saes", {"sae_id": "s2"}, [_sae("s2")])
+            with pytest.raises(WarehouseWriteError, match="rolled back"):
+                tx.replace_partition("saes", {"sae_id": "s2"}, [_sae("s2"), _sae("s2")])  # duplicate grain
+            with pytest.raises(WarehouseWriteError, match="failed earlier in this transaction"):
+                tx.replace_partition("saes", {"sae_id": "s3"}, [_sae("s3")])
+    with pytest.raises(WarehouseWriteError, match="none of its writes were committed"):
+        with wh.transaction() as tx:  # a bad argument dooms it too: all or nothing
+            tx.replace_partition("saes", {"sae_id": "s2"}, [_sae("s2")])
+            with pytest.raises(ValueError, match="unknown table"):
+                tx.replace_partition("sae", {"sae_id": "s2"}, [_sae("s2")])
+    assert _state(wh) == before
+
+
+def test_a_partition_replaced_twice_in_one_transaction_holds_its_last_rows(wh: Warehouse) -> None:
+    wh.replace_partition("features", {"sae_id": "s1"}, _features("s1", 4, fire=0.1))
+    with wh.transaction() as tx:  # clear first, write later: the SAE stage's pattern
+        assert tx.replace_partition("features", {"sae_id": "s1"}, {}).rows_deleted == 4
+        tx.replace_partition("features", {"sae_id": "s1"}, _features("s1", 3, fire=0.2))
+        again = tx.replace_partition("features", {"sae_id": "s1"}, _features("s1", 5, fire=0.3))
+    assert (again.rows_deleted, again.rows_inserted) == (3, 5)
+    rows = wh.query("SELECT count(*) AS n, max(fire_rate) AS f FROM features").to_pylist()
+    assert rows == [{"n": 5, "f": 0.3}]
+
+
+_CRASH = """
+import os, sys
+from storage import Warehouse
+wh = Warehouse(sys.argv[1])
+with wh.transaction() as tx:
+    row = {"sae_id": "s1", "run_id": "r1", "layer": 9, "site": "resid", "variant": "topk", "n_latents": 64}
+    tx.replace_partition("saes", {"sae_id": "s1"}, [row])
+    os._exit(3)  # killed between the two tables' writes
+"""
+
+
+def test_a_process_killed_inside_a_transaction_leaves_the_old_rows(wh: Warehouse) -> None:
+    wh.replace_partition("saes", {"sae_id": "s1"}, [_sae("s1", layer=2)])
+    wh.replace_partition("sae_metrics", {"sae_id": "s1"}, _metrics("s1", 0.5))
+    before = _state(wh)
+    crashed = subprocess.run([sys.executable, "-c", _CRASH, str(wh.path)], cwd=REPO, timeout=120)
+    assert crashed.returncode == 3
+    assert _state(wh) == before
+
+
 # ---------------------------------------------------------------------------------- reading
 
 
@@ -329,5 +443,32 @@ def test_write_table_formats(tmp_path: Path) -> None:
     table = _result()
     back = pq.read_table(write_table(table, "parquet", tmp_path / "out" / "r.parquet"))
     assert back.column_names == table.column_names and back["hist"].to_pylist() == table["hist"].to_pylist()
-    assert write_table(table, "csv", tmp_path / "r.csv").read_text() == format_table(table, "csv")
-    assert len(write_table(table, "json", tmp_path / "r.jsonl").read_text().splitlines()) == 3
+    assert write_table(table, "csv", tmp_path / "r.csv").read_bytes() == csv_bytes(table)
+    assert format_table(table, "csv") == csv_bytes(table).decode()  # printed and written alike
+    jsonl = write_table(table, "json", tmp_path / "r.jsonl").read_text()
+    assert jsonl == format_table(table, "json") and len(jsonl.splitlines()) == 3
+    with pytest.raises(ValueError, match="unknown output format"):
+        write_table(table, "xml", tmp_path / "r.xml")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ package
+
+
+def test_public_api_resolves_and_every_error_shares_one_root() -> None:
+    for name in storage.__all__:
+        module = importlib.import_module(storage._MODULE_OF[name])
+        assert getattr(storage, name) is getattr(module, name), name
+    errors = [getattr(storage, n) for n in storage.__all__ if n.endswith("Error")]
+    assert len(errors) == 11 and all(issubclass(e, StorageError) for e in errors)
+    assert issubclass(storage.StoreError, ValueError) and issubclass(WarehouseLockedError, TimeoutError)
+    assert issubclass(WarehouseReadOnlyError, WarehouseQueryError) and issubclass(UnknownSaeError, KeyError)
+    assert issubclass(WarehouseMissingError, FileNotFoundError)
+    assert issubclass(WarehouseMissingError, WarehouseError)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        storage.nope  # noqa: B018
+
+
+def test_reading_the_warehouse_does_not_import_zarr() -> None:
+    code = "import sys, storage.warehouse, storage; storage.Warehouse; print('zarr' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,1 +1,0 @@
-"""Asset factories: each takes the Project (partitions depend on the config) and returns definitions."""
