@@ -1,25 +1,37 @@
-"""Feature statistics: the chunked map-reduce against a brute-force computation, and the feature stage
-end to end on the tiny project (dask threads and a dask.distributed LocalCluster, heatmaps, checks)."""
+"""Feature statistics: the chunked map-reduce against a brute-force computation, on both kernel backends
+(the stage end to end is tests/test_feature_stage.py)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
+from kernel_backends import BACKENDS, use_backend
 
-from tide_core.feature_stats import (
+from tide_core import kernels
+from tide_core.features import (
     EMPTY,
+    Chunk,
+    chunk_encoder,
     chunk_partial,
+    count_chunk,
     decoder_neighbors,
+    fired_latents,
     heatmaps,
     merge_all,
     selectivity,
+    step_partial,
     summarise,
 )
+from tide_core.kernels import backend as kernels_backend
 from tide_core.sae import SAESpec, SparseAutoencoder
 
 D, N_LAT, K, P, C, TOP = 16, 32, 4, 6, 3, 5
 STEPS, TIMESTEPS = [0, 1, 2], [900, 500, 100]
+
+backend = pytest.fixture(params=BACKENDS)(use_backend)
 
 
 def tiny_sae(variant: str = "tide") -> SparseAutoencoder:
@@ -43,7 +55,7 @@ def brute_force(sae, acts, classes):
 
 
 @pytest.mark.parametrize("variant", ["tide", "topk", "relu"])
-def test_chunked_pass_equals_brute_force(variant):
+def test_chunked_pass_equals_brute_force(backend, variant):
     sae = tiny_sae(variant)
     rng = np.random.default_rng(0)
     n_img = 20
@@ -103,7 +115,7 @@ def test_decoder_neighbors_match_brute_force():
     np.testing.assert_allclose(nb.cosine, want.values.numpy(), rtol=1e-5)
 
 
-def test_heatmaps_are_the_dense_latents():
+def test_heatmaps_are_the_dense_latents(backend):
     sae = tiny_sae()
     acts = np.random.default_rng(1).normal(size=(4, P, D)).astype(np.float32)
     x = torch.from_numpy(acts.reshape(-1, D))
@@ -113,225 +125,53 @@ def test_heatmaps_are_the_dense_latents():
     np.testing.assert_array_equal(got, dense[rows, :, latents])
 
 
-# ------------------------------------------------------------------------------ the stage, end to end
-
-SAE_CFG = {"sae": {"n_latents": 64, "k": 4, "train_tokens": 6000, "batch_size": 512, "eval_tokens": 2000,
-                   "splice_samples": 0, "checkpoint_every_tokens": 5000, "variants": ["tide", "topk"]},
-           "features": {"top_n": 4, "neighbors": 3}}
-
-
-def trained(project, layer=1):
-    from pipelines import capture_ops, sae_ops
-
-    capture_ops.create_store(project)
-    for shard in range(project.num_shards):
-        capture_ops.write_shard(project, shard)
-    return project, sae_ops.train_layer(project, layer, log=lambda m: None)
-
-
-def test_feature_stage_needs_trained_saes(tiny_project):
-    from pipelines import capture_ops, feature_ops
-    from storage.activation_store import StoreError
-
-    project = tiny_project(SAE_CFG)
-    capture_ops.create_store(project)
-    with pytest.raises(StoreError, match="incomplete shards"):
-        feature_ops.build_feature_stats(project, 1)
-    for shard in range(project.num_shards):
-        capture_ops.write_shard(project, shard)
-    with pytest.raises(StoreError, match="layer 7 was not captured"):
-        feature_ops.build_feature_stats(project, 7)
-    with pytest.raises(feature_ops.FeatureError, match="materialize the `sae` asset's partition 01"):
-        feature_ops.build_feature_stats(project, 1)
-
-
-@pytest.mark.slow
-def test_feature_stage_publishes_checked_tables(tiny_project):
-    from pipelines import feature_ops
-    from pipelines.capture_ops import open_store
-    from storage.warehouse import UnknownSaeError, Warehouse
-
-    project, sae_report = trained(tiny_project(SAE_CFG))
-    with pytest.raises(feature_ops.FeatureError, match="materialize `feature_stats`"):
-        feature_ops.build_top_images(project, 1)
-    report = feature_ops.build_layer_features(project, 1, log=lambda m: None)
-    assert {r.variant for r in report.saes} == {"tide", "topk"}
-    ids = [r.sae_id for r in report.saes]
-    for outcome in [*feature_ops.check_feature_stats(project, ids).values(),
-                    *feature_ops.check_top_images(project, ids).values()]:
-        assert outcome.passed, outcome
-    wh = Warehouse(project.duckdb_path)
-    store = open_store(project)
-    n_steps, tokens = len(store.layout.steps), store.layout.num_samples * store.layout.tokens_total
-    counts = wh.query("SELECT (SELECT count(*) FROM feature_stats) AS fs, (SELECT count(*) FROM features) AS f, "
-                      "(SELECT count(*) FROM feature_classes) AS fc, (SELECT count(*) FROM feature_neighbors) AS nb"
-                      ).to_pylist()[0]
-    assert counts == {"fs": 2 * 64 * n_steps, "f": 2 * 64, "fc": 2 * 64 * 10, "nb": 2 * 64 * 3}
-    # the published numbers are the brute-force ones for the stored activations
-    sae = feature_ops.load_sae(wh.require_sae(ids[0]), store)
-    acts = store.array("resid", 1)[:]  # [S, N, P, D]
-    timesteps = store.provenance["capture_timesteps"]
-    fired = np.zeros(64)
-    for a in range(n_steps):
-        x = torch.from_numpy(acts[a].reshape(-1, acts.shape[-1]).astype(np.float32))
-        fired += (sae.encode(x, torch.full((len(x),), timesteps[a])) > 0).sum(0).numpy()
-    rates = wh.query("SELECT fire_rate FROM features WHERE sae_id = ? ORDER BY feature_id", [ids[0]])
-    np.testing.assert_allclose(rates.column(0).to_numpy(), fired / (tokens * n_steps), rtol=1e-6)
-    # heatmaps cover the full grid and peak at the ranked activation
-    diff = wh.query("SELECT max(abs(list_max(heatmap) - activation)) AS d, min(len(heatmap)) AS n FROM top_images"
-                    ).to_pylist()[0]
-    assert diff["d"] < 1e-5 and diff["n"] == store.layout.tokens_total
-    top = wh.top_images(ids[0], int(rates.column(0).to_numpy().argmax()), limit=3)
-    assert top.column("rank").to_pylist() == [1, 2, 3]
-    with pytest.raises(UnknownSaeError, match="Known SAEs"):
-        wh.top_images("L01-nope", 0)
-    with pytest.raises(ValueError, match="features 0..63"):
-        wh.feature(ids[0], 64)
-    # a rerun with the same SAEs and settings reuses the statistics and top images on record
-    logs: list[str] = []
-    feature_ops.build_layer_features(project, 1, log=logs.append)
-    assert sum("reusing" in m for m in logs) == 4  # two SAEs x (statistics, top images)
-    # other settings recompute, replace the partitions instead of adding rows, and rebuild top images
-    top3 = tiny_project({**SAE_CFG, "features": {"top_n": 3}})
-    top3 = type(top3)(config=top3.config, config_path=project.config_path, base_dir=project.base_dir)
-    logs.clear()
-    feature_ops.build_feature_stats(top3, 1, log=logs.append)
-    assert not any("reusing" in m for m in logs)
-    assert wh.query("SELECT count(*) FROM features").column(0)[0].as_py() == 128
-    assert wh.query("SELECT count(*) FROM top_images").column(0)[0].as_py() == 0
-    assert sum(feature_ops.build_top_images(top3, 1, log=lambda m: None).values()) > 0
-    assert wh.query("SELECT max(rank) FROM top_images").column(0)[0].as_py() == 3
-
-    # the same pass on a dask.distributed cluster gives the same statistics
-    from distributed import LocalCluster
-
-    threads = feature_ops.statistics_pass(store, sae, 1, 4).summary
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
-        remote = feature_ops.statistics_pass(store, sae, 1, 4, scheduler=cluster.scheduler_address).summary
-    for name in ("fires", "act_max", "hist", "top_sid"):
-        np.testing.assert_array_equal(getattr(remote, name), getattr(threads, name))
-
-    # re-publishing the SAEs (new weights under the same ids) drops their now-stale feature and edit rows
-    from pipelines import sae_ops
-
-    wh.replace_partition("edits", {"sae_id": ids[0]}, [{"edit_id": "e0", "sample_id": 0, "op": "add"}])
-    sae_ops.publish(project, sae_report)
-    left = wh.query("SELECT (SELECT count(*) FROM features) + (SELECT count(*) FROM top_images) "
-                    "+ (SELECT count(*) FROM edits)").column(0)
-    assert left[0].as_py() == 0 and not feature_ops.summary_path(project, ids[0]).exists()
-
-
-@pytest.mark.slow
-def test_subsampled_capture_recomputes_full_heatmaps(tiny_project):
-    from pipelines import capture_ops, feature_ops
-    from pipelines.capture_run import recapture_full_grid
-    from storage.warehouse import Warehouse
-
-    project, _ = trained(tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}}))
-    store = capture_ops.open_store(project)
-    ids = np.array([3, 17])
-    grids = recapture_full_grid(capture_ops.capture_plan(project), 1, "resid", {2: ids})[2]  # [2, T, D]
-    stored = store.read_step("resid", 1, 2)[ids]  # [2, P, D], the captured subset
-    index = store.token_index(0, store.layout.num_samples)[store.layout.step_axis(2), ids]  # [2, P]
-    recomputed = np.take_along_axis(grids, index[:, :, None].astype(np.int64), 1).astype(np.float16)
-    np.testing.assert_allclose(recomputed.astype(np.float32), stored.astype(np.float32), rtol=2e-3, atol=2e-3)
-    feature_ops.build_layer_features(project, 1, log=lambda m: None)
-    rows = Warehouse(project.duckdb_path).query(
-        "SELECT min(len(heatmap)) AS n, min(list_max(heatmap) - activation) AS gap FROM top_images").to_pylist()[0]
-    assert rows["n"] == store.layout.tokens_total  # full grid, though half the tokens were stored
-    assert rows["gap"] >= -1e-3  # the full grid holds at least the captured tokens' maximum
-    # another sampler than the store's would give other activations: refused before re-sampling
-    from storage.activation_store import StoreMismatchError
-
-    other = tiny_project({**SAE_CFG, "capture": {"token_fraction": 0.5}, "sampling": {"guidance_scale": 1.0}})
-    other = type(other)(config=other.config, config_path=project.config_path, base_dir=project.base_dir)
-    with pytest.raises(StoreMismatchError, match="guidance_scale"):
-        feature_ops.resampling_plan(other, store)
-
-
-@pytest.mark.slow
-def test_killed_statistics_run_is_redone_not_reused(tiny_project, monkeypatch):
-    from pipelines import feature_ops
-    from storage.warehouse import Warehouse
-
-    project, _ = trained(tiny_project(SAE_CFG))
-    feature_ops.build_feature_stats(project, 1, log=lambda m: None)
-    two = tiny_project({**SAE_CFG, "features": {"top_n": 4, "neighbors": 2}})
-    two = type(two)(config=two.config, config_path=project.config_path, base_dir=project.base_dir)
-    replace = Warehouse.replace_partition
-
-    def killed_at_neighbors(self, table, where, rows):
-        if table == "feature_neighbors":
-            raise KeyboardInterrupt("killed")
-        return replace(self, table, where, rows)
-
-    monkeypatch.setattr(Warehouse, "replace_partition", killed_at_neighbors)
-    with pytest.raises(KeyboardInterrupt):
-        feature_ops.build_feature_stats(two, 1, log=lambda m: None)
-    monkeypatch.setattr(Warehouse, "replace_partition", replace)
-    logs: list[str] = []
-    feature_ops.build_feature_stats(two, 1, log=logs.append)
-    assert not any("reusing" in m for m in logs)
-    wh = Warehouse(project.duckdb_path)
-    assert wh.query("SELECT max(rank) FROM feature_neighbors").column(0)[0].as_py() == 2
-
-
-def test_a_damaged_summary_is_not_on_record(tmp_path):
-    from pipelines.feature_ops import summary_key
-
-    path = tmp_path / "s.npz"
-    np.savez(path, key=np.array("k1"), tokens=np.arange(3))
-    assert summary_key(path) == "k1"
-    whole = path.read_bytes()
-    for damaged in (whole[: len(whole) // 2], b"", b"not a zip"):
-        path.write_bytes(damaged)
-        assert summary_key(path) == ""  # so the statistics are computed again
-    assert summary_key(tmp_path / "missing.npz") == ""
-
-
-def test_histogram_bins_follow_the_edges_exactly():
-    from tide_core.feature_stats import BIN_EDGE, BIN_FIRST, BIN_KEY0, HIST_EDGES, _hist_bin
-
-    bins = len(HIST_EDGES) - 1
+def test_histogram_bins_follow_the_edges_exactly(backend):
+    # the compiled counting finds a value's bin by a table lookup on its bits, not a log: each value is
+    # counted for a latent of its own, so every bin can be read back
+    bins = len(kernels.HIST_EDGES) - 1
+    edges = kernels.HIST_EDGES
     rng = np.random.default_rng(4)
-    near = np.concatenate([HIST_EDGES * f for f in (1 - 1e-7, 1.0, 1 + 1e-7)])  # around every edge
+    near = np.concatenate([edges * f for f in (1 - 1e-7, 1.0, 1 + 1e-7)])  # around every edge
     v = np.concatenate([10 ** rng.uniform(-5, 5, 20000), near, [1e-30, 3e38]]).astype(np.float32)
-    want = np.clip(np.searchsorted(HIST_EDGES, v.astype(np.float64), side="right") - 1, 0, bins - 1)
-    got = np.array([_hist_bin(x, BIN_KEY0, BIN_FIRST, BIN_EDGE) for x in v])
-    np.testing.assert_array_equal(got, want)
+    want = np.clip(np.searchsorted(edges, v.astype(np.float64), side="right") - 1, 0, bins - 1)
+    counts = kernels.FeatureCounts.zeros(1, len(v), 1)
+    kernels.count_fired(counts, np.zeros(len(v)), np.arange(len(v)), v, len(v), 0, np.zeros(1, np.int64))
+    assert (counts.hist.sum(1) == 1).all()
+    np.testing.assert_array_equal(counts.hist.argmax(1), want)
 
 
 @pytest.mark.parametrize("variant", ["tide", "topk"])
-def test_fused_topk_counts_equal_the_general_path(variant):
-    # chunk_partial's compiled select-and-count sweep against fired_latents + _accumulate (what relu SAEs
-    # and rows with a NaN go through)
-    from tide_core import feature_stats as fs
-
+def test_fused_topk_counts_equal_the_general_path(backend, variant):
+    # chunk_partial's select-and-count sweep against fired_latents + count_fired (what relu SAEs and rows
+    # with a NaN go through)
     sae = tiny_sae(variant)
     acts = np.random.default_rng(5).normal(size=(9, P, D)).astype(np.float32)
     x, classes = torch.from_numpy(acts.reshape(-1, D)), np.arange(9) % C
-    fast, general = fs._Counts.zeros(C, N_LAT, 9), fs._Counts.zeros(C, N_LAT, 9)
-    assert fs._count_topk(fs._fast_encoder(sae, TIMESTEPS[1]), x.numpy(), P, 0, classes, fast) == len(x)
-    f = fs.fired_latents(sae, x, TIMESTEPS[1])
-    fs._accumulate(f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, 0, classes, *general.args())
-    for a, b in zip(fast.args()[3:], general.args()[3:], strict=True):
-        np.testing.assert_array_equal(a, b)
+    fast, general = kernels.FeatureCounts.zeros(C, N_LAT, 9), kernels.FeatureCounts.zeros(C, N_LAT, 9)
+    assert count_chunk(chunk_encoder(sae, TIMESTEPS[1]), x.numpy(), P, 0, classes, fast) == len(x)
+    f = fired_latents(sae, x, TIMESTEPS[1])
+    kernels.count_fired(general, f.rows.numpy(), f.latents.numpy(), f.values.numpy(), P, 0, classes)
+    for name in ("fires", "act_sum", "hist", "per_image"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(general, name), err_msg=name)
     x[4, 2] = float("nan")  # a NaN row: the sweep stops before its tile, the rest takes the general path
-    enc = fs._fast_encoder(sae, TIMESTEPS[1])
-    assert fs._count_topk(enc, x.numpy(), P, 0, classes, fs._Counts.zeros(C, N_LAT, 9)) == 0
+    enc = chunk_encoder(sae, TIMESTEPS[1])
+    assert count_chunk(enc, x.numpy(), P, 0, classes, kernels.FeatureCounts.zeros(C, N_LAT, 9)) == 0
 
 
-def test_step_partial_over_chunks_equals_merged_chunk_partials():
-    # a feature-pass task counts several chunks of a step into one set of arrays; merging one partial per
-    # chunk must give the same statistics (NaN rows in one chunk take the general path there)
-    from tide_core.feature_stats import Chunk, step_partial
-
-    sae = tiny_sae("tide")
-    rng = np.random.default_rng(6)
+def _three_chunks(seed: int = 6):
+    rng = np.random.default_rng(seed)
     acts = rng.normal(size=(3, 5, P, D)).astype(np.float32)  # 3 chunks of 5 images
     acts[1, 2, 3, 0] = np.nan
     ids = np.arange(15).reshape(3, 5) + 100
     classes = rng.integers(0, C, (3, 5))
+    return acts, ids, classes
+
+
+def test_step_partial_over_chunks_equals_merged_chunk_partials(backend):
+    # a feature-pass task counts several chunks of a step into one set of arrays; merging one partial per
+    # chunk must give the same statistics (NaN rows in one chunk take the general path there)
+    sae = tiny_sae("tide")
+    acts, ids, classes = _three_chunks()
     one = step_partial(sae, (Chunk(a, i, c) for a, i, c in zip(acts, ids, classes, strict=True)), 15, 1,
                        TIMESTEPS[1], C, TOP)
     merged = merge_all([chunk_partial(sae, a, 1, TIMESTEPS[1], i, c, C, TOP)
@@ -342,3 +182,37 @@ def test_step_partial_over_chunks_equals_merged_chunk_partials():
     with pytest.raises(ValueError, match="told of 16 images but got 15"):
         step_partial(sae, (Chunk(a, i, c) for a, i, c in zip(acts, ids, classes, strict=True)), 16, 1,
                      TIMESTEPS[1], C, TOP)
+
+
+@pytest.mark.skipif(os.environ.get(kernels_backend.ENV, "").strip().lower() == "torch",
+                    reason="TIDE_KERNELS=torch: the compiled kernels are switched off")
+@pytest.mark.parametrize("variant", ["tide", "topk", "relu"])
+def test_the_backends_give_the_same_statistics(variant):
+    # the pure torch/numpy kernels against the compiled ones: every statistic of a step bit for bit (a
+    # coarse input makes ties in the top-k and in the top images; one chunk holds a NaN row)
+    sae = tiny_sae(variant)
+    acts, ids, classes = _three_chunks()
+    acts = np.round(acts * 4) / 4
+    parts = {}
+    for mode in BACKENDS:
+        with kernels_backend.forced(mode):
+            chunks = (Chunk(a, i, c) for a, i, c in zip(acts, ids, classes, strict=True))
+            parts[mode] = [step_partial(sae, chunks, 15, 1, TIMESTEPS[1], C, 2),
+                           merge_all([chunk_partial(sae, a, 1, TIMESTEPS[1], i, c, C, 2)
+                                      for a, i, c in zip(acts, ids, classes, strict=True)])]
+    for ours, pure in zip(parts["numba"], parts["torch"], strict=True):
+        for name in ("tokens", "class_tokens", "fires", "act_sum", "hist", "act_max", "top_val", "top_sid"):
+            np.testing.assert_array_equal(getattr(ours, name), getattr(pure, name), err_msg=name)
+    # the top-list kernels on their own, with many equal activations
+    rng = np.random.default_rng(7)
+    per_image = (rng.integers(0, 4, (40, 30)) / 2).astype(np.float32)  # [n, b], zeros do not rank
+    sample_ids = rng.permutation(30) + 1000
+    lists = {}
+    for mode in BACKENDS:
+        with kernels_backend.forced(mode):
+            a = kernels.top_images(per_image, sample_ids, 6)
+            b = kernels.top_images(per_image[:, ::-1], sample_ids, 6)  # not C-contiguous
+            lists[mode] = (a, kernels.merge_top(a, b))
+    for ours, pure in zip(lists["numba"], lists["torch"], strict=True):
+        np.testing.assert_array_equal(ours.values, pure.values)
+        np.testing.assert_array_equal(ours.sample_ids, pure.sample_ids)

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from kernel_backends import BACKENDS, use_backend
 
+from bench.references import DenseTopKReference
+from tide_core.kernels import backend as kernels_backend
+from tide_core.kernels import topk
 from tide_core.sae import (
-    DenseTopKReference,
+    CONFIG_FILE,
+    SAEDesign,
     SAESpec,
+    SAETrainConfig,
+    SAETrainer,
     SparseAutoencoder,
+    TokenBatch,
+    evaluate,
+    rebatch,
+    skip_tokens,
     timestep_embedding,
-    topk_exact,
+    train_saes,
 )
-from tide_core.sae_metrics import evaluate
-from tide_core.sae_train import SAETrainConfig, SAETrainer, TokenBatch, rebatch, skip_tokens, train_saes
 
 D_IN, N_DIRS, N_STEPS = 32, 64, 8
+
+backend = pytest.fixture(params=BACKENDS)(use_backend)
 
 
 @pytest.fixture(autouse=True)
@@ -63,14 +75,38 @@ def _batch(n: int = 64, seed: int = 1) -> TokenBatch:
 def test_spec_errors_name_the_field():
     with pytest.raises(ValueError, match=r"k=9 must be <= n_latents=8"):
         SAESpec(d_in=4, n_latents=8, k=9)
+    with pytest.raises(ValueError, match=r"k=9 must be <= n_latents=8"):
+        SAEDesign(n_latents=8, k=9)
     with pytest.raises(ValueError, match="d_in"):
         SAESpec(d_in=0, n_latents=8, k=1)
-    with pytest.raises(ValueError, match="time_embed_dim"):
-        SAESpec(d_in=4, n_latents=8, k=1, time_embed_dim=5)
+    with pytest.raises(ValueError, match="time_embed_dim=5 must be even"):
+        SAEDesign(n_latents=8, k=1, time_embed_dim=5)
+    with pytest.raises(ValueError, match="aux_k=9 must be <= n_latents=8"):
+        SAEDesign(n_latents=8, k=1, aux_k=9)
+    with pytest.raises(ValueError, match="time_init"):
+        SAEDesign(time_init="dit")
     with pytest.raises(ValueError, match="warmup_tokens=100 must be < total_tokens=100"):
         SAETrainConfig(total_tokens=100, warmup_tokens=100)
+    with pytest.raises(ValueError, match="init_tokens=16384 must be <= total_tokens=10000"):
+        SAETrainConfig(total_tokens=10_000, warmup_tokens=0)
     assert SAESpec(d_in=128, n_latents=1024, k=32).aux_k == 64  # ~d_in / 2
     assert SAESpec(d_in=8, n_latents=16, k=4).aux_k == 4  # at least k
+
+
+def test_design_binds_to_a_spec_with_one_set_of_defaults():
+    design = SAEDesign()
+    assert (design.n_latents, design.k) == (1024, 32)
+    assert (design.dead_tokens_threshold, design.aux_coeff) == (10_000, 0.5)  # the tuned AuxK settings
+    assert design.aux_k is None and design.time_init == "identity"
+    spec = SAEDesign(n_latents=256, k=8, l1_coeff=0.1).bind(128, "relu", num_train_timesteps=500)
+    assert isinstance(spec, SAESpec) and spec.aux_k == 64  # resolved where d_in is known
+    assert (spec.d_in, spec.variant, spec.num_train_timesteps, spec.l1_coeff) == (128, "relu", 500, 0.1)
+    assert spec.design == SAEDesign(n_latents=256, k=8, l1_coeff=0.1, aux_k=64)
+    assert SAESpec(d_in=128) == SAEDesign().bind(128)  # the same defaults either way
+    with pytest.raises(ValueError, match="variant"):
+        design.bind(128, "sparse")
+    with pytest.raises(ValueError, match="extra"):
+        SAEDesign(d_in=128)  # data-bound fields belong to the spec
 
 
 # --- forward, sparsity, sparse == dense -------------------------------------------------------------------
@@ -101,21 +137,21 @@ def test_topk_gives_k_nonnegative_latents():
     assert sparse.idx.shape == (64, 8) and (sparse.idx.sort(1).values.diff(dim=1) > 0).all()
 
 
-@pytest.mark.parametrize("n", [512, 100])  # grouped two-stage path, single-stage fallback
-def test_topk_exact_matches_torch_topk(n):
+@pytest.mark.parametrize("n", [512, 100])
+def test_topk_matches_torch_topk(backend, n):
     torch.manual_seed(0)
     pre = torch.randn(300, n)
     ties = torch.randint(0, 5, (300, n)).float()  # many exact ties
     masked = pre.masked_fill(torch.rand(300, n) < 0.9, float("-inf"))  # AuxK: only "dead" latents finite
     for x, k in ((pre, 16), (ties, 16), (masked, 4)):
-        sel = topk_exact(x, k)
+        sel = topk(x, k)
         assert torch.equal(sel.values.sort(1).values, x.topk(k, dim=1).values.sort(1).values)
         assert torch.equal(x.gather(1, sel.indices), sel.values)
         assert (sel.indices.sort(1).values.diff(dim=1) > 0).all()  # distinct latents
 
 
-def test_sparse_path_equals_dense_reference_values_and_gradients():
-    sae = _sae("topk", n_latents=256, k=8)  # 256 latents: exercises the grouped top-k
+def test_sparse_path_equals_dense_reference_values_and_gradients(backend):
+    sae = _sae("topk", n_latents=256, k=8)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
@@ -165,7 +201,8 @@ def test_input_scale_normalises_norm_and_api_stays_in_original_scale():
 
 def test_decoder_rows_stay_unit_norm_and_dead_counters_count_tokens():
     sae = _sae("topk", dead_tokens_threshold=100)
-    trainer = SAETrainer({"topk": sae}, SAETrainConfig(total_tokens=10_000, batch_size=64, lr=1e-2, warmup_tokens=0))
+    cfg = SAETrainConfig(total_tokens=10_000, batch_size=64, lr=1e-2, warmup_tokens=0, init_tokens=64)
+    trainer = SAETrainer({"topk": sae}, cfg)
     for batch in _synthetic(64 * 5, 64, seed=3):
         trainer.train_step(batch)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), rtol=0, atol=1e-5)
@@ -174,7 +211,7 @@ def test_decoder_rows_stay_unit_norm_and_dead_counters_count_tokens():
     assert counters.max() <= 320 and (counters % 64 == 0).all()
 
 
-def test_aux_loss_only_with_dead_latents():
+def test_aux_loss_only_with_dead_latents(backend):
     sae, b = _sae("topk", dead_tokens_threshold=100), _batch()
     assert sae.loss(b.acts).aux == 0
     with torch.no_grad():
@@ -183,6 +220,28 @@ def test_aux_loss_only_with_dead_latents():
     assert loss.aux > 0
     loss.total.backward()
     assert sae.W_enc.grad[:200].abs().sum() > 0  # dead latents get a gradient through AuxK
+
+
+@pytest.mark.parametrize("n_dead", [10, 40])  # fewer dead than aux_k=16 (all in), more (top 16 of them)
+def test_aux_loss_dense_and_sparse_paths_agree(backend, monkeypatch, n_dead):
+    from tide_core.sae import model
+
+    sae, b = _sae("topk", dead_tokens_threshold=100), _batch()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.tokens_since_fired[7:7 + n_dead] = 100
+    runs = []
+    for width in (0, 100):  # 0: always the sparse path; 100: dense for up to 100 * aux_k dead latents
+        monkeypatch.setattr(model, "AUX_DENSE_WIDTH", width)
+        sae.zero_grad(set_to_none=True)
+        loss = sae.loss(b.acts)
+        loss.aux.backward()
+        runs.append((loss.aux.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (aux_sparse, grads_sparse), (aux_dense, grads_dense) = runs
+    assert aux_sparse > 0
+    torch.testing.assert_close(aux_dense, aux_sparse, rtol=1e-5, atol=1e-7)
+    for name, grad in grads_sparse.items():
+        torch.testing.assert_close(grads_dense[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -205,6 +264,20 @@ def test_save_load_round_trip(tmp_path, variant):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temp dirs left behind
     with pytest.raises(ValueError, match=rf"SAE at {tmp_path / 'sae'} expects d_in=32 but the activations have 64"):
         loaded.check_input(64)
+
+
+def test_checkpoint_without_time_init_still_loads(tmp_path):
+    # a cfg.json whose spec has no time_init (and other AuxK settings than the defaults) loads as saved
+    sae = _sae("tide")
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / CONFIG_FILE).read_text())
+    del cfg["spec"]["time_init"]
+    cfg["spec"].update(dead_tokens_threshold=200_000, aux_coeff=1 / 32)
+    (tmp_path / "sae" / CONFIG_FILE).write_text(json.dumps(cfg))
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.spec.time_init == "identity" and loaded.spec.dead_tokens_threshold == 200_000
+    b = _batch()
+    assert torch.equal(loaded(b.acts, b.timesteps).x_hat, sae(b.acts, b.timesteps).x_hat)
 
 
 # --- trainer ----------------------------------------------------------------------------------------------
@@ -263,6 +336,23 @@ def test_rebatch_keeps_token_order_whatever_the_source_chunking():
     assert sum(len(b) for b in rebatch(duck, 128)) == 1000  # e.g. the activation store's own batch type
     rest = list(skip_tokens(source, 975))
     assert torch.equal(torch.cat([b.steps for b in rest]), torch.cat([b.steps for b in source])[975:])
+
+
+@pytest.mark.skipif(os.environ.get("TIDE_KERNELS", "").strip().lower() == "torch",
+                    reason="TIDE_KERNELS=torch: the compiled kernels are switched off")
+def test_training_is_the_same_on_both_kernel_backends():
+    # the pure top-k returns the compiled kernel's entries in its order, so every sum matches
+    cfg = _train_cfg(total_tokens=256 * 8, batch_size=256, warmup_tokens=256, init_tokens=256)
+    specs = {v: SAESpec(d_in=D_IN, n_latents=128, k=4, variant=v, dead_tokens_threshold=256)
+             for v in ("tide", "topk")}
+    runs = {}
+    for mode in BACKENDS:
+        with kernels_backend.forced(mode):
+            results = train_saes(specs, _synthetic(2048, 256, seed=2), cfg)
+        runs[mode] = {name: r.sae.state_dict() for name, r in results.items()}
+    for name, state in runs["numba"].items():
+        for key, value in state.items():
+            assert torch.equal(value, runs["torch"][name][key]), f"{name}.{key} differs between the backends"
 
 
 def test_training_reaches_low_nmse_and_tide_matches_topk():

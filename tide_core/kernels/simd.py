@@ -12,8 +12,12 @@ LLVM does not vectorise from plain loops.
 
 Other CPUs get LLVM's generic lowering of the same IR: slower, the same results. All compares are IEEE
 ordered compares, so a NaN never passes one. Each intrinsic is inlined into the calling kernel, which
-numba compiles (and caches) for the host CPU. Numba's cache does not see edits to this file: after one,
-delete tide_core/__pycache__/*.nbi and *.nbc.
+numba compiles (and caches) for the host CPU. Numba's cache keys only on the calling kernel's own file,
+so ``tide_core.kernels.backend`` stamps the cache with a hash of every kernel source and wipes it when
+this file changes.
+
+The intrinsic names (``llvm.masked.*.p0``, ``llvm.vector.reduce.fmin``, opaque pointers) are those of the
+LLVM that llvmlite bundles: pyproject.toml pins numba and llvmlite to the tested range.
 """
 
 from __future__ import annotations

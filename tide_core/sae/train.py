@@ -29,13 +29,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tide_core.sae import SAESpec, SparseAutoencoder
+from tide_core.sae.batches import TokenBatch, rebatch
+from tide_core.sae.model import SparseAutoencoder
+from tide_core.sae.spec import SAESpec, SAETrainConfig
 
 STATE_FILE = "trainer.json"
 OPTIM_FILE = "optim.pt"
@@ -45,146 +46,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Batches
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Tokens of one or more images at one or more sampling steps."""
-
-    acts: torch.Tensor | np.ndarray  # [B, d_in] float activations
-    timesteps: torch.Tensor | np.ndarray  # [B] int: diffusion timestep of each token (what TIDE conditions on)
-    steps: torch.Tensor | np.ndarray  # [B] int: sampling step index of each token (0 = noisiest)
-
-    def __post_init__(self) -> None:
-        n = len(self.acts)
-        if np.ndim(self.acts) != 2:
-            raise ValueError(f"TokenBatch.acts must be [tokens, d_in]; got shape {tuple(self.acts.shape)}")
-        if len(self.timesteps) != n or len(self.steps) != n:
-            raise ValueError(
-                f"TokenBatch has {n} activation rows but {len(self.timesteps)} timesteps and "
-                f"{len(self.steps)} steps: all three must have one entry per token"
-            )
-
-    def __len__(self) -> int:
-        return len(self.acts)
-
-    @staticmethod
-    def coerce(batch: object) -> TokenBatch:
-        """Any batch with ``.acts``, ``.timesteps`` and ``.steps`` (e.g. the activation store's) as a TokenBatch."""
-        if isinstance(batch, TokenBatch):
-            return batch
-        try:
-            return TokenBatch(batch.acts, batch.timesteps, batch.steps)
-        except AttributeError:
-            raise TypeError(
-                f"expected token batches with .acts, .timesteps and .steps; got {type(batch).__name__}"
-            ) from None
-
-    def to_torch(self, device: str | torch.device = "cpu") -> TokenBatch:
-        """float32 activations and int64 timesteps / steps on ``device``."""
-        return TokenBatch(
-            acts=torch.as_tensor(self.acts).to(device=device, dtype=torch.float32),
-            timesteps=torch.as_tensor(self.timesteps).to(device=device, dtype=torch.int64),
-            steps=torch.as_tensor(self.steps).to(device=device, dtype=torch.int64),
-        )
-
-    def slice(self, start: int, stop: int) -> TokenBatch:
-        return TokenBatch(self.acts[start:stop], self.timesteps[start:stop], self.steps[start:stop])
-
-    @staticmethod
-    def concat(batches: list[TokenBatch]) -> TokenBatch:
-        if len(batches) == 1:
-            return batches[0]
-        parts = [b.to_torch() for b in batches]
-        return TokenBatch(
-            torch.cat([b.acts for b in parts]),
-            torch.cat([b.timesteps for b in parts]),
-            torch.cat([b.steps for b in parts]),
-        )
-
-
-def rebatch(batches: Iterable[TokenBatch], batch_size: int) -> Iterator[TokenBatch]:
-    """Re-cut a stream into batches of exactly ``batch_size`` tokens (the last one may be shorter)."""
-    pending: list[TokenBatch] = []
-    n_pending = 0
-    for batch in map(TokenBatch.coerce, batches):
-        start = 0
-        while start < len(batch):
-            take = min(batch_size - n_pending, len(batch) - start)
-            pending.append(batch.slice(start, start + take))
-            n_pending += take
-            start += take
-            if n_pending == batch_size:
-                yield TokenBatch.concat(pending)
-                pending, n_pending = [], 0
-    if n_pending:
-        yield TokenBatch.concat(pending)
-
-
-def skip_tokens(batches: Iterable[TokenBatch], n_tokens: int) -> Iterator[TokenBatch]:
-    """The stream without its first ``n_tokens`` tokens (for sources that cannot seek, on resume)."""
-    to_skip = n_tokens
-    for batch in map(TokenBatch.coerce, batches):
-        if to_skip >= len(batch):
-            to_skip -= len(batch)
-            continue
-        yield batch.slice(to_skip, len(batch)) if to_skip else batch
-        to_skip = 0
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Config and records
 # ----------------------------------------------------------------------------------------------------------
-
-
-class SAETrainConfig(BaseModel):
-    """How SAEs are trained (shared by all SAEs trained in one pass)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    total_tokens: int = Field(2_000_000, ge=1)
-    """Training tokens per SAE; training stops there (or earlier if the stream runs out)."""
-    batch_size: int = Field(1024, ge=1)
-    """Tokens per optimizer step."""
-    lr: float = Field(4e-4, gt=0.0)
-    """Peak AdamW learning rate."""
-    warmup_tokens: int = Field(50_000, ge=0)
-    """Length of the linear learning-rate warm-up, in tokens."""
-    decay: Literal["cosine", "linear"] = "cosine"
-    """Shape of the decay from the peak to final_lr_frac * lr after warm-up."""
-    final_lr_frac: float = Field(0.1, ge=0.0, le=1.0)
-    """Learning rate at the end of training, as a fraction of the peak."""
-    weight_decay: float = Field(0.0, ge=0.0)
-    """AdamW weight decay (0: sparsity, not decay, is the regulariser)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    grad_clip: float = Field(1.0, ge=0.0)
-    """Max global gradient norm per SAE; 0 disables clipping."""
-    init_tokens: int = Field(16_384, ge=1)
-    """Tokens at the start of the stream used to set the input scale and b_dec of fresh SAEs."""
-    seed: int = 0
-    """Seed of the weights of SAEs built from specs; all get the same seed, so variants start alike."""
-    log_every: int = Field(50, ge=1)
-    """Optimizer steps per logged (averaged) record."""
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> SAETrainConfig:
-        if self.warmup_tokens >= self.total_tokens:
-            raise ValueError(
-                f"warmup_tokens={self.warmup_tokens} must be < total_tokens={self.total_tokens}: "
-                "shorten the warm-up (a few % of training is typical)"
-            )
-        return self
-
-    @property
-    def total_steps(self) -> int:
-        return math.ceil(self.total_tokens / self.batch_size)
-
-    @property
-    def warmup_steps(self) -> int:
-        return math.ceil(self.warmup_tokens / self.batch_size)
 
 
 def lr_at(step: int, cfg: SAETrainConfig) -> float:

@@ -1,8 +1,8 @@
 """Exact row-wise top-k on the CPU, compiled with numba: the hot loop of TopK SAE training and of the
-feature statistics pass.
+feature statistics pass. Reached through ``tide_core.kernels.topk``, which picks this or the pure path.
 
 Picking 32 of 1024 per row costs ~4.5 µs with torch.topk on the CPU, ~3 µs with two stages of numpy's
-argpartition (what this project used before), and ~0.5 µs with this kernel (AVX-512), which per row does:
+argpartition, and ~0.5 µs with this kernel (AVX-512), which per row does:
 
 1. Maxima of 32 interleaved groups (group g holds entries g, g + 32, g + 64, ...): two 16-lane vector
    maxima per 32 entries. Their minimum ``thr`` is a lower bound for the k-th largest entry when k <= 32:
@@ -13,27 +13,31 @@ argpartition (what this project used before), and ~0.5 µs with this kernel (AVX
    median-of-three pivot (vectorised) and compress the side that holds the k-th into a ping-pong buffer.
 4. Compress the candidates > T, then as many == T as the k still needs, lowest position first.
 
-Steps 1, 2 and the compresses are LLVM vector IR (``tide_core.simd``). The result is the exact top-k set
-by value; equal values go to the lower position, so ties are deterministic. A row with a NaN has no
-well-defined top-k by comparison: the kernel reports such rows and the caller falls back to torch.topk
-for that batch, which treats NaN as the largest value.
+Steps 1, 2 and the compresses are LLVM vector IR (``tide_core.kernels.simd``). The result is the exact
+top-k set by value; equal values go to the lower position, so ties are deterministic. A row with a NaN
+has no well-defined top-k by comparison: the kernel reports such rows and the caller falls back to
+torch.topk for that batch, which treats NaN as the largest value.
 
 ``row_topk`` is one row, for other kernels to call (the feature pass adds the encoder bias in the same
-sweep). ``topk_rows`` splits a batch's rows over ``threads`` of numba's OpenMP threads (``topk_exact``
-passes torch's intra-op thread count: 1 inside the feature pass, whose dask threads already fill the
-cores). The first call compiles the kernels (a few seconds) and numba caches them next to this file.
+sweep). ``topk_rows`` splits a batch's rows over ``threads`` of numba's threads (the entry point passes
+torch's intra-op thread count: 1 inside the feature pass, whose dask threads already fill the cores).
+The first call compiles the kernels (a few seconds) and numba caches them next to this file.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+import torch
 from numba import njit, prange
+from torch import Tensor
 
-from tide_core.simd import (
+from tide_core.kernels.records import LatentPairs, TopKSelection
+from tide_core.kernels.simd import (
     GROUPS,
     LANES,
     add_compress_ge,
@@ -45,11 +49,6 @@ from tide_core.simd import (
     pad_compress_lt,
     row_threshold32,
 )
-
-# OpenMP first: torch's CPU build runs its ops on libgomp, and numba's "omp" layer then shares that
-# runtime's threads. Under TBB (numba's own first choice) the two pools would fight for the cores while
-# torch's OpenMP workers spin after each op (measured: the parallel top-k then gains nothing).
-numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
 @njit(nogil=True, cache=True, boundscheck=False, fastmath={"nnan", "nsz", "reassoc"})
@@ -178,7 +177,7 @@ def _topk_block(pre, k, out_val, out_idx, r0, r1):  # pragma: no cover - compile
         bad += t != t
         update_estimate(est, t)
     # widened to the caller's int64 afterwards: read right after the compressing stores wrote them, they
-    # stall (see feature_stats._topk_accumulate)
+    # stall (see numba_features._topk_accumulate)
     for r in range(r0, r1):
         for j in range(k):
             out_idx[r, j] = idx[r - r0, j]
@@ -196,6 +195,24 @@ def _topk_parallel(pre, k, out_val, out_idx, blocks):  # pragma: no cover - comp
 
 
 _PARALLEL = threading.Lock()
+_LAYER_CHOSEN = threading.Event()
+
+
+def prefer_openmp() -> None:
+    """Ask numba for its OpenMP threading layer, once, before its first parallel launch (numba picks the
+    layer then, for the whole process), unless the user chose a layer or a priority themselves.
+
+    Why OpenMP first: torch's CPU build runs its ops on libgomp, and numba's "omp" layer then shares that
+    runtime's threads. Under TBB (numba's own first choice) the two pools fight for the cores while torch's
+    OpenMP workers spin after each op (measured: the parallel top-k then gains nothing).
+    """
+    if _LAYER_CHOSEN.is_set():
+        return
+    user_chose = ("NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ
+                  or numba.config.THREADING_LAYER != "default")
+    if not user_chose:
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    _LAYER_CHOSEN.set()
 
 
 @dataclass(frozen=True)
@@ -208,24 +225,29 @@ class RowTopK:
 
 
 def topk_rows(pre: np.ndarray, k: int, threads: int = 1) -> RowTopK:
-    """Exact top-k of each row of a float32 array pre [B, n], 1 <= k <= n, on ``threads`` threads.
-    Equal values are taken lowest position first."""
+    """Exact top-k of each row of a float32 array pre [B, n], 1 <= k <= n, on up to ``threads`` threads
+    (numba's own limit, NUMBA_NUM_THREADS, caps it). Equal values are taken lowest position first."""
     b, n = pre.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"top-k needs 1 <= k <= n; got k={k}, n={n}")
     pre = np.ascontiguousarray(pre, np.float32)
-    values = np.empty((b, k), pre.dtype)
+    values = np.empty((b, k), np.float32)
     indices = np.empty((b, k), np.int64)
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, b // 256))  # a thread needs ~256 rows
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     if threads == 1:
         bad = _topk_block(pre, k, values, indices, 0, b)
     else:
         # One parallel call at a time: numba's fallback "workqueue" layer (where neither OpenMP nor TBB
         # is available) aborts on concurrent use, and a parallel call already fills the cores anyway.
         with _PARALLEL:
+            prefer_openmp()
             numba.set_num_threads(threads)
             bad = _topk_parallel(pre, k, values, indices, threads)
     return RowTopK(values, indices, bad == 0)
+
+
+def topk_cpu(pre: Tensor, k: int, threads: int) -> TopKSelection | None:
+    """``tide_core.kernels.topk`` for a float32 CPU tensor pre [B, n] (k < n): None if a row has a NaN."""
+    top = topk_rows(pre.detach().contiguous().numpy(), k, threads)
+    return TopKSelection(torch.from_numpy(top.values), torch.from_numpy(top.indices)) if top.ok else None
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -247,21 +269,32 @@ def _group_pairs(idx, n_latents, order, tokens, crow):  # pragma: no cover - com
             fill[idx[t, j]] = at + 1
 
 
-@dataclass(frozen=True)
-class LatentPairs:
-    """The B*k (token, latent) pairs of a selection, grouped by latent: a CSR matrix [n_latents, B]."""
-
-    order: np.ndarray  # [B*k] int64 flat pair positions (t * k + j), by latent, stable within a latent
-    tokens: np.ndarray  # [B*k] int64 token of each pair, in that order (the CSR column indices)
-    crow: np.ndarray  # [n_latents + 1] int64 CSR row pointers: latent l's pairs are order[crow[l]:crow[l+1]]
-
-
-def pairs_by_latent(idx: np.ndarray, n_latents: int) -> LatentPairs:
-    """Group the pairs of idx [B, k] (latent ids in [0, n_latents)) by latent in O(B*k): a counting sort,
-    ~10x faster than torch's stable argsort of the flat ids."""
+def pairs_by_latent(idx: Tensor, n_latents: int) -> LatentPairs:
+    """Group the pairs of idx [B, k] (CPU, latent ids in [0, n_latents)) by latent in O(B*k): a counting
+    sort, ~10x faster than torch's stable argsort of the flat ids."""
     b, k = idx.shape
-    idx = np.ascontiguousarray(idx, np.int64)
+    ids = np.ascontiguousarray(idx.numpy(), np.int64)
     order, tokens = np.empty(b * k, np.int64), np.empty(b * k, np.int64)
     crow = np.empty(n_latents + 1, np.int64)
-    _group_pairs(idx, n_latents, order, tokens, crow)
-    return LatentPairs(order, tokens, crow)
+    _group_pairs(ids, n_latents, order, tokens, crow)
+    return LatentPairs(*(torch.from_numpy(a) for a in (order, tokens, crow)))
+
+
+def _warm_topk() -> None:
+    rng = np.random.default_rng(0)
+    pre = torch.from_numpy(rng.normal(size=(4, 64)).astype(np.float32))
+    topk_cpu(pre, 8, 1)
+
+
+def _warm_topk_parallel() -> None:
+    pre = torch.from_numpy(np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32))
+    topk_cpu(pre, 8, 2)
+
+
+def _warm_pairs() -> None:
+    pairs_by_latent(torch.tensor([[0, 3], [2, 0]]), 4)
+
+
+# Called by tide_core.kernels.backend the first time each group is used: every kernel of the group on
+# tiny inputs of the types the callers pass, so a compile error surfaces inside its guard.
+WARM_UP = {"topk": _warm_topk, "topk_parallel": _warm_topk_parallel, "pairs": _warm_pairs}

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tide_core.sae import SparseAutoencoder
-from tide_core.sae_train import TokenBatch
+from tide_core.sae.batches import TokenBatch
+from tide_core.sae.model import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1
 

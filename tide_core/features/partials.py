@@ -1,0 +1,106 @@
+"""The map step of the feature pass: statistics of some chunks of one diffusion step, mergeable exactly.
+
+A chunk is one diffusion step of a block of samples (one Zarr chunk). ``step_partial`` encodes some
+chunks of one step and returns a ``StepPartial``: fire counts and activation sums by class, maxima, a
+histogram and the top images per latent (``chunk_partial``: one chunk). Partials of the same step merge
+exactly (sums, maxima, a top-N merge), so any scheduler may reduce them in any order and get the same
+numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tide_core.features.encode import chunk_encoder, count_chunk, fired_latents
+from tide_core.kernels import FeatureCounts, TopLists, count_fired, merge_top, top_images
+
+
+@dataclass
+class StepPartial:
+    """Statistics of one SAE over some of the tokens of one diffusion step (mergeable)."""
+
+    step: int
+    tokens: int
+    class_tokens: np.ndarray  # int64 [C] tokens seen per class
+    fires: np.ndarray  # int64 [C, n] tokens where the latent fired, by class
+    act_sum: np.ndarray  # float64 [C, n] sum of activations where it fired, by class
+    act_max: np.ndarray  # float32 [n]
+    hist: np.ndarray  # int64 [n, B] counts of firing activations per HIST_EDGES bin
+    top_val: np.ndarray  # float32 [n, N] image activations, descending (EMPTY = unfilled)
+    top_sid: np.ndarray  # int64 [n, N] their sample ids
+
+    def merge(self, other: StepPartial) -> StepPartial:
+        if other.step != self.step:
+            raise ValueError(f"cannot merge statistics of step {other.step} into step {self.step}")
+        top = merge_top(TopLists(self.top_val, self.top_sid), TopLists(other.top_val, other.top_sid))
+        return StepPartial(
+            step=self.step, tokens=self.tokens + other.tokens, class_tokens=self.class_tokens + other.class_tokens,
+            fires=self.fires + other.fires, act_sum=self.act_sum + other.act_sum,
+            act_max=np.maximum(self.act_max, other.act_max), hist=self.hist + other.hist, top_val=top.values,
+            top_sid=top.sample_ids)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The stored activations of some images at one step (a Zarr chunk)."""
+
+    acts: np.ndarray  # [b, P, d] float16 or float32
+    sample_ids: np.ndarray  # int64 [b]
+    class_ids: np.ndarray  # int64 [b]
+
+
+def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timestep: int, n_classes: int,
+                 top_n: int) -> StepPartial:
+    """Statistics of some chunks of one step, n_images images in all, counted into one set of arrays (no
+    per-chunk partials to merge); chunks may be a generator, so only one is in memory at a time."""
+    n = sae.spec.n_latents
+    counts = FeatureCounts.zeros(n_classes, n, n_images)
+    sample_ids = np.full(n_images, -1, np.int64)
+    sample_class = np.zeros(n_images, np.int64)
+    class_tokens = np.zeros(n_classes, np.int64)
+    enc = chunk_encoder(sae, timestep)
+    s0 = tokens = 0
+    for chunk in chunks:
+        b, p, d = chunk.acts.shape
+        if s0 + b > n_images:
+            raise ValueError(f"step_partial was told of {n_images} images but got more")
+        sample_ids[s0:s0 + b], sample_class[s0:s0 + b] = chunk.sample_ids, chunk.class_ids
+        acts = chunk.acts.reshape(b * p, d)
+        done = count_chunk(enc, acts, p, s0, sample_class, counts) if enc is not None else 0
+        if done < b * p:  # relu SAEs, rows with a NaN: the general path for the rest of the chunk
+            x = torch.from_numpy(np.ascontiguousarray(acts[done:])).float()  # [rows, d]
+            f = fired_latents(sae, x, timestep)
+            count_fired(counts, f.rows.numpy() + done, f.latents.numpy(), f.values.numpy(), p, s0,
+                        sample_class)
+        class_tokens += np.bincount(chunk.class_ids, minlength=n_classes) * p
+        s0, tokens = s0 + b, tokens + b * p
+    if s0 != n_images:
+        raise ValueError(f"step_partial was told of {n_images} images but got {s0}")
+    top = top_images(counts.per_image, sample_ids, top_n)
+    return StepPartial(step=step, tokens=tokens, class_tokens=class_tokens, fires=counts.fires,
+                       act_sum=counts.act_sum, act_max=counts.per_image.max(1), hist=counts.hist,
+                       top_val=top.values, top_sid=top.sample_ids)
+
+
+def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: np.ndarray,
+                  class_ids: np.ndarray, n_classes: int, top_n: int) -> StepPartial:
+    """Statistics of one chunk: acts [b, P, d] of samples sample_ids [b] (classes class_ids [b]) at one step."""
+    chunk = Chunk(acts, np.asarray(sample_ids, np.int64), np.asarray(class_ids, np.int64))
+    return step_partial(sae, [chunk], len(chunk.sample_ids), step, timestep, n_classes, top_n)
+
+
+def tree_reduce(items: list, combine):
+    """combine(a, b) over items as a balanced binary tree (what a scheduler runs in parallel)."""
+    while len(items) > 1:
+        items = [combine(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
+                 for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def merge_all(parts: list[StepPartial]) -> StepPartial:
+    """Merge partials of one step pairwise."""
+    return tree_reduce(parts, StepPartial.merge)

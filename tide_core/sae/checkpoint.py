@@ -1,0 +1,71 @@
+"""An SAE checkpoint: a directory with ``cfg.json`` (format, variant, spec, meta) and ``sae.safetensors``
+(weights, input scale, dead-latent counters). Written atomically; ``load_checkpoint`` mirrors
+``save_checkpoint``. Reached through ``SparseAutoencoder.save`` / ``SparseAutoencoder.load``.
+
+The spec is read with ``SAESpec.model_validate``, so a ``cfg.json`` that lacks a field loads with the
+field's default: a spec without ``time_init`` gets identity, the only start such a checkpoint can have had.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tide_core.sae.spec import SAESpec
+
+if TYPE_CHECKING:
+    from tide_core.sae.model import SparseAutoencoder
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(sae: SparseAutoencoder, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``<path>/cfg.json`` + ``<path>/sae.safetensors`` into a temp dir beside ``path``, then swap it
+    in, so a killed save leaves the previous checkpoint (or none), never half of one."""
+    path = Path(path)
+    if meta:
+        sae.meta.update(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        cfg = {"format": CHECKPOINT_FORMAT, "variant": sae.spec.variant,
+               "spec": sae.spec.model_dump(), "meta": sae.meta}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    sae.source = str(path)
+    return path
+
+
+def load_checkpoint(cls: type[SparseAutoencoder], path: str | Path,
+                    device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Rebuild an SAE of class ``cls`` from a directory written by ``save_checkpoint``."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} is not an SAE checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    if cfg.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"SAE checkpoint {path} has format {cfg.get('format')}; this code reads "
+                         f"format {CHECKPOINT_FORMAT}: retrain or convert it")
+    sae = cls(SAESpec.model_validate(cfg["spec"]), meta=cfg.get("meta"))
+    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+    sae.source = str(path)
+    return sae.to(device)
