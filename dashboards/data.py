@@ -1,9 +1,10 @@
 """What the feature browser reads from the warehouse: typed records and Arrow tables, from the views.
 
 Every read is a short read-only query (or a block of them on one connection) through
-``storage.warehouse.Warehouse`` (which retries while a writer holds the file), so building the site can interleave with a running pipeline. Values reach
-DuckDB as parameters only. The per-feature tables are read in blocks of feature ids so that an SAE
-with 16k+ latents and heatmaps never sits in memory whole.
+``storage.Warehouse``, which retries while a writer holds the file, so building the site
+can interleave with a running pipeline. Values reach DuckDB as parameters only. The per-feature
+tables are read in blocks of feature ids so that an SAE with 16k+ latents and heatmaps never sits
+in memory whole.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.schema import OVERALL_STEP, SAE_CONTEXT
-from storage.warehouse import SaeRecord, Warehouse
+from storage import OVERALL_STEP, SaeRecord, Warehouse
+from storage.schema import SAE_CONTEXT  # not in storage's public API
 
 # Columns the v_* views add from `saes`; the site carries them once per SAE, not once per row.
 _EXCLUDE_CONTEXT = "EXCLUDE (" + ", ".join(SAE_CONTEXT) + ")"
@@ -132,19 +133,15 @@ class WarehouseReader:
         return out
 
     def samples(self, run_id: str) -> pa.Table:
-        return self.wh.query("SELECT * EXCLUDE (run_id) FROM samples WHERE run_id = ? ORDER BY sample_id", [run_id])
-
-    def sample_grid(self, run_id: str, limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` samples (id, class) for the overview: the first of every class, then the second, ..."""
-        return self.wh.query(
-            "SELECT sample_id, class_id, class_name FROM (SELECT sample_id, class_id, class_name, "
-            "row_number() OVER (PARTITION BY class_id ORDER BY sample_id) AS nth FROM samples WHERE run_id = ?) "
-            "ORDER BY nth, class_id LIMIT ?", [run_id, limit]).to_pylist()
+        """Every sample of the run, ordered by id: the sample pages, the images and the overview's grid."""
+        return self.wh.query("SELECT * EXCLUDE (run_id) FROM samples WHERE run_id = ? ORDER BY sample_id",
+                             [run_id])
 
     def feature_list(self, sae_id: str) -> pa.Table:
         """One row per feature (no histograms), with the sample of its strongest top image."""
         return self.wh.query(
-            f"SELECT f.* EXCLUDE ({', '.join(SAE_CONTEXT)}, histogram, histogram_edges), t.sample_id AS top_sample "
+            f"SELECT f.* EXCLUDE ({', '.join(SAE_CONTEXT)}, histogram, histogram_edges), "
+            "t.sample_id AS top_sample "
             "FROM v_features f LEFT JOIN (SELECT feature_id, sample_id FROM v_top_images "
             "WHERE sae_id = $sae AND scope = 'overall' AND rank = 1) t USING (feature_id) "
             "WHERE f.sae_id = $sae ORDER BY f.feature_id", {"sae": sae_id})

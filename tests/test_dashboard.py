@@ -8,18 +8,19 @@ every value is known, including hostile labels and class names.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from dashboards import server
 from dashboards.png import downscale, encode_png
-from dashboards.site import CHUNK, DashboardError, build_site
-from storage.activation_store import ActivationStore, ShardStats, StoreLayout
-from storage.warehouse import Warehouse
+from dashboards.site import CHUNK, PAGES, STATIC_DIR, DashboardError, build_site
+from storage import ActivationStore, ShardStats, StoreLayout, Warehouse
 
 EVIL = '<img src=x onerror="alert(1)"><script>alert(2)</script>&amp;'
 
@@ -136,16 +137,53 @@ def test_png_encoder_round_trips_through_pillow():
         encode_png(np.zeros((2, 2), np.float32))
 
 
+def test_json_numbers_round_one_way_whether_one_value_or_a_column():
+    """The vectorised rounding of whole columns gives exactly what one value's rounding gives, ties and
+    exponents past 10**22 included."""
+    from dashboards.writer import SIG_DIGITS, json_column, json_number, round_sig
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.uniform(-1, 1, 20_000),
+        rng.choice([-1, 1], 20_000) * 10 ** rng.uniform(-40, 40, 20_000),  # far past 10**±22
+        (rng.integers(0, 10**6, 20_000) + 0.5) / 10.0 ** rng.integers(0, 12, 20_000),  # decimal ties
+        [0.0, 1.0, 123455.0, 0.123455, 9.99995, 1e-300, 5e-324],
+    ])
+    expected = [float(f"{v:.{SIG_DIGITS}g}") for v in values.tolist()]
+    assert round_sig(values).tolist() == expected
+    assert [json_number(v) for v in values.tolist()] == expected
+    col = pa.chunked_array([pa.array([*values[:5].tolist(), float("nan"), None, float("inf")], pa.float64())])
+    assert json_column(col) == [*expected[:5], None, None, None]
+    big = pa.chunked_array([pa.array([2**53 + 1, -3, None], pa.int64())])
+    assert json_column(big) == [str(2**53 + 1), -3, None]  # exact: a NULL does not send ints through floats
+
+
+def test_sample_grid_takes_each_class_in_turn():
+    """The overview's grid, from the samples already read: the first sample of every class, then the
+    second, ... (what `row_number() OVER (PARTITION BY class_id ORDER BY sample_id)` would give)."""
+    from dashboards.runs import _sample_grid
+
+    classes = [2, 2, 2, 0, 1, 1, 2, 0]
+    samples = pa.table({"sample_id": list(range(8)), "class_id": classes,
+                        "class_name": [f"c{c}" for c in classes], "seed": list(range(8))})
+    assert [r["sample_id"] for r in _sample_grid(samples, 40)] == [3, 4, 0, 7, 5, 1, 2, 6]
+    assert _sample_grid(samples, 2) == [{"sample_id": 3, "class_id": 0, "class_name": "c0"},
+                                        {"sample_id": 4, "class_id": 1, "class_name": "c1"}]
+
+
 def test_site_holds_every_page_and_escapes_nothing_into_html(tmp_path):
     db = fill_synthetic(tmp_path, class_names=["zero", EVIL, "two"])
     report = build_site(db, tmp_path / "dashboard", log=lambda m: None)
     site = report.out_dir
     assert report.n_saes == 2 and report.n_features == 80 and report.n_images == 24 and not report.warnings
-    for page in ("index.html", "sae.html", "feature.html", "sample.html", "app.js", "style.css"):
-        assert (site / page).is_file()
-    # the pages are static shells: no warehouse value is ever written into HTML
+    assert sorted(PAGES) == sorted(p.name for p in STATIC_DIR.iterdir())  # no static file left behind
+    for page in PAGES:
+        assert (site / page).read_bytes() == (STATIC_DIR / page).read_bytes()
+    # the pages are static shells: no warehouse value is ever written into HTML; each loads the scripts
+    # in the order they build on each other
     for page in site.glob("*.html"):
         assert "alert" not in page.read_text() and "onerror" not in page.read_text()
+        assert re.findall(r'<script src="([^"]+)"', page.read_text()) == ["dom.js", "charts.js", "app.js"]
     meta = read(site, "data/site.json")
     assert [s["variant"] for s in meta["saes"]] == ["tide", "topk"]
     tide = meta["saes"][0]
@@ -196,7 +234,7 @@ def test_a_failed_build_keeps_the_old_site(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(site_mod, "_write_feature_chunks", broken)
+    monkeypatch.setattr(site_mod, "write_feature_chunks", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         build_site(db, log=lambda m: None)
     assert read(out, "data/site.json")["built_at"] == before and (out / "index.html").exists()
