@@ -15,18 +15,22 @@ def test_repo_config_is_valid_and_defaults_match():
     assert cfg.model.source == "digits"
     assert cfg.capture.layers == [1, 3, 5]
     assert TideConfig().model.digits.fingerprint() == cfg.model.digits.fingerprint()
+    assert cfg.warehouse.root == str(REPO / "warehouse")
 
 
 @pytest.mark.parametrize("data, field, hint", [
-    ({"model": {"source": "facebook/not-a-dit"}}, "model.source", "unknown"),
-    ({"capture": {"layers": [0, 9]}}, "capture.layers", "0..5"),
+    ({"model": {"source": " "}}, "model.source", "is empty"),
+    ({"capture": {"layers": [0, -1]}}, "capture.layers", "start at 0"),
+    ({"capture": {"layers": []}}, "capture.layers", "at least 1 item"),
+    ({"sae": {"variants": []}}, "sae.variants", "at least 1 item"),
     ({"sampling": {"batch_size": -4}}, "sampling.batch_size", "greater than or equal to 1"),
     ({"sampling": {"num_steps": "fifty"}}, "sampling.num_steps", "valid integer"),
     ({"sampling": {"nums_steps": 10}}, "sampling.nums_steps", "unknown key"),
     ({"capture": {"sites": ["resid", "attention"]}}, "capture.sites", "'resid', 'attn' or 'mlp'"),
     ({"capture": {"token_fraction": 0.0}}, "capture.token_fraction", "greater than 0"),
     ({"capture": {"steps": [0, 60]}}, "capture.steps", "0..49"),
-    ({"sae": {"k": 64, "n_latents": 32}}, "sae.k", "<= sae.n_latents"),
+    ({"sae": {"spec": {"k": 64, "n_latents": 32}}}, "sae.spec", "n_latents"),
+    ({"sae": {"train": {"total_tokens": 1000, "warmup_tokens": 5000}}}, "sae.train", "warmup_tokens"),
     ({"model": {"digits": {"patch_size": 3}}}, "patch_size", "must divide"),
 ])
 def test_bad_values_name_the_field(data, field, hint):
@@ -37,22 +41,59 @@ def test_bad_values_name_the_field(data, field, hint):
     assert msg.startswith("invalid config test.toml")
 
 
-def test_local_model_directory_validates_layers(tmp_path):
+def test_preflight_checks_layers_and_sites_against_the_model_files(tmp_path):
+    from pipelines.preflight import preflight
+    from pipelines.project import Project
+
     (tmp_path / "m" / "transformer").mkdir(parents=True)
-    (tmp_path / "m" / "transformer" / "config.json").write_text('{"num_layers": 3}')
-    ok = parse_config({"model": {"source": str(tmp_path / "m")}, "capture": {"layers": [0, 2]}})
-    assert ok.model.num_layers() == 3
-    with pytest.raises(ConfigError, match="0..2"):
-        parse_config({"model": {"source": str(tmp_path / "m")}, "capture": {"layers": [3]}})
+    (tmp_path / "m" / "transformer" / "config.json").write_text(
+        '{"_class_name": "DiTTransformer2DModel", "num_layers": 3, "num_attention_heads": 2, "attention_head_dim": 8}')
+    ok = Project.load(write_config(tmp_path, {"model": {"source": "m"}, "capture": {"layers": [0, 2]}}))
+    assert ok.config.model.source == str(tmp_path / "m")  # relative to the config file's folder
+    assert preflight(ok) == []
+    bad = Project.load(write_config(tmp_path, {"model": {"source": "m"}, "capture": {"layers": [3]}}))
+    source = str(tmp_path / "m")
+    assert preflight(bad) == [f"capture.layers contains [3]: model {source!r} has 3 layers, so layers must be "
+                              "in 0..2"]
+    hub = Project.load(write_config(tmp_path, {"model": {"source": "facebook/not-a-dit"}}))
+    assert "known hub id" in preflight(hub)[0]
+    (tmp_path / "file").write_text("")
+    blocked = Project.load(write_config(tmp_path, {"warehouse": {"root": "file"}}))
+    assert preflight(blocked) == [f"warehouse.root={str(tmp_path / 'file')!r} is a file, not a folder: point "
+                                  "warehouse.root at a folder"]
 
 
-def test_invalid_toml_and_missing_file(tmp_path):
+def test_relative_paths_resolve_against_the_config_file_not_the_working_directory(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "conf", {"warehouse": {"root": "wh", "store_url": "acts.zarr"}})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.warehouse.root == str(tmp_path / "conf" / "wh")
+    assert cfg.warehouse.store_url == str(tmp_path / "conf" / "acts.zarr")
+    assert cfg.model.digits.checkpoint_dir == str(tmp_path / "conf" / "dit")
+    assert load_config(write_config(tmp_path / "s3", {"warehouse": {"store_url": "s3://b/acts.zarr"}})
+                       ).warehouse.store_url == "s3://b/acts.zarr"  # URLs stay as they are
+
+
+def test_invalid_toml_binary_and_missing_files(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sampling\nnum_steps = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_sae_settings_are_the_libraries_own_with_one_set_of_defaults():
+    from tide_core.sae.spec import SAEDesign, SAETrainConfig
+
+    cfg = TideConfig()
+    assert cfg.sae.spec == SAEDesign() and cfg.sae.train == SAETrainConfig()
+    spec = cfg.sae.spec.bind(d_in=128, variant="topk", num_train_timesteps=1000)
+    assert spec.dead_tokens_threshold == 10_000 and spec.aux_coeff == 0.5 and spec.n_latents == 1024
 
 
 def test_env_var_selects_config(tmp_path, monkeypatch):
@@ -74,7 +115,7 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "capture.layers" in out.stderr and "0..1" in out.stderr
-    assert not (tmp_path / "d").exists() and not (tmp_path / "warehouse").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tide.toml"]  # nothing written
 
 
 def test_cli_help_on_every_command():

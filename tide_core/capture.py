@@ -1,10 +1,8 @@
-"""Activation capture: named, removable forward hooks on chosen DiT blocks and sites.
+"""Activation capture: named, removable forward hooks on chosen blocks and sites of any model family.
 
-Sites of a diffusers DiT block (``BasicTransformerBlock`` with adaLN-Zero):
-    resid : the block's output, i.e. the residual stream after the block (default)
-    attn  : output of the self-attention module ``attn1`` (before adaLN's gate scales it)
-    mlp   : output of the feed-forward module ``ff`` (before the gate)
-Under classifier-free guidance the sampler runs [cond; uncond] in one batch; the conditional half is
+Where a site lives in a block, and how its image tokens are read from the module's output, is the
+family adapter's (``DiTAdapter.site_module`` / ``read_site``); the default site ``resid`` is the block's
+output, the residual stream after the block. Under classifier-free guidance the sampler runs [cond; uncond] in one batch; the conditional half is
 captured by default (it is what the class steers), the unconditional half on request.
 
 Token subsampling keeps P of the T image tokens per (sample, step), drawn from a generator seeded by
@@ -19,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-SITES = ("resid", "attn", "mlp")
+from tide_core.models.base import DiTAdapter
 
 
 @dataclass(frozen=True)
@@ -50,23 +47,18 @@ class CapturedStep:
     token_index: np.ndarray | None  # int16 [B, P]; None when every token is kept
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "transformer_blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no transformer_blocks: not a DiT-style transformer")
-    return blocks
-
-
 class BlockHook:
-    """A forward hook on ``transformer_blocks[self.layer]`` of ``self.model`` that a ``with`` block installs
-    and removes; subclasses define ``_hook(module, inputs, output)``."""
+    """A forward hook on site ``self.site`` (default ``resid``, the block output) of block ``self.layer`` of
+    ``self.model`` that a ``with`` block installs and removes. Subclasses define ``_edit(tokens)`` on the
+    image tokens [B, T, D] and return new tokens, or None to leave the output as it is."""
 
-    model: nn.Module
+    model: DiTAdapter
     layer: int
+    site: str = "resid"
     _handle: torch.utils.hooks.RemovableHandle | None = None
 
     def __enter__(self):
-        self._handle = blocks_of(self.model)[self.layer].register_forward_hook(self._hook)
+        self._handle = self.model.site_module(self.layer, self.site).register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,25 +66,23 @@ class BlockHook:
             self._handle.remove()
             self._handle = None
 
+    def _hook(self, _module, _inputs, output):
+        new = self._edit(self.model.read_site(self.site, output))
+        return None if new is None else self.model.write_site(self.site, output, new)
 
-def site_module(block: nn.Module, site: str) -> nn.Module:
-    if site == "resid":
-        return block
-    name = {"attn": "attn1", "mlp": "ff"}.get(site)
-    if name is None or not hasattr(block, name):
-        raise ValueError(f"unknown site {site!r}: use one of {SITES}")
-    return getattr(block, name)
+    def _edit(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
 
-def validate_spec(spec: CaptureSpec, num_layers: int, num_steps: int | None = None) -> None:
+def validate_spec(spec: CaptureSpec, num_layers: int, sites: tuple[str, ...], num_steps: int | None = None) -> None:
     """Fail before sampling on anything the model or schedule cannot provide (steps only when the
     schedule length is given)."""
     bad = [x for x in spec.layers if not 0 <= x < num_layers]
     if bad:
         raise ValueError(f"capture layers {bad} out of range: the model has layers 0..{num_layers - 1}")
-    bad_sites = [s for s in spec.sites if s not in SITES]
+    bad_sites = [s for s in spec.sites if s not in sites]
     if bad_sites:
-        raise ValueError(f"unknown sites {bad_sites}: use one of {SITES}")
+        raise ValueError(f"unknown sites {bad_sites}: this model family has {sites}")
     if spec.steps is not None and num_steps is not None:
         bad = sorted(s for s in spec.steps if not 0 <= s < num_steps)
         if bad:
@@ -117,7 +107,7 @@ class ActivationCapture:
     which sample ids the next batch holds (for the token draw).
     """
 
-    def __init__(self, model: nn.Module, spec: CaptureSpec, sink: Callable[[CapturedStep], None]):
+    def __init__(self, model: DiTAdapter, spec: CaptureSpec, sink: Callable[[CapturedStep], None]):
         self.model = model
         self.spec = spec
         self.sink = sink
@@ -133,11 +123,11 @@ class ActivationCapture:
 
     # -- hook management --
     def install(self) -> ActivationCapture:
-        blocks = blocks_of(self.model)
-        validate_spec(self.spec, len(blocks))  # steps were checked against the schedule by the caller
+        # steps were checked against the schedule by the caller
+        validate_spec(self.spec, self.model.num_layers, self.model.sites)
         for layer in self.spec.layers:
             for site in self.spec.sites:
-                module = site_module(blocks[layer], site)
+                module = self.model.site_module(layer, site)
                 self._handles.append(module.register_forward_hook(self._make_hook(site, layer)))
         return self
 
@@ -175,12 +165,12 @@ class ActivationCapture:
     def _make_hook(self, site: str, layer: int):
         def hook(_module, _inputs, output):
             if self._active:
-                self._buffer[(site, layer)] = self._take(output)
+                self._buffer[(site, layer)] = self._take(self.model.read_site(site, output))
 
         return hook
 
     def _take(self, out: torch.Tensor) -> np.ndarray:
-        out = out[0] if isinstance(out, tuple) else out  # [2B or B, T, D]
+        # out: [2B or B, T, D]
         b = self._batch
         if self._guided:
             out = out[:b] if self.spec.branch == "cond" else out[b:2 * b]  # [B, T, D]

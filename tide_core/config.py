@@ -1,8 +1,12 @@
 """The run config: one validated TOML file (default ``tide.toml``) with a section per stage.
 
-Every field has a default and a docstring (shown by ``tide config --explain``). Loading is strict:
-unknown keys, wrong types and out-of-range values fail here, before any training or sampling, with
-one message naming the field and what it accepts.
+Every field has a default and a docstring (shown by ``tide config --explain``). Loading is strict and pure:
+unknown keys, wrong types and out-of-range values fail here, before any training or sampling, with one
+message naming the field and what it accepts. Nothing here touches the disk except reading the file and
+resolving its relative paths (once, against the file's folder): what the environment must provide (the
+model's files, its depth, a device) is checked by the preflight step, not by validators.
+
+The SAE settings are the SAE library's own models (``tide_core.sae.spec``), embedded as they are.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tide_core.edit_windows import StepWindow
+from tide_core.sae.spec import VARIANTS, SAEDesign, SAETrainConfig
 
 CONFIG_ENV = "TIDE_CONFIG"
 DEFAULT_CONFIG_NAME = "tide.toml"
 DIGITS_SOURCE = "digits"
-# Hub checkpoints whose shape we know without downloading them (for validating layer indices).
-KNOWN_HUB_MODELS: dict[str, int] = {"facebook/DiT-XL-2-256": 28, "facebook/DiT-XL-2-512": 28}
 SITES = ("resid", "attn", "mlp")
+Site = Literal[SITES]  # a tuple subscript spells every member, so the names live in one place
+Variant = Literal[VARIANTS]
 
 
 class ConfigError(ValueError):
@@ -67,7 +72,7 @@ class DigitsDiTConfig(_Section):
     seed: int = 0
     """Seed of weight init, batch order and noise: the same seed gives the same checkpoint."""
     checkpoint_dir: str = "models/digits-dit"
-    """Where the checkpoint lives (diffusers layout), relative to the repo root or absolute."""
+    """Where the checkpoint lives (diffusers layout), relative to the config file's folder or absolute."""
 
     @model_validator(mode="after")
     def _patch_divides(self) -> DigitsDiTConfig:
@@ -88,12 +93,12 @@ class DigitsDiTConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    """The digit classifier that judges generated images."""
+    """The classifier that judges generated images (for model families that have one)."""
 
     epochs: int = Field(40, ge=1)
     """Training epochs over the judge's training split."""
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
-    """Held-out fraction of the digits used to report the judge's accuracy."""
+    """Held-out fraction of the judge's data used to report its accuracy."""
     seed: int = 0
     """Seed of the split, init and batch order."""
     quality_samples: int = Field(500, ge=10)
@@ -105,7 +110,7 @@ class ModelConfig(_Section):
 
     source: str = DIGITS_SOURCE
     """"digits" (the embedded default, trained locally), a hub id (e.g. "facebook/DiT-XL-2-256") or a
-    local diffusers directory with transformer/ (and vae/, scheduler/)."""
+    local diffusers directory with transformer/ (and vae/, scheduler/), relative to the config file."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run: auto picks CUDA when present."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -113,32 +118,14 @@ class ModelConfig(_Section):
     digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
     """The embedded default DiT."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    """The digit classifier used to judge samples."""
+    """The judge of generated images."""
 
-    @model_validator(mode="after")
-    def _known_source(self) -> ModelConfig:
-        if self.source == DIGITS_SOURCE or self.source in KNOWN_HUB_MODELS:
-            return self
-        if Path(self.source).is_dir():
-            if not (Path(self.source) / "transformer" / "config.json").exists():
-                raise ValueError(
-                    f"model.source={self.source!r} is a directory without transformer/config.json; "
-                    "point it at a diffusers DiT directory (transformer/, vae/, scheduler/)"
-                )
-            return self
-        raise ValueError(
-            f"model.source={self.source!r} is unknown: use 'digits', one of "
-            f"{sorted(KNOWN_HUB_MODELS)}, or an existing local diffusers directory"
-        )
-
-    def num_layers(self) -> int:
-        """Transformer depth of the configured model, read without loading weights."""
-        if self.source == DIGITS_SOURCE:
-            return self.digits.num_layers
-        if self.source in KNOWN_HUB_MODELS:
-            return KNOWN_HUB_MODELS[self.source]
-        cfg = json.loads((Path(self.source) / "transformer" / "config.json").read_text())
-        return int(cfg["num_layers"])
+    @field_validator("source")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('model.source is empty: use "digits", a hub id or a local diffusers directory')
+        return v
 
 
 class SamplingConfig(_Section):
@@ -165,10 +152,11 @@ class SamplingConfig(_Section):
 class CaptureConfig(_Section):
     """Which activations are stored."""
 
-    layers: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    layers: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
     """Transformer block indices (0-based) to capture."""
-    sites: list[Literal["resid", "attn", "mlp"]] = Field(default_factory=lambda: ["resid"])
-    """Where in the block: resid = block output; attn / mlp = attention / feed-forward output."""
+    sites: list[Site] = Field(default_factory=lambda: ["resid"], min_length=1)
+    """Where in the block: resid = block output; attn / mlp = attention / feed-forward output. Every captured
+    site gets its own SAEs, feature tables and dashboard pages."""
     steps: list[int] | None = None
     """Sampling steps to capture (0 = noisiest); default all."""
     token_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -182,41 +170,26 @@ class CaptureConfig(_Section):
 
     @model_validator(mode="after")
     def _unique(self) -> CaptureConfig:
-        if not self.layers:
-            raise ValueError("capture.layers must name at least one layer")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"capture.layers={self.layers} has duplicates")
-        if len(set(self.sites)) != len(self.sites):
-            raise ValueError(f"capture.sites={self.sites} has duplicates")
+        for name in ("layers", "sites"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"capture.{name}={values} has duplicates")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"capture.layers={self.layers}: layer indices start at 0")
         return self
 
 
 class SAEConfig(_Section):
-    """Sparse autoencoders trained on the captured activations (one per layer and variant)."""
+    """Sparse autoencoders trained on the captured activations (one per layer, site and variant)."""
 
-    variants: list[Literal["tide", "topk", "relu"]] = Field(default_factory=lambda: ["tide", "topk"])
+    variants: list[Variant] = Field(default_factory=lambda: ["tide", "topk"], min_length=1)
     """tide = TopK with timestep modulation; topk = plain TopK; relu = ReLU + L1 baseline."""
-    n_latents: int = Field(1024, ge=1)
-    """Dictionary width."""
-    k: int = Field(32, ge=1)
-    """Active latents per token (TopK); the L1 baseline is tuned towards the same L0."""
-    train_tokens: int = Field(2_000_000, ge=1)
-    """Tokens seen in training."""
-    batch_size: int = Field(1024, ge=1)
-    """Tokens per optimizer step."""
-    lr: float = Field(4e-4, gt=0)
-    """Peak AdamW learning rate."""
-    seed: int = 0
-    """Seed of init and batch order."""
-    tide_init: Literal["identity", "adaln"] = "identity"
-    """How TIDE's modulation starts: identity (zero last layer), or fitted to the DiT's own adaLN
-    (scale, shift) of the next block for the null class (see tide_core/adaln.py)."""
-    l1_coeff: float = Field(0.05, ge=0.0)
-    """L1 weight of the relu variant (penalty on latent x decoder row norm); TopK variants ignore it."""
-    dead_tokens: int = Field(10_000, ge=1)
-    """A latent is dead after this many tokens without firing (counted in tokens); AuxK revives it."""
-    aux_coeff: float = Field(0.5, ge=0.0)
-    """Weight of the AuxK loss on dead latents."""
+    spec: SAEDesign = Field(default_factory=SAEDesign)
+    """Architecture and loss of every SAE (tide_core.sae.spec.SAEDesign; the width of the activations, the
+    variant and the model's time convention are filled in from the data)."""
+    train: SAETrainConfig = Field(default_factory=SAETrainConfig)
+    """How the SAEs of one layer and site are trained, all variants from one pass over the store
+    (tide_core.sae.spec.SAETrainConfig)."""
     heldout_fraction: float = Field(0.125, gt=0.0, lt=1.0)
     """Fraction of shards (the last ones) never used in training: their seeds are the held-out split."""
     eval_tokens: int = Field(200_000, ge=1)
@@ -226,11 +199,12 @@ class SAEConfig(_Section):
     checkpoint_every_tokens: int = Field(500_000, ge=1)
     """Training state is saved this often, so a killed `sae` partition resumes where it stopped."""
 
-    @model_validator(mode="after")
-    def _k_fits(self) -> SAEConfig:
-        if self.k > self.n_latents:
-            raise ValueError(f"sae.k={self.k} must be <= sae.n_latents={self.n_latents}")
-        return self
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"sae.variants={v} has duplicates")
+        return v
 
 
 class FeaturesConfig(_Section):
@@ -238,14 +212,11 @@ class FeaturesConfig(_Section):
 
     top_n: int = Field(16, ge=1, le=1000)
     """Top-activating images kept per feature and scope (overall, and at the feature's peak step)."""
-
     neighbors: int = Field(8, ge=1, le=100)
     """Nearest features by decoder cosine kept per feature (`feature_neighbors`)."""
-
     scheduler: str | None = None
     """dask.distributed scheduler address (e.g. "tcp://10.0.0.5:8786") for the statistics pass; unset runs
     it on local threads. The workers must be able to read the activation store's URL."""
-
     workers: int = Field(0, ge=0, le=512)
     """Local threads for the statistics pass when no scheduler is set; 0 = one per CPU core."""
 
@@ -265,11 +236,11 @@ class EditConfig(_Section):
     """The SAE to edit with (see `tide sql "SELECT sae_id FROM saes"`); overrides layer and variant."""
     layer: int | None = None
     """Block whose SAE is edited (one of capture.layers); default the middle captured layer."""
-    variant: Literal["tide", "topk", "relu"] | None = None
+    variant: Variant | None = None
     """Which SAE of that layer (one of sae.variants); default the first variant."""
     op: Literal["add", "scale", "clamp", "zero", "style"] = "add"
     """add: raise the features at every token; clamp: set them at every token; scale: multiply them where
-    they fire; zero: ablate them; style: move latents towards a reference image's (docs/EDITING.md)."""
+    they fire; zero: ablate them; style: move latents towards a reference image's (README, Editing)."""
     target_class: int | None = 0
     """Edit the n_features latents most selective for this class (read from the `features` table)."""
     feature_ids: list[int] | None = None
@@ -310,13 +281,12 @@ class EditConfig(_Section):
     and after images alike); unset = off."""
 
 
-
 class WarehouseConfig(_Section):
     """Where results are written."""
 
     root: str = "warehouse"
-    """Local directory for the DuckDB file, the judge, plots and dashboards (relative paths are relative
-    to the config file's directory)."""
+    """Local directory for the DuckDB file, the Dagster instance (.dagster), the judge, SAEs, plots and
+    dashboards (relative paths are relative to the config file's folder)."""
     store_url: str | None = None
     """Where the Zarr activation store goes: a local path or any fsspec URL (s3://..., memory://...).
     Default: <root>/activations.zarr."""
@@ -342,13 +312,6 @@ class TideConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> TideConfig:
-        n_layers = self.model.num_layers()
-        bad = [layer for layer in self.capture.layers if not 0 <= layer < n_layers]
-        if bad:
-            raise ValueError(
-                f"capture.layers contains {bad}: model {self.model.source!r} has {n_layers} layers, "
-                f"so layers must be in 0..{n_layers - 1}"
-            )
         if self.capture.steps is not None:
             bad = [s for s in self.capture.steps if not 0 <= s < self.sampling.num_steps]
             if bad:
@@ -376,6 +339,24 @@ class TideConfig(_Section):
         if e.pooled and e.op != "style":
             raise ValueError(f"edit.pooled applies to op 'style' only, not {e.op!r}")
 
+    def section_hash(self, *paths: str, exclude: tuple[str, ...] = ()) -> str:
+        """A short hash of some dotted sections or fields (e.g. "sampling", "model.digits"), without the
+        dotted fields in ``exclude``: what a result computed from exactly those settings depends on."""
+        data = self.model_dump(mode="json")
+        for path in exclude:
+            *parents, leaf = path.split(".")
+            node = data
+            for part in parents:
+                node = node[part]
+            node.pop(leaf)
+        picked = {}
+        for path in paths:
+            value = data
+            for part in path.split("."):
+                value = value[part]
+            picked[path] = value
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def _format_error(err: ValidationError, origin: str) -> str:
     lines = []
@@ -390,7 +371,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
 
 
 def parse_config(data: dict, origin: str = "<dict>") -> TideConfig:
-    """Validate a config mapping; raise ConfigError naming each bad field."""
+    """Validate a config mapping; raise ConfigError naming each bad field. Paths stay as given."""
     try:
         return TideConfig.model_validate(data)
     except ValidationError as err:
@@ -407,18 +388,49 @@ def resolve_config_path(path: str | os.PathLike | None = None) -> Path | None:
     return default if default.exists() else None
 
 
+def is_local_source(source: str, base_dir: Path) -> bool:
+    """Whether model.source names a local directory (else "digits" or a hub id): it exists relative to the
+    config's folder, or it is written as a path (absolute, ./, ../ or ~)."""
+    if source == DIGITS_SOURCE:
+        return False
+    return (base_dir / source).expanduser().exists() or source.startswith(("/", "./", "../", "~"))
+
+
+def resolve_paths(cfg: TideConfig, base_dir: Path) -> TideConfig:
+    """The config with every relative path made absolute against ``base_dir`` (the config file's folder):
+    warehouse.root, a local warehouse.store_url, model.digits.checkpoint_dir and a local model.source."""
+
+    def absolute(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base_dir / q).resolve())
+
+    data = cfg.model_dump()
+    data["warehouse"]["root"] = absolute(cfg.warehouse.root)
+    url = cfg.warehouse.store_url
+    if url is not None and "://" not in url:
+        data["warehouse"]["store_url"] = absolute(url)
+    data["model"]["digits"]["checkpoint_dir"] = absolute(cfg.model.digits.checkpoint_dir)
+    if is_local_source(cfg.model.source, base_dir):
+        data["model"]["source"] = absolute(cfg.model.source)
+    return TideConfig.model_validate(data)
+
+
 def load_config(path: str | os.PathLike | None = None) -> TideConfig:
-    """Load and validate the run config (see resolve_config_path for which file)."""
+    """Load and validate the run config (see resolve_config_path for which file), its relative paths
+    resolved against the file's folder (the working directory when no file is in force)."""
     resolved = resolve_config_path(path)
     if resolved is None:
-        return TideConfig()
-    if not resolved.exists():
+        return resolve_paths(TideConfig(), Path.cwd())
+    if not resolved.is_file():
         raise ConfigError(f"config file {resolved} does not exist (set --config or ${CONFIG_ENV})")
     try:
-        data = tomllib.loads(resolved.read_text())
+        text = resolved.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {resolved} is not UTF-8 text: point --config at a TOML file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {resolved} is not valid TOML: {err}") from None
-    return parse_config(data, origin=str(resolved))
+    return resolve_paths(parse_config(data, origin=str(resolved)), resolved.resolve().parent)
 
 
 def explain(model: type[BaseModel] = TideConfig, prefix: str = "") -> list[str]:

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import nn
 
-from tide_core.capture import BlockHook, blocks_of
+from tide_core.capture import BlockHook
 from tide_core.edit_windows import WINDOW_NAMES, EditError, StepWindow  # noqa: F401 - re-exported
+from tide_core.models.base import DiTAdapter
 
 EditOp = Literal["add", "scale", "clamp", "zero", "style"]
 EDIT_OPS: tuple[str, ...] = get_args(EditOp)
@@ -83,9 +83,9 @@ def check_feature_ids(feature_ids: Sequence[int], n_latents: int) -> None:
         raise EditError(f"feature ids {list(feature_ids)} contain duplicates")
 
 
-def check_sae_fits(model: nn.Module, layer: int, sae) -> None:
+def check_sae_fits(model: DiTAdapter, layer: int, sae) -> None:
     """The SAE must have been trained on this layer's block output of a model of this width."""
-    n_blocks = len(blocks_of(model))
+    n_blocks = model.num_layers
     if not 0 <= layer < n_blocks:
         raise EditError(f"layer {layer} does not exist: the model has {n_blocks} blocks (0..{n_blocks - 1})")
     trained_on = sae.meta.get("layer")
@@ -97,8 +97,8 @@ def check_sae_fits(model: nn.Module, layer: int, sae) -> None:
     if site != "resid":
         raise EditError(f"{name} was trained on the {site!r} site; the edit hook changes the block output "
                         "('resid'): use a resid SAE")
-    width = getattr(model, "inner_dim", None)
-    if width is not None and int(width) != sae.spec.d_in:
+    width = model.hidden_size
+    if int(width) != sae.spec.d_in:
         raise EditError(f"{name} expects {sae.spec.d_in} channels but the model's blocks output {width}: "
                         "it belongs to another model; use an SAE trained on this one")
 
@@ -122,7 +122,7 @@ class StepRecord:
 
 
 class EditHook(BlockHook):
-    """A StepObserver + forward hook on ``transformer_blocks[layer]`` applying an EditSpec.
+    """A StepObserver + forward hook on block ``layer``'s output applying an EditSpec.
 
     ``row_features`` gives each target row its own feature list (overriding ``spec.feature_ids``), so one
     batch can steer every sample towards a different class. ``feature_units`` maps feature id -> unit of
@@ -130,7 +130,7 @@ class EditHook(BlockHook):
     grid) multiplying that unit. ``n_references`` trailing rows of the batch are style references.
     """
 
-    def __init__(self, model: nn.Module, layer: int, sae, spec: EditSpec, num_steps: int, *,
+    def __init__(self, model: DiTAdapter, layer: int, sae, spec: EditSpec, num_steps: int, *,
                  row_features: Sequence[Sequence[int]] | None = None,
                  feature_units: Mapping[int, float] | None = None,
                  feature_maps: Mapping[int, Sequence[float]] | None = None, n_references: int = 0):
@@ -227,7 +227,7 @@ class EditHook(BlockHook):
             new = tgt + mask * (s * (ref - tgt))
         return torch.cat([new, z[:, n_t:]], dim=1)  # [H, n, T, |F|]
 
-    def _hook(self, _module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
+    def _edit(self, output: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
         halves = 2 if self._guided else 1

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tide_core.digits import DigitsData
+from tide_core.quality import frechet_distance
 
 
 class DigitJudge(nn.Module):
@@ -115,26 +116,6 @@ def judge_images(judge: DigitJudge, images: np.ndarray, batch_size: int = 512) -
 
 def accuracy(judge: DigitJudge, data: DigitsData) -> float:
     return float((judge_images(judge, data.images).pred == data.labels).mean())
-
-
-def _psd_sqrt(c: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (round-off negatives clipped to 0)."""
-    w, v = np.linalg.eigh(c)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a [N, F] and b [M, F].
-
-    tr sqrt(cov_a cov_b) is taken as tr sqrt(R cov_b R) with R = cov_a^(1/2): the same number (the two
-    products are similar matrices), but symmetric, so eigvalsh gives it. It stays exact when a feature
-    never varies (a dead ReLU unit makes the covariances singular), where scipy's general sqrtm warns.
-    """
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = _psd_sqrt(cov_a)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ cov_b @ root), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
 
 
 def sample_quality(judge: DigitJudge, images: np.ndarray, class_ids: np.ndarray,

@@ -1,7 +1,9 @@
-"""Class-conditional sampling with classifier-free guidance, in a loop the project owns.
+"""Sampling with classifier-free guidance, in a loop the project owns, for any model family.
 
-diffusers' DiTPipeline hard-codes 1000 classes and needs a VAE, so the loop lives here; it is also
-where capture and interventions hook in (through ``StepObserver``).
+The model side (conditioning, the denoiser call, schedulers, decoding) is the family's adapter
+(``tide_core.models``); this loop is where capture and interventions hook in (through ``StepObserver``).
+A condition is an index per image (a class id; a prompt id for text-conditional families); guidance
+contrasts it with the adapter's ``null_condition``.
 
 Determinism: a sample's initial noise (and, for DDPM, its per-step noise) comes from a generator
 seeded by (run seed, sample_id) alone, so images and activations never depend on batch or shard size.
@@ -17,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from tide_core.dit import DiTBundle
+from tide_core.models.base import DiTAdapter
 
 
 class StepObserver(Protocol):
@@ -33,7 +35,7 @@ class SampleBatch:
     """Final images of a batch of samples."""
 
     images: np.ndarray  # float32 [B, C, H, W] in [-1, 1] (pixel space, after the VAE if any)
-    class_ids: np.ndarray  # int64 [B]
+    conditions: np.ndarray  # int64 [B] condition index of each image (class id)
     seeds: np.ndarray  # int64 [B]
 
 
@@ -43,32 +45,17 @@ def sample_seed(run_seed: int, sample_id: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def class_for(sample_id: int, classes: Sequence[int]) -> int:
-    """Classes are assigned round-robin by sample_id, so every shard is class-balanced."""
-    return int(classes[sample_id % len(classes)])
-
-
-def make_scheduler(name: str, scheduler_config: dict, num_steps: int):
-    """A fresh DDIM (eta=0) or DDPM scheduler set to num_steps."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    base = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    if name == "ddim":
-        sched = DDIMScheduler.from_config(base, set_alpha_to_one=False)
-    elif name == "ddpm":
-        sched = DDPMScheduler.from_config(base, variance_type="fixed_small")
-    else:
-        raise ValueError(f"unknown scheduler {name!r}: use 'ddim' or 'ddpm'")
-    sched.set_timesteps(num_steps)
-    return sched
+def condition_for(sample_id: int, conditions: Sequence[int]) -> int:
+    """Conditions (classes) are assigned round-robin by sample_id, so every shard is balanced."""
+    return int(conditions[sample_id % len(conditions)])
 
 
 class Sampler:
-    """Runs the denoising loop of a DiTBundle for given sample ids."""
+    """Runs the denoising loop of a model for given sample ids."""
 
-    def __init__(self, bundle: DiTBundle, scheduler: str = "ddim", num_steps: int = 50,
+    def __init__(self, model: DiTAdapter, scheduler: str = "ddim", num_steps: int = 50,
                  guidance_scale: float = 4.0, seed: int = 0, cfg_renorm: float | None = None):
-        self.bundle = bundle
+        self.model = model
         self.scheduler_name = scheduler
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
@@ -81,13 +68,15 @@ class Sampler:
 
     def timesteps(self) -> np.ndarray:
         """Scheduler timestep value of each step (step 0 = noisiest)."""
-        sched = make_scheduler(self.scheduler_name, self.bundle.scheduler_config, self.num_steps)
+        sched = self.model.make_scheduler(self.scheduler_name, self.num_steps)
         return sched.timesteps.cpu().numpy().astype(np.int64)
 
     def provenance(self) -> dict:
         return {
             "scheduler": self.scheduler_name,
-            "scheduler_config": self.bundle.scheduler_config,
+            # diffusers' private keys (e.g. _use_default_values, a set's order) are not part of the schedule
+            "scheduler_config": {k: v for k, v in self.model.make_scheduler(self.scheduler_name, self.num_steps)
+                                 .config.items() if not k.startswith("_")},
             "num_steps": self.num_steps,
             "timesteps": self.timesteps().tolist(),
             "guidance_scale": self.guidance_scale,
@@ -97,32 +86,30 @@ class Sampler:
         }
 
     @torch.no_grad()
-    def sample(self, sample_ids: Sequence[int], class_ids: Sequence[int],
+    def sample(self, sample_ids: Sequence[int], conditions: Sequence[int],
                observer: StepObserver | None = None) -> SampleBatch:
-        b = self.bundle
-        dev, dtype = b.device, b.dtype
+        m = self.model
+        dev = m.device
         seeds = [sample_seed(self.seed, int(i)) for i in sample_ids]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (b.in_channels, b.sample_size, b.sample_size)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev, torch.float32)  # [B,C,h,w]
-        y = torch.as_tensor(list(class_ids), device=dev, dtype=torch.long)
-        sched = make_scheduler(self.scheduler_name, b.scheduler_config, self.num_steps)
+        x = torch.stack([torch.randn(m.latent_shape, generator=g) for g in gens]).to(dev, torch.float32)  # [B,C,h,w]
+        cond = torch.as_tensor(list(conditions), device=dev, dtype=torch.long)  # [B]
+        sched = m.make_scheduler(self.scheduler_name, self.num_steps)
         x = x * sched.init_noise_sigma
         n = len(sample_ids)
-        labels = torch.cat([y, torch.full_like(y, b.null_class)]) if self.guided else y
+        both = torch.cat([cond, torch.full_like(cond, m.null_condition)]) if self.guided else cond  # [2B or B]
         for step, t in enumerate(sched.timesteps):
             if observer is not None:
                 observer.begin_step(step, int(t), n, self.guided)
             model_in = torch.cat([x, x]) if self.guided else x  # [2B or B, C, h, w]
             model_in = sched.scale_model_input(model_in, t)
             tt = torch.full((model_in.shape[0],), int(t), device=dev, dtype=torch.long)
-            out = b.transformer(model_in.to(dtype), timestep=tt, class_labels=labels).sample.float()
-            eps = out[:, : b.in_channels]  # learned-sigma models also predict a variance; unused here
+            eps = m.predict_noise(model_in, tt, both)  # [2B or B, C, h, w]
             if self.guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + self.guidance_scale * (cond - uncond)  # guidance on every channel
+                c, u = eps.chunk(2)
+                eps = u + self.guidance_scale * (c - u)  # guidance on every channel
                 if self.cfg_renorm is not None:
-                    eps = renorm_guided(eps, cond, self.cfg_renorm)
+                    eps = renorm_guided(eps, c, self.cfg_renorm)
             if observer is not None:
                 observer.end_step(step)
             if self.scheduler_name == "ddpm":
@@ -132,15 +119,9 @@ class Sampler:
                 # Re-derive eps from the clipped x0 estimate: with guidance the raw eps overshoots, and a
                 # clipped x0 paired with the unclipped eps drives DDIM to saturated images.
                 x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
-        images = self._decode(x)
-        return SampleBatch(images=images, class_ids=np.asarray(class_ids, np.int64),
+        images = m.decode(x).cpu().numpy()
+        return SampleBatch(images=images, conditions=np.asarray(conditions, np.int64),
                            seeds=np.asarray(seeds, np.int64))
-
-    def _decode(self, x: torch.Tensor) -> np.ndarray:
-        vae = self.bundle.vae
-        if vae is not None:
-            x = vae.decode((x / self.bundle.vae_scaling).to(self.bundle.dtype)).sample.float()
-        return x.clamp(-1, 1).cpu().numpy()
 
 
 def renorm_guided(guided: torch.Tensor, cond: torch.Tensor, cap: float) -> torch.Tensor:

@@ -1,17 +1,22 @@
 """Training the embedded default DiT on the bundled digits (pixel space, epsilon loss, EMA weights).
 
 Deterministic for a seed on one machine: init, batch order, timesteps, noise and label dropout all come
-from generators seeded by ``cfg.seed``.
+from generators seeded by ``cfg.seed``. The checkpoint is written in the diffusers pipeline layout
+(transformer/, scheduler/, plus our tide_model.json), so the DiT family's loader (and diffusers itself)
+opens it like any other DiT.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,14 +24,49 @@ from torch import nn
 
 from tide_core.config import DigitsDiTConfig
 from tide_core.digits import CLASS_NAMES, DigitsData
-from tide_core.dit import DiTBundle, build_digits_dit, digits_scheduler_config
+
+TIDE_MODEL_FILE = "tide_model.json"
+
+
+def build_digits_dit(cfg: DigitsDiTConfig) -> nn.Module:
+    """A fresh class-conditional DiT (adaLN-Zero) for 1-channel pixel-space digits."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(cfg.seed)
+    model = DiTTransformer2DModel(
+        sample_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_channels=1,
+        out_channels=1,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        num_embeds_ada_norm=len(CLASS_NAMES),
+    )
+    # diffusers drops the label independently in every block; the trainer drops it once per image
+    # instead (so "unconditional" means the same thing in all blocks).
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return model
+
+
+def digits_scheduler_config(cfg: DigitsDiTConfig) -> dict:
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_schedule": cfg.beta_schedule,
+        "prediction_type": "epsilon",
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+    }
 
 
 @dataclass(frozen=True)
 class DiTTrainResult:
     """A trained default DiT (EMA weights) and its loss curve."""
 
-    bundle: DiTBundle
+    transformer: nn.Module  # the EMA weights
+    scheduler_config: dict
+    meta: dict  # what tide_model.json records: config, fingerprint, weights hash, loss curve
     losses: list[float]  # mean loss per logging window
     loss_steps: list[int]  # optimizer step at the end of each window
     seconds: float
@@ -104,31 +144,41 @@ def train_digits_dit(
         "train_seconds": round(seconds, 1),
         "final_loss": losses[-1],
     }
-    bundle = DiTBundle(
-        transformer=ema,
-        vae=None,
-        scheduler_config=sched_cfg,
-        num_classes=len(CLASS_NAMES),
-        class_names=list(CLASS_NAMES),
-        source="digits",
-        config_hash=cfg.fingerprint(),
-        meta=meta,
-    )
-    return DiTTrainResult(bundle=bundle, losses=losses, loss_steps=loss_steps, seconds=seconds,
+    return DiTTrainResult(transformer=ema, scheduler_config=sched_cfg, meta=meta, losses=losses, loss_steps=loss_steps, seconds=seconds,
                           steps_per_second=cfg.train_steps / max(seconds, 1e-9))
 
 
-def train_and_save(cfg: DigitsDiTConfig, out_dir, command: str = "tide train-dit",
+def train_and_save(cfg: DigitsDiTConfig, out_dir: str | Path, command: str = "tide train-dit",
                    progress: Callable[[int, float, float], None] | None = None) -> DiTTrainResult:
     """Train the default DiT on all digits and write its checkpoint directory (atomically)."""
     from tide_core.digits import load_digits
-    from tide_core.dit import save_bundle
 
     result = train_digits_dit(cfg, load_digits(cfg.image_size), progress=progress)
-    result.bundle.meta.update({
+    result.meta.update({
         "command": command,
         "torch": torch.__version__,
+        "num_classes": len(CLASS_NAMES),
+        "class_names": list(CLASS_NAMES),
         "loss_curve": {"step": result.loss_steps, "loss": [round(v, 5) for v in result.losses]},
     })
-    save_bundle(result.bundle, out_dir)
+    save_checkpoint(result, out_dir)
     return result
+
+
+def save_checkpoint(result: DiTTrainResult, out_dir: str | Path) -> Path:
+    """Write the diffusers layout into a temporary sibling, then rename it over ``out_dir``: a killed
+    write never leaves half a checkpoint where the loader looks."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    result.transformer.save_pretrained(tmp / "transformer")
+    (tmp / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", **result.scheduler_config}
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    (tmp / TIDE_MODEL_FILE).write_text(json.dumps(result.meta, indent=2, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

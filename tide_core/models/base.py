@@ -1,0 +1,258 @@
+"""The model-adapter protocol: one class per DiT family, so generic stages never name a model.
+
+A family class answers two kinds of question:
+
+* without weights (class methods, cheap, for preflight and for building the asset graph): ``describe`` reads
+  the model's config files into a ``ModelInfo`` (depth, width, sites); ``prepare`` makes the weights
+  available (trains the embedded default, or checks that a hub id or local directory is there) and returns
+  their identity; ``judge`` is the family's optional judge of generated images.
+* with weights (an instance, from ``load``): the conditioning (a condition index per image: a class id, a
+  prompt id), the denoiser call, the blocks and the hook point of every site, the token grid, the time
+  convention, decoding to images, and TIDE's adaLN target.
+
+Conventions every family keeps: images are float [N, C, H, W] in [-1, 1]; site outputs are read as
+[B, T, D] image tokens in the token grid's row-major order; the sampler passes conditions as int64
+indices, ``null_condition`` being the one classifier-free guidance contrasts with.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from tide_core.config import ModelConfig, TideConfig
+from tide_core.models.registry import ModelError
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The image-token grid of one image: token = row * w + col."""
+
+    h: int
+    w: int
+
+    @property
+    def tokens(self) -> int:
+        return self.h * self.w
+
+
+@dataclass(frozen=True)
+class TimeConvention:
+    """What the denoiser reads as time, and what TIDE's modulation and the tables store per step.
+
+    discrete: DDPM-family integer timesteps 0..num_train_timesteps-1 (DiT, PixArt). The SAE embeds
+    timestep * 1000 / num_train_timesteps, so its frequencies mean the same whatever the schedule length.
+    """
+
+    kind: Literal["discrete"]
+    num_train_timesteps: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as its config files describe it, no weights loaded."""
+
+    family: str
+    source: str
+    num_layers: int
+    hidden_size: int
+    sites: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The weights in force after ``prepare``: where, whether this call trained them, and their identity."""
+
+    path: str
+    trained_now: bool
+    fingerprint: str  # identity of the weights: equal fingerprints, equal model
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's verdict on images."""
+
+    pred: np.ndarray  # int64 [N] predicted condition index (a class id)
+    confidence: np.ndarray  # float32 [N] probability of pred
+    features: np.ndarray  # float32 [N, F] the judge's feature space (Frechet distances live there)
+
+
+class Judge(ABC):
+    """A family's judge of generated images: trained on the family's own data, predicts the condition an
+    image was generated for, and embeds images in a feature space for Frechet distances."""
+
+    name: ClassVar[str]  # the asset's name in the graph
+
+    @classmethod
+    @abstractmethod
+    def settings(cls, cfg: TideConfig) -> dict:
+        """Everything the trained judge depends on (a change retrains it)."""
+
+    @classmethod
+    @abstractmethod
+    def train(cls, cfg: TideConfig, out_dir: Path, log: Log) -> dict:
+        """Train and save into out_dir; returns its record (test_accuracy, train_accuracy, ...)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, out_dir: Path) -> Judge:
+        """The judge saved in out_dir."""
+
+    @classmethod
+    @abstractmethod
+    def reference_images(cls, cfg: TideConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Real images [N, C, H, W] in [-1, 1] to measure generated ones against: (train split, held-out
+        split); the distance between the two is the floor of a Frechet distance at this sample size."""
+
+    @abstractmethod
+    def judge(self, images: np.ndarray) -> Judgement:
+        """The verdict on float images [N, C, H, W] in [-1, 1]."""
+
+
+class DiTAdapter(ABC):
+    """One DiT family: class methods describe and prepare it, an instance is the loaded model."""
+
+    family: ClassVar[str]
+    sites: ClassVar[tuple[str, ...]]
+    judge_class: ClassVar[type[Judge] | None] = None
+
+    # --- without weights -------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, cfg: ModelConfig) -> ModelInfo:
+        """Depth, width and sites from the config files alone; ModelError when they are not available."""
+
+    @classmethod
+    def prepare(cls, cfg: ModelConfig, log: Log, force: bool = False) -> ModelStatus:
+        """Make the weights available (default: they must already be; the embedded family trains them,
+        again when ``force``)."""
+        info = cls.describe(cfg)
+        return ModelStatus(path=info.source, trained_now=False, fingerprint=cls.fingerprint_of(cfg))
+
+    @classmethod
+    @abstractmethod
+    def fingerprint_of(cls, cfg: ModelConfig) -> str:
+        """Identity of the weights the config names, read without loading them."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, cfg: ModelConfig) -> DiTAdapter:
+        """The model with its weights on cfg.device in cfg.dtype, in eval mode, gradients off."""
+
+    # --- the loaded model ------------------------------------------------------------------------
+
+    transformer: nn.Module
+    source: str
+    fingerprint: str
+    condition_names: list[str]  # one name per condition index (class names); null_condition excluded
+    time: TimeConvention
+    token_grid: TokenGrid
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def null_condition(self) -> int:
+        """The condition index classifier-free guidance contrasts with (the null class, the empty prompt)."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser works on (pixels or VAE latents)."""
+
+    @property
+    @abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of decoded images."""
+
+    @abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, indexed by layer."""
+
+    @abstractmethod
+    def site_module(self, layer: int, site: str) -> nn.Module:
+        """The module whose forward output is ``site`` of block ``layer``."""
+
+    def read_site(self, site: str, output) -> torch.Tensor:
+        """The image tokens [B, T, D] in a site module's forward output."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def write_site(self, site: str, output, tokens: torch.Tensor):
+        """The forward output with its image tokens replaced by ``tokens`` (for splicing and editing)."""
+        return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
+
+    @abstractmethod
+    def predict_noise(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The denoiser's noise prediction eps [B, C, H, W] (float32) for x [B, C, H, W] at integer timesteps
+        [B] under condition indices [B]."""
+
+    @abstractmethod
+    def make_scheduler(self, name: str, num_steps: int) -> SchedulerMixin:
+        """A fresh sampling scheduler (``sampling.scheduler``) set to num_steps."""
+
+    @abstractmethod
+    def training_scheduler(self) -> SchedulerMixin:
+        """The noise schedule the model was trained with (for noising data in loss evaluations)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] from what the denoiser produces."""
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """What the denoiser works on for images [B, C, H, W] in [-1, 1] (the inverse of decode)."""
+
+    def adaln_modulation(self, layer: int, timesteps: torch.Tensor) -> torch.Tensor:
+        """(scale, shift) [T, 2 * d] the model applies, at these timesteps, to the output of block ``layer``:
+        the target TIDE's modulation MLP can start from (sae.spec.time_init = "adaln")."""
+        raise ModelError(f"the {self.family} family has no adaLN target for TIDE's modulation: set "
+                         'sae.spec.time_init = "identity"')
+
+    def provenance(self) -> dict:
+        """What identifies the model in a store's provenance."""
+        return {"family": self.family, "source": self.source, "config_hash": self.fingerprint,
+                "dtype": str(self.dtype).removeprefix("torch."), "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size, "num_conditions": len(self.condition_names)}
+
+    def check_site(self, layer: int, site: str) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ModelError(f"layer {layer} does not exist: the model has layers 0..{self.num_layers - 1}")
+        if site not in self.sites:
+            raise ModelError(f"the {self.family} family has no site {site!r}: use one of {self.sites}")
+
+
+def resolve_device(device: str) -> str:
+    """model.device as a torch device name; a clear error when CUDA is asked for but absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device='cuda' but torch sees no CUDA device; set model.device='auto' or 'cpu'")
+    return device

@@ -1,0 +1,75 @@
+"""Which family serves a ``model.source``, answered without importing torch or any family module.
+
+The Dagster definitions ask it whether the family has a judge (the asset graph depends on it) and must not
+import torch, so each family is named here by its module and class and imported only when a caller wants
+the class itself (``family_of``).
+
+Adding a family: its module with a ``DiTAdapter`` subclass, one ``Family`` entry below, the diffusers
+transformer class its config.json names in ``TRANSFORMER_CLASSES``, and its hub ids in ``HUB_IDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tide_core.config import DIGITS_SOURCE, ModelConfig
+
+if TYPE_CHECKING:
+    from tide_core.models.base import DiTAdapter
+
+
+class ModelError(ValueError):
+    """The configured model cannot be used as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: where its adapter class lives and what the asset graph needs to know of it."""
+
+    name: str
+    module: str
+    cls: str
+    has_judge: bool  # it brings a judge of generated images (then `judge` and `sample_quality` exist)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("digits", "tide_core.models.digits", "DigitsDiT", has_judge=True),
+    Family("dit", "tide_core.models.dit", "ClassDiT", has_judge=False),
+)}
+TRANSFORMER_CLASSES = {"DiTTransformer2DModel": "dit"}  # transformer/config.json "_class_name" -> family
+HUB_IDS = {"facebook/DiT-XL-2-256": "dit", "facebook/DiT-XL-2-512": "dit"}  # shapes known offline
+
+
+def family_entry(cfg: ModelConfig) -> Family:
+    """The family of model.source: the embedded default, a known hub id, or the transformer class a local
+    directory's config names. Reads one small JSON file at most; ModelError when unknown."""
+    if cfg.source == DIGITS_SOURCE:
+        return FAMILIES["digits"]
+    if cfg.source in HUB_IDS:
+        return FAMILIES[HUB_IDS[cfg.source]]
+    config = Path(cfg.source) / "transformer" / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model.source={cfg.source!r} is neither a diffusers directory (with "
+                         f"transformer/config.json) nor a known hub id ({', '.join(sorted(HUB_IDS))}); the hub "
+                         "is not reachable from here, so download the model into a local diffusers directory "
+                         "and point model.source at it")
+    name = json.loads(config.read_text()).get("_class_name", "")
+    if name not in TRANSFORMER_CLASSES:
+        raise ModelError(f"model.source={cfg.source!r} holds a {name or 'unnamed'} transformer; supported: "
+                         f"{', '.join(sorted(TRANSFORMER_CLASSES))}")
+    return FAMILIES[TRANSFORMER_CLASSES[name]]
+
+
+def family_of(cfg: ModelConfig) -> type[DiTAdapter]:
+    """The adapter class of model.source's family (imports its module, and with it torch)."""
+    entry = family_entry(cfg)
+    return getattr(importlib.import_module(entry.module), entry.cls)
+
+
+def load_model(cfg: ModelConfig) -> DiTAdapter:
+    """The configured model, loaded (weights on its device)."""
+    return family_of(cfg).load(cfg)
