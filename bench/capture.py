@@ -26,41 +26,49 @@ from pipelines.project import Project  # noqa: E402
 
 
 def load(project: Project):
-    from tide_core.dit import build_digits_dit, load_model
+    from tide_core.models.registry import ModelError, load_model
 
     try:
-        return load_model(project.config.model, project.base_dir)
-    except FileNotFoundError:  # timing does not depend on the weights: use a fresh model of the same shape
+        return load_model(project.config.model)
+    except ModelError:  # timing does not depend on the weights: use a fresh model of the same shape
         from tide_core.digits import CLASS_NAMES
-        from tide_core.dit import DiTBundle, digits_scheduler_config
+        from tide_core.models.digits import DigitsDiT
+        from tide_core.train_dit import build_digits_dit, digits_scheduler_config
 
         d = project.config.model.digits
         print("(no trained checkpoint: timing a freshly initialised DiT of the same architecture)")
-        return DiTBundle(build_digits_dit(d).eval().requires_grad_(False), None, digits_scheduler_config(d),
-                         10, list(CLASS_NAMES), "digits", d.fingerprint())
+        return DigitsDiT(build_digits_dit(d).eval().requires_grad_(False), digits_scheduler_config(d),
+                         source="digits", fingerprint=d.fingerprint(), class_names=list(CLASS_NAMES))
 
 
-def run_capture(project: Project, bundle, n: int, store_dir: Path):
-    from pipelines.capture_run import capture_shard, make_plan
-    from storage.activation_store import ActivationStore
+def sampler_of(project: Project, model):
+    from tide_core.sampling import Sampler
+
+    s = project.config.sampling
+    return Sampler(model, s.scheduler, s.num_steps, s.guidance_scale, s.seed)
+
+
+def run_capture(project: Project, model, n: int, store_dir: Path):
+    from pipelines.stages.capture import capture_shard, plan_for
+    from storage import ActivationStore
 
     project.config.sampling.num_samples = n
-    plan = make_plan(project.config, bundle)
+    plan = plan_for(project.config, model, sampler_of(project, model))
     store = ActivationStore.create(str(store_dir), plan.layout, plan.provenance, overwrite=True)
     t0 = time.perf_counter()
     stats = [capture_shard(store, plan, s) for s in range(plan.layout.num_shards)]
     return time.perf_counter() - t0, stats
 
 
-def run_plain(project: Project, bundle, n: int) -> float:
-    from tide_core.sampling import Sampler, class_for
+def run_plain(project: Project, model, n: int) -> float:
+    from tide_core.sampling import condition_for
 
     s = project.config.sampling
-    sampler = Sampler(bundle, s.scheduler, s.num_steps, s.guidance_scale, s.seed)
+    sampler = sampler_of(project, model)
     t0 = time.perf_counter()
     for i in range(0, n, s.batch_size):
         ids = list(range(i, min(n, i + s.batch_size)))
-        sampler.sample(ids, [class_for(j, list(range(10))) for j in ids])
+        sampler.sample(ids, [condition_for(j, list(range(10))) for j in ids])
     return time.perf_counter() - t0
 
 
@@ -71,7 +79,7 @@ def write_rates(store_dir: Path, tmp: str) -> tuple[float, float, int]:
     with the same layout and, separately, as one .npy file per (layer, step) block; three alternating
     rounds, medians. Returns both rates and the bytes written.
     """
-    from storage.activation_store import ActivationStore
+    from storage import ActivationStore
 
     src = ActivationStore.open(str(store_dir), mode="r")
     lay = src.layout
@@ -102,9 +110,9 @@ def write_rates(store_dir: Path, tmp: str) -> tuple[float, float, int]:
 def child(args) -> None:
     """Run one capture of args.samples samples and print peak RSS (MB) as JSON."""
     project = Project.load(args.config)
-    bundle = load(project)
+    model = load(project)
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-        run_capture(project, bundle, args.samples, Path(d) / "acts.zarr")
+        run_capture(project, model, args.samples, Path(d) / "acts.zarr")
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -123,16 +131,16 @@ def main() -> None:
     project = Project.load(args.config)
     import torch
 
-    bundle = load(project)
+    model = load(project)
     c = project.config
-    print(f"model {c.model.source}: {bundle.num_layers} layers, d={bundle.hidden_size}; torch threads "
+    print(f"model {c.model.source}: {model.num_layers} layers, d={model.hidden_size}; torch threads "
           f"{torch.get_num_threads()}; {args.samples} samples x {c.sampling.num_steps} steps, guidance "
           f"{c.sampling.guidance_scale}, capture layers {c.capture.layers} sites {c.capture.sites}")
     off, on, busy, raw = [], [], [], 0
     for r in range(args.repeats):
-        off.append(run_plain(project, bundle, args.samples))
+        off.append(run_plain(project, model, args.samples))
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-            t, stats = run_capture(project, bundle, args.samples, Path(d) / "acts.zarr")
+            t, stats = run_capture(project, model, args.samples, Path(d) / "acts.zarr")
             if r == 0:
                 store_rate, numpy_rate, block_bytes = write_rates(Path(d) / "acts.zarr", args.tmp)
         on.append(t)

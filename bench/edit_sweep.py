@@ -69,7 +69,9 @@ def slant(images: np.ndarray) -> np.ndarray:
 
 class Sweep:
     def __init__(self, project: Project, wh, out: Path):
-        from pipelines.edit_ops import open_session, resolve_sae, with_edit
+        from pipelines.context import RunContext
+        from pipelines.stages.edit import open_session
+        from pipelines.stages.edit_plan import resolve_sae, with_edit
 
         self.project, self.wh, self.out = project, wh, out
         self.done = {}
@@ -78,7 +80,12 @@ class Sweep:
                 r = json.loads(line)
                 self.done[r["key"]] = r
         self.sessions = {}
-        self._open = lambda layer, uncond: open_session(project, resolve_sae(with_edit(project, layer=layer), wh),
+        def context(layer: int) -> RunContext:
+            ctx = RunContext(with_edit(project, layer=layer))
+            ctx.warehouse = wh  # the copy
+            return ctx
+
+        self._open = lambda layer, uncond: open_session(context(layer), resolve_sae(context(layer)),
                                                         unconditional=uncond)
         self._before = {False: {}, True: {}}  # shared by layers: unedited images do not depend on the SAE
         self._features: dict[tuple[int, int], dict[int, list[int]]] = {}
@@ -92,7 +99,7 @@ class Sweep:
 
     def features(self, layer: int, n: int = N_FEATURES) -> dict[int, list[int]]:
         """Each class's n most selective features (queried once per layer and n)."""
-        from pipelines.edit_ops import select_features
+        from pipelines.stages.edit_plan import select_features
 
         if (layer, n) not in self._features:
             sid = self.session(layer).target.sae_id
@@ -111,7 +118,8 @@ class Sweep:
                    uncond: bool = False, spatial: bool = False):
         """boost: push each sample to another class; remove: take its own class's features away. A sample's
         class is its label, or (unconditional) the judge's verdict on the unedited image."""
-        from pipelines.edit_ops import feature_maps, feature_units, run_edit
+        from pipelines.stages.edit import run_edit
+        from pipelines.stages.edit_plan import feature_maps, feature_units
         from tide_core.edit import EditSpec, StepWindow
 
         key = ("U" if uncond else "") + f"L{layer}|{kind}|{op}|{strength:g}|{window}|n{n}" + ("|map" if spatial else "")
@@ -145,7 +153,7 @@ class Sweep:
 
     def style(self, layer: int, strength: float, window: str, ids: np.ndarray, refs: np.ndarray,
               pooled: bool = False):
-        from pipelines.edit_ops import run_edit
+        from pipelines.stages.edit import run_edit
         from tide_core.edit import EditSpec, StepWindow
 
         key = f"L{layer}|style|{strength:g}|{window}" + ("|pooled" if pooled else "")
@@ -174,7 +182,7 @@ class Sweep:
 
 
 def run_sweep(args) -> None:
-    from storage.warehouse import Warehouse
+    from storage import Warehouse
 
     project = Project.load(args.config)
     out = Path(args.out)

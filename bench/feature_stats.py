@@ -28,22 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines import feature_ops  # noqa: E402
+from pipelines.context import RunContext  # noqa: E402
 from pipelines.project import Project  # noqa: E402
-from storage.warehouse import Warehouse, connect  # noqa: E402
+from pipelines.stages import features  # noqa: E402
+from storage import Warehouse, connect  # noqa: E402
+
+SITE = "resid"
 
 
 def pass_vs_matmul(project: Project, layer: int, variant: str) -> float:
-    store, records = feature_ops.layer_saes(project, layer)
+    store, records = features.layer_saes(RunContext(project), layer, SITE)
     rec = next((r for r in records if r.variant == variant), None)
     if rec is None:
         raise SystemExit(f"no {variant} SAE for layer {layer}; have {[r.variant for r in records]}")
-    sae = feature_ops.load_sae(rec, store)
-    runs = [feature_ops.statistics_pass(store, sae, layer, project.config.features.top_n) for _ in range(2)]
+    sae = features.load_sae(rec, store)
+    runs = [features.statistics_pass(store, sae, layer, SITE, project.config.features.top_n) for _ in range(2)]
     best = max(runs, key=lambda r: r.tokens_per_s)
 
     lay = store.layout
-    chunks = [torch.from_numpy(store.read_block(feature_ops.SITE, layer, step, s)).view(-1, lay.d_model).float()
+    chunks = [torch.from_numpy(store.read_block(SITE, layer, step, s)).view(-1, lay.d_model).float()
               for step in lay.steps[:8] for s in range(lay.num_shards)]
     w, b = sae.W_enc.detach(), sae.b_enc.detach()  # [n, d], [n]
     with torch.no_grad():
@@ -68,7 +71,7 @@ def width_scaling(widths: tuple[int, ...] = (128, 512, 1152), n_latents: int = 1
     """The same per-chunk work (encode + statistics) against the bare matmul, one thread, on random
     activations of several widths: the matmul grows with d, top-k selection and the statistics do not,
     so the ratio depends on the DiT's width (1152 = DiT-XL/2)."""
-    from tide_core.feature_stats import chunk_partial
+    from tide_core.features import chunk_partial
     from tide_core.sae import SAESpec, SparseAutoencoder
 
     before = torch.get_num_threads()

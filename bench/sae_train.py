@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipelines.capture_ops import open_store  # noqa: E402
+from bench.references import DenseTopKReference  # noqa: E402
+from pipelines.context import RunContext  # noqa: E402
 from pipelines.project import Project  # noqa: E402
-from tide_core.sae import DenseTopKReference, SAESpec  # noqa: E402
-from tide_core.sae_train import SAETrainConfig, SAETrainer, TokenBatch  # noqa: E402
+from tide_core.sae import SAESpec, SAETrainConfig, SAETrainer, TokenBatch  # noqa: E402
 
 
 def timed(fn, batches, warmup: int = 5) -> float:
@@ -51,9 +51,9 @@ def main() -> None:
     args = p.parse_args()
     project = Project.load(args.config)
     cfg = project.config.sae
-    store = open_store(project)
+    store = RunContext(project).store()
     layer = args.layer if args.layer is not None else store.layout.layers[len(store.layout.layers) // 2]
-    bs, n, k = args.batch or cfg.batch_size, args.n_latents or cfg.n_latents, args.k or cfg.k
+    bs, n, k = args.batch or cfg.train.batch_size, args.n_latents or cfg.spec.n_latents, args.k or cfg.spec.k
     d = store.layout.d_model
     stream = store.iter_token_batches("resid", layer, bs, seed=0)
     batches = [TokenBatch(b.acts, b.timesteps, b.steps).to_torch() for _, b in zip(range(args.steps), stream, strict=False)]

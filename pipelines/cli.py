@@ -9,20 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.context import RunContext
+from pipelines.preflight import preflight
 from pipelines.project import REPO_ROOT, Project
+from storage import StorageError
 from tide_core.config import CONFIG_ENV, ConfigError
-
-DAGSTER_YAML = "telemetry:\n  enabled: false\nnux:\n  enabled: false\n"
-
-
-def dagster_home() -> Path:
-    """Project-local DAGSTER_HOME (runs of `tide run` show up in `tide ui`), unless one is set."""
-    home = Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / ".dagster_home")
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def _load_project(args) -> Project:
@@ -31,23 +22,21 @@ def _load_project(args) -> Project:
     return Project.load(args.config)
 
 
+def _preflight(project: Project) -> None:
+    """Stop with exit code 2 before any work when the environment cannot run this config."""
+    problems = preflight(project)
+    if problems:
+        raise ConfigError("preflight failed:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def cmd_run(args) -> int:
     project = _load_project(args)  # a bad config fails here, before anything runs
-    dagster_home()
-    import dagster as dg
+    _preflight(project)
+    from pipelines.definitions import definitions_for
+    from pipelines.instance import warehouse_instance
+    from pipelines.runner import materialize
 
-    from pipelines.definitions import (
-        CAPTURE_JOB,
-        DASHBOARD_JOB,
-        EDIT_JOB,
-        FEATURES_JOB,
-        MODEL_JOB,
-        PUBLISH_JOB,
-        REPORT_JOB,
-        SAE_JOB,
-        build_definitions,
-    )
-
+    force = list(args.force or [])
     if args.overwrite:
         import fsspec
 
@@ -55,52 +44,26 @@ def cmd_run(args) -> int:
         if fs.exists(root):
             print(f"[tide] --overwrite: deleting the activation store at {project.store_url}")
             fs.rm(root, recursive=True)
-    defs = build_definitions(str(project.config_path or ""))
-    instance = dg.DagsterInstance.get()
-    quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+        force.append("activation_store")  # a new store: its new data version makes everything after it stale
     t0 = time.perf_counter()
-
-    def execute(job_name: str, partition_key: str | None = None) -> None:
-        label = job_name + (f" [{partition_key}]" if partition_key else "")
-        print(f"[tide] {time.perf_counter() - t0:6.0f}s  running {label}", flush=True)
-        job = defs.resolve_job_def(job_name)
-        result = job.execute_in_process(instance=instance, partition_key=partition_key, run_config=quiet,
-                                        raise_on_error=False)
-        if not result.success:
-            raise SystemExit(f"[tide] {label} failed; see the error above (run id {result.run_id})")
-
-    execute(MODEL_JOB)
-    from pipelines.capture_ops import open_store
-
-    done = set(open_store(project).done_shards())
-    keys = project.shard_keys()
-    for i, key in enumerate(keys):
-        if int(key) in done:
-            print(f"[tide] shard {key} already complete: skipping (use --overwrite to redo)")
-            continue
-        print(f"[tide] shard {i + 1}/{len(keys)}")
-        execute(CAPTURE_JOB, key)
-    execute(PUBLISH_JOB)
-    for layer in sorted(project.config.capture.layers):
-        execute(SAE_JOB, f"{layer:02d}")
-    execute(REPORT_JOB)
-    for layer in sorted(project.config.capture.layers):
-        execute(FEATURES_JOB, f"{layer:02d}")
-    execute(EDIT_JOB)  # before the dashboard, which shows each feature's edits
-    execute(DASHBOARD_JOB)
-    print(_summary(project, time.perf_counter() - t0))
+    quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    report = materialize(definitions_for(project), warehouse_instance(project), select=args.select, force=force,
+                         run_config=quiet, log=lambda m: print(m, flush=True))
+    if not report.success:
+        return 1
+    print(_summary(project, time.perf_counter() - t0, len(report.executed()), len(report.reused())))
     return 0
 
 
-def _summary(project: Project, seconds: float) -> str:
+def _summary(project: Project, seconds: float, executed: int, reused: int) -> str:
     cfg = f" --config {project.config_path}" if project.config_path else ""
     return f"""
-[tide] done in {seconds:.0f}s.
+[tide] done in {seconds:.0f}s ({executed} asset partitions materialized, {reused} up to date).
   activation store : {project.store_url}
   warehouse (SQL)  : {project.duckdb_path}
-  sample quality   : {project.root / 'sample_quality.json'}
+  Dagster instance : {project.dagster_home}
 next:
-  tide ui{cfg}                      # the asset graph, runs and metadata in the Dagster UI
+  tide ui{cfg}                      # the asset graph, runs, staleness and metadata in the Dagster UI
   tide dashboard{cfg}               # the feature browser on http://127.0.0.1:8050
   tide sql{cfg} "SELECT class_name, count(*), avg(judge_pred = class_id) AS acc FROM samples GROUP BY 1 ORDER BY 1"
   duckdb -readonly {project.duckdb_path}
@@ -108,11 +71,14 @@ next:
 
 
 def cmd_ui(args) -> int:
-    _load_project(args)
-    home = dagster_home()
+    from pipelines.instance import ensure_home
+
+    project = _load_project(args)
+    home = ensure_home(project)
+    os.environ["DAGSTER_HOME"] = home
     exe = Path(sys.executable).with_name("dagster")
     argv = [str(exe), "dev", "-m", "pipelines.definitions", "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"[tide] Dagster UI on http://127.0.0.1:{args.port}  (DAGSTER_HOME={home})", flush=True)
+    print(f"[tide] Dagster UI on http://127.0.0.1:{args.port}  (instance {home})", flush=True)
     # Background jobs start with SIGINT ignored; dagster dev then ignores Ctrl-C/TERM. Restore defaults.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -125,16 +91,15 @@ def cmd_dashboard(args) -> int:
     """Serve the feature browser (a static site) on 127.0.0.1, building it first if asked or missing."""
     from dashboards.server import make_server
     from dashboards.site import DashboardError
-    from pipelines.assets.dashboard import build_dashboard, site_dir
-    from storage.warehouse import WarehouseError
+    from pipelines.stages.dashboard import build_dashboard, site_dir
 
     project = _load_project(args)
     site = site_dir(project)
     built = site / "data" / "site.json"
     if args.build or not built.exists():
         try:
-            build_dashboard(project, log=lambda m: print(f"[tide] {m}", flush=True))
-        except (DashboardError, WarehouseError) as err:
+            build_dashboard(RunContext(project, log=lambda m: print(f"[tide] {m}", flush=True)))
+        except (DashboardError, StorageError) as err:
             print(f"[tide] {err}", file=sys.stderr)
             return 1
     elif project.duckdb_path.exists() and project.duckdb_path.stat().st_mtime > built.stat().st_mtime:
@@ -186,16 +151,16 @@ def edit_overrides(args) -> dict:
 
 def cmd_edit(args) -> int:
     """Sample the same seeds without and with a feature edit; judge, grid, `edits` rows."""
-    from pipelines.edit_ops import run_configured_edits, with_edit
-    from storage.activation_store import StoreError
-    from storage.warehouse import WarehouseError
+    from pipelines.stages.edit import run_configured_edits
+    from pipelines.stages.edit_plan import with_edit
     from tide_core.edit import EditError
 
     project = with_edit(_load_project(args), **edit_overrides(args))
+    _preflight(project)
     try:
-        report = run_configured_edits(project, log=lambda m: print(f"[tide] {m}", flush=True),
+        report = run_configured_edits(RunContext(project, log=lambda m: print(f"[tide] {m}", flush=True)),
                                       publish=not args.no_publish)
-    except (EditError, WarehouseError, StoreError) as err:
+    except (EditError, StorageError) as err:
         print(f"[tide] {err}", file=sys.stderr)
         return 2
     print(f"[tide] grid: {report.grid_path}")
@@ -206,13 +171,13 @@ def cmd_edit(args) -> int:
 
 
 def cmd_train_dit(args) -> int:
-    from pipelines.model_ops import ensure_dit
+    from pipelines.stages.model import prepare_model
 
     project = _load_project(args)
     if project.config.model.source != "digits":
         raise SystemExit(f"[tide] model.source={project.config.model.source!r}: train-dit trains the default "
                          "'digits' model only")
-    status = ensure_dit(project, log=lambda m: print(f"[tide] {m}", flush=True), force=args.force)
+    status = prepare_model(RunContext(project, log=lambda m: print(f"[tide] {m}", flush=True)), force=args.force)
     print(f"[tide] checkpoint: {status.path} (fingerprint {status.fingerprint})")
     return 0
 
@@ -225,13 +190,17 @@ def cmd_config(args) -> int:
         return 0
     project = _load_project(args)
     print(f"[tide] config {project.config_path or '(defaults)'} is valid")
+    if args.check:
+        _preflight(project)
+        print("[tide] preflight passed: the model, device and warehouse root are usable")
     if args.show:
         print(project.config.model_dump_json(indent=2))
     return 0
 
 
 def cmd_sql(args) -> int:
-    from storage.warehouse import Warehouse, WarehouseError, format_table, write_table
+    from pipelines.table_format import format_table
+    from storage import Warehouse, WarehouseError, write_table
 
     project = _load_project(args)
     wh = Warehouse(project.duckdb_path)
@@ -269,11 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    r = add("run", cmd_run, "Materialize the whole asset graph in-process through Dagster, stage by stage.")
+    r = add("run", cmd_run, "Materialize the asset graph in its dependency order, in-process on the warehouse's "
+            "Dagster instance: every asset partition that is missing or stale; up-to-date ones are reused.")
+    r.add_argument("--select", help="a Dagster asset selection, e.g. 'key:sae+' (sae and everything after it)")
+    r.add_argument("--force", action="append", metavar="ASSET",
+                   help="repeatable; materialize every partition of this asset even if it is up to date")
     r.add_argument("--overwrite", action="store_true", help="delete the activation store and capture again")
     r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="Dagster console log level (default INFO)")
-    u = add("ui", cmd_ui, "Start the Dagster UI on 127.0.0.1 with a project-local DAGSTER_HOME.")
+    u = add("ui", cmd_ui, "Start the Dagster UI (and daemon) on 127.0.0.1 on the warehouse's own instance.")
     u.add_argument("--port", type=int, default=3000)
     d = add("dashboard", cmd_dashboard, "Serve the feature browser on 127.0.0.1 (a static site built from the "
                                         "warehouse; built first when missing).")
@@ -328,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-publish", action="store_true", help="do not write `edits` rows (grid PNG only)")
     c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
     c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")
+    c.add_argument("--check", action="store_true", help="also run the preflight (model files, device, root)")
     c.add_argument("--show", action="store_true", help="print the validated config as JSON")
     return p
 

@@ -20,20 +20,26 @@ def image_grid(images: np.ndarray, rows: int, cols: int, pad: int = 1, scale: in
     return np.kron(grid, np.ones((scale, scale, 1), np.uint8))
 
 
-def png_bytes_of_array(rgb: np.ndarray) -> bytes:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use: the Dagster definitions import this
+    module at every load and need none of it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def png_bytes_of_array(rgb: np.ndarray) -> bytes:
+    plt = pyplot()
     buf = io.BytesIO()
     plt.imsave(buf, rgb, format="png")
     return buf.getvalue()
 
 
 def png_bytes_of_figure(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -42,12 +48,7 @@ def png_bytes_of_figure(fig) -> bytes:
 
 def line_plot(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "",
               logy: bool = False) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = pyplot().subplots(figsize=(6, 3.2))
     for name, (x, y) in series.items():
         ax.plot(x, y, label=name)
     ax.set_xlabel(xlabel)

@@ -1,4 +1,13 @@
-"""Where things live for one config: resolved once, used by assets, the CLI and tests (no Dagster here)."""
+"""Where things live for one config: resolved once, used by the run context, the CLI and tests (no Dagster).
+
+Everything a warehouse holds lives under its root, the Dagster instance included, so runs of two configs
+(two roots) never mix and deleting a root deletes its history with it:
+
+    <root>/warehouse.duckdb      the feature tables
+    <root>/activations.zarr      the activation store (unless warehouse.store_url points elsewhere)
+    <root>/.dagster/             the Dagster instance (runs, materializations, data versions)
+    <root>/judge/ saes/ features/ edits/ plots/ dashboard/
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,6 @@ import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from tide_core.config import TideConfig, load_config, resolve_config_path
@@ -16,45 +24,47 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Project:
-    """A loaded config plus the paths derived from it (relative paths resolve against base_dir)."""
+    """A loaded config (every path in it absolute) plus the paths derived from it."""
 
     config: TideConfig
     config_path: Path | None
-    base_dir: Path
 
     @classmethod
     def load(cls, config_path: str | Path | None = None) -> Project:
         path = resolve_config_path(config_path)
-        cfg = load_config(path)
-        base = path.resolve().parent if path is not None else Path.cwd()
-        return cls(config=cfg, config_path=path.resolve() if path else None, base_dir=base)
+        return cls(config=load_config(path), config_path=path.resolve() if path else None)
 
-    def resolve(self, p: str) -> Path:
-        q = Path(p)
-        return q if q.is_absolute() else self.base_dir / q
-
-    @cached_property
+    @property
     def root(self) -> Path:
-        return self.resolve(self.config.warehouse.root)
+        return Path(self.config.warehouse.root)
 
     @property
     def store_url(self) -> str:
-        url = self.config.warehouse.store_url
-        if url is None:
-            return str(self.root / "activations.zarr")
-        return url if "://" in url else str(self.resolve(url))
+        return self.config.warehouse.store_url or str(self.root / "activations.zarr")
 
     @property
     def duckdb_path(self) -> Path:
         return self.root / "warehouse.duckdb"
 
     @property
+    def dagster_home(self) -> Path:
+        return self.root / ".dagster"
+
+    @property
     def judge_dir(self) -> Path:
         return self.root / "judge"
 
     @property
-    def dit_checkpoint(self) -> Path:
-        return self.resolve(self.config.model.digits.checkpoint_dir)
+    def saes_dir(self) -> Path:
+        return self.root / "saes"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def edits_dir(self) -> Path:
+        return self.root / "edits"
 
     @property
     def plots_dir(self) -> Path:
@@ -68,10 +78,13 @@ class Project:
     def shard_keys(self) -> list[str]:
         return [f"{i:05d}" for i in range(self.num_shards)]
 
+    def layer_keys(self) -> list[str]:
+        return [f"{layer:02d}" for layer in sorted(self.config.capture.layers)]
+
 
 def content_key(description: object, length: int = 12) -> str:
     """A short, stable hash of a JSON-able description of what some result depends on (configs, ids, other
-    keys): equal descriptions give equal keys in any process, so a result on record can be reused."""
+    keys): equal descriptions give equal keys in any process."""
     blob = json.dumps(description, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: seeding, a tiny config, and a tiny trained DiT + judge built once per session."""
+"""Shared fixtures: seeding, a tiny config, a tiny trained DiT + judge built once per session, and a guard
+that the test suite never touches the repo's own warehouse or Dagster instance."""
 
 from __future__ import annotations
 
@@ -30,10 +31,49 @@ batch_size = 8
 guidance_scale = 2.0
 [capture]
 layers = [0, 1]
-[sae]
+[sae.spec]
 n_latents = 64
 k = 4
+[sae.train]
+total_tokens = 12000
+batch_size = 512
+warmup_tokens = 1000
+init_tokens = 2048
+[sae]
+eval_tokens = 4000
+splice_samples = 8
+checkpoint_every_tokens = 5000
 """
+REPO = Path(__file__).resolve().parent.parent
+USER_STATE = (REPO / "warehouse", REPO / ".dagster_home")  # the default run's warehouse (and its instance)
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    """Every file under the user's state folders with its size and modification time."""
+    out = {}
+    for root in USER_STATE:
+        for p in root.rglob("*") if root.exists() else ():
+            if p.is_file():
+                st = p.stat()
+                out[str(p)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def pytest_sessionstart(session):
+    session.config._tide_user_state = _snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any test wrote into the repo's warehouse or instance (tests use temporary ones)."""
+    before = getattr(session.config, "_tide_user_state", None)
+    if before is None:
+        return
+    after = _snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        print(f"\nthe test suite changed the user's state (tests must use temporary roots): {changed[:10]}")
+        session.exitstatus = 1
+
 
 
 @pytest.fixture(autouse=True)
@@ -75,14 +115,16 @@ def write_config(directory: Path, overrides: dict | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A directory holding a tiny trained digits DiT (./dit) and judge, shared by the session."""
-    from pipelines.model_ops import ensure_dit, ensure_judge
+    """A directory holding a tiny trained digits DiT (./dit) and judge (./warehouse/judge), shared by the
+    session."""
+    from pipelines.context import RunContext
     from pipelines.project import Project
+    from pipelines.stages.model import prepare_model, train_judge
 
     d = tmp_path_factory.mktemp("tiny_model")
-    project = Project.load(write_config(d))
-    ensure_dit(project, log=lambda m: None)
-    ensure_judge(project, log=lambda m: None)
+    ctx = RunContext(Project.load(write_config(d)), log=lambda m: None)
+    prepare_model(ctx)
+    train_judge(ctx)
     return d
 
 
@@ -94,9 +136,17 @@ def tiny_project(tiny_model_dir, tmp_path):
     def make(overrides: dict | None = None, name: str = "run"):
         shared = {"model": {"digits": {"checkpoint_dir": str(tiny_model_dir / "dit")}}}
         project = Project.load(write_config(tmp_path / name, merge(shared, overrides or {})))
+        assert tmp_path in project.root.parents  # a temporary warehouse, never the repo's
         (project.root / "judge").mkdir(parents=True, exist_ok=True)
         for f in (tiny_model_dir / "warehouse" / "judge").iterdir():
             (project.root / "judge" / f.name).write_bytes(f.read_bytes())
         return project
 
     return make
+
+
+def quiet(project):
+    """A run context whose log is silent."""
+    from pipelines.context import RunContext
+
+    return RunContext(project, log=lambda m: None)

@@ -18,7 +18,7 @@ def tide(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def test_sql_reads_and_refuses_writes(tmp_path):
-    from storage.warehouse import Warehouse
+    from storage import Warehouse
 
     cfg = tmp_path / "tide.toml"
     cfg.write_text('[warehouse]\nroot = "wh"\n')
@@ -49,9 +49,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ui_serves_the_asset_graph_and_stops_on_term(tmp_path):
+def test_ui_serves_the_asset_graph_of_its_warehouse_and_stops_on_term(tmp_path):
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dh"), "TIDE_CONFIG": str(REPO / "tide.toml")}
+    config = tmp_path / "tide.toml"
+    config.write_text((REPO / "tide.toml").read_text().replace('root = "warehouse"', f'root = "{tmp_path / "wh"}"')
+                      .replace('checkpoint_dir = "models/digits-dit"', f'checkpoint_dir = "{REPO / "models/digits-dit"}"'))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "elsewhere"), "TIDE_CONFIG": str(config)}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -67,9 +70,11 @@ def test_ui_serves_the_asset_graph_and_stops_on_term(tmp_path):
                     break
             except OSError:
                 time.sleep(1)
-        for name in (b"digits", b"dit_model", b"digit_classifier", b"activations", b"samples"):
+        for name in (b"dit_model", b"judge", b"activations", b"samples", b"feature_dashboard"):
             assert name in body
-        assert (tmp_path / "dh" / "dagster.yaml").read_text().startswith("telemetry")
+        # the warehouse's own instance, whatever DAGSTER_HOME said
+        assert (tmp_path / "wh" / ".dagster" / "dagster.yaml").read_text().startswith("telemetry")
+        assert not (tmp_path / "elsewhere").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -22,16 +22,16 @@ from urllib.parse import urljoin, urlparse
 
 import numpy as np
 import pytest
-from conftest import merge, write_config
 
 from dashboards import server
 from dashboards.browser import READY_JS, Browser, find_chromium
+from tests.conftest import merge, quiet, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 EVIL = '<img src=x onerror="alert(1)"><script>alert(2)</script>&amp;'
-CFG = {"sae": {"n_latents": 64, "k": 4, "train_tokens": 6000, "batch_size": 512, "eval_tokens": 2000,
-               "splice_samples": 0, "checkpoint_every_tokens": 5000, "variants": ["tide", "topk"]},
+CFG = {"sae": {"train": {"total_tokens": 6000}, "eval_tokens": 2000, "splice_samples": 0,
+               "variants": ["tide", "topk"]},
        "features": {"top_n": 4, "neighbors": 3}}
 
 
@@ -50,20 +50,22 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def project(tiny_model_dir, tmp_path_factory):
     """The tiny project after capture, SAE training (layer 1) and the real feature pass, plus hostile text."""
-    from pipelines import capture_ops, feature_ops, sae_ops
     from pipelines.project import Project
-    from storage.warehouse import Warehouse
+    from pipelines.stages import capture, features, sae, samples, top_images
+    from storage import Warehouse
 
     d = tmp_path_factory.mktemp("dash")
     project = Project.load(write_config(d, merge({"model": {"digits": {"checkpoint_dir": str(tiny_model_dir / "dit")}}},
                                                  CFG)))
     shutil.copytree(tiny_model_dir / "warehouse" / "judge", project.root / "judge")
-    capture_ops.create_store(project)
+    ctx = quiet(project)
+    capture.create_store(ctx)
     for shard in range(project.num_shards):
-        capture_ops.write_shard(project, shard)
-    capture_ops.publish_samples(project)
-    sae_ops.train_layer(project, 1, log=lambda m: None)
-    feature_ops.build_layer_features(project, 1, log=lambda m: None)
+        capture.write_shard(ctx, shard)
+    samples.publish_samples(ctx)
+    sae.train_layer(ctx, 1, "resid")
+    features.build_feature_stats(ctx, 1, "resid")
+    top_images.build_top_images(ctx, 1, "resid")
 
     wh = Warehouse(project.duckdb_path)
     samples = wh.query("SELECT * FROM samples").to_pylist()
@@ -81,16 +83,16 @@ def project(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def labelled(project) -> int:
     """The feature carrying the hostile label."""
-    from storage.warehouse import Warehouse
+    from storage import Warehouse
 
     return Warehouse(project.duckdb_path).query("SELECT feature_id FROM features WHERE label = ?", [EVIL]).column(0)[0].as_py()
 
 
 @pytest.fixture(scope="module")
 def site(project):
-    from pipelines.assets.dashboard import build_dashboard
+    from pipelines.stages.dashboard import build_dashboard
 
-    report = build_dashboard(project, log=lambda m: None)
+    report = build_dashboard(quiet(project))
     assert report.n_features == 128 and report.n_images == 24 and not report.warnings
     return report
 
@@ -285,10 +287,11 @@ def test_hostile_text_is_shown_as_text_and_bad_ids_explain_themselves(browser, s
 def test_dashboard_command_and_asset(project, site, tmp_path):
     import dagster as dg
 
-    from pipelines.definitions import DASHBOARD_JOB, build_definitions
+    from pipelines.definitions import build_definitions
 
-    result = build_definitions(str(project.config_path)).resolve_job_def(DASHBOARD_JOB).execute_in_process(
-        instance=dg.DagsterInstance.ephemeral())
+    key = dg.AssetKey("feature_dashboard")
+    job = build_definitions(str(project.config_path)).resolve_implicit_job_def_def_for_assets([key])
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), asset_selection=[key])
     assert result.success
     md = result.asset_materializations_for_node("feature_dashboard")[0].metadata
     assert md["features"].value == 128 and md["layer01_nmse_by_step"].value.startswith("![")
@@ -315,15 +318,15 @@ def test_dashboard_command_and_asset(project, site, tmp_path):
 
 
 def test_steering_preview_appears_once_edits_exist(browser, served, project, labelled, saes):
-    from pipelines.assets.dashboard import build_dashboard
-    from storage.warehouse import Warehouse
+    from pipelines.stages.dashboard import build_dashboard
+    from storage import Warehouse
 
     tide = saes[0]
     Warehouse(project.duckdb_path).replace_partition("edits", {"edit_id": "e1"}, [
         {"sample_id": s, "run_id": tide["run_id"], "sae_id": tide["sae_id"], "config_json": "{}",
          "feature_ids": [labelled], "strength": 4.0, "step_start": 0, "step_end": 2, "pred_before": 3,
          "conf_before": 0.9, "pred_after": 5, "conf_after": 0.6} for s in (3, 13)])
-    build_dashboard(project, log=lambda m: None)  # swapped in under the running server
+    build_dashboard(quiet(project))  # swapped in under the running server
     load(browser, served.url + f"feature.html?sae={tide['sae_id']}&f={labelled}")
     assert browser.evaluate("document.querySelectorAll('#steering tbody tr').length") == 2
     shot(browser, "feature_steering")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import quiet
 from tide_core.edit import EditError, EditHook, EditSpec, StepWindow
 from tide_core.sae import SAESpec, SparseAutoencoder
 
@@ -40,13 +41,11 @@ class Recorder:
 
 @pytest.fixture
 def sampler(tiny_project):
-    from pipelines.sae_ops import run_sampler
-
-    return run_sampler(tiny_project())
+    return quiet(tiny_project()).sampler()
 
 
 def run(sampler, ids, classes, hook=None, record=False):
-    rec = Recorder(sampler.bundle.transformer, LAYER) if record else None
+    rec = Recorder(sampler.model.transformer, LAYER) if record else None
     try:
         if hook is None:
             images = sampler.sample(ids, classes).images
@@ -54,7 +53,7 @@ def run(sampler, ids, classes, hook=None, record=False):
             with hook:
                 if rec is not None:  # re-register so the recorder sees the edited output
                     rec.close()
-                    rec = Recorder(sampler.bundle.transformer, LAYER)
+                    rec = Recorder(sampler.model.transformer, LAYER)
                 images = sampler.sample(ids, classes, observer=hook).images
     finally:
         if rec is not None:
@@ -63,7 +62,7 @@ def run(sampler, ids, classes, hook=None, record=False):
 
 
 def hook_for(sampler, sae, spec, **kw):
-    return EditHook(sampler.bundle.transformer, LAYER, sae, spec, sampler.num_steps, **kw)
+    return EditHook(sampler.model, LAYER, sae, spec, sampler.num_steps, **kw)
 
 
 # --- the hook ----------------------------------------------------------------------------------------------
@@ -227,15 +226,16 @@ def test_bad_edits_fail_before_sampling_with_what_to_change(sampler):
 @pytest.fixture
 def edit_project(tiny_project):
     """A tiny project with a captured store, published samples and an exact SAE of layer 1 in `saes`."""
-    from pipelines import capture_ops
-    from storage.warehouse import Warehouse
+    from pipelines.stages import capture, samples
+    from storage import Warehouse
 
     project = tiny_project({"edit": {"strengths": [3.0], "windows": ["all"], "n_samples": 3,
                                      "units": "absolute", "spatial": False, "unconditional": False}})
-    capture_ops.create_store(project)
+    ctx = quiet(project)
+    capture.create_store(ctx)
     for shard in range(project.num_shards):
-        capture_ops.write_shard(project, shard)
-    run_id = capture_ops.publish_samples(project).run_id
+        capture.write_shard(ctx, shard)
+    run_id = samples.publish_samples(ctx).run_id
     sae_id = f"L01-resid-tide-exact-{run_id[:8]}"
     path = exact_sae(32).save(project.root / "saes" / sae_id, meta={"sae_id": sae_id, "run_id": run_id})
     wh = Warehouse(project.duckdb_path)
@@ -252,7 +252,7 @@ def put_features(wh, sae_id, rows):
 
 
 def test_feature_selection_takes_the_most_selective_for_the_class(edit_project):
-    from pipelines.edit_ops import feature_maps, feature_units, select_features
+    from pipelines.stages.edit_plan import feature_maps, feature_units, select_features
 
     _, wh, sae_id = edit_project
     with pytest.raises(EditError, match="no rows for SAE"):
@@ -275,22 +275,22 @@ def test_feature_selection_takes_the_most_selective_for_the_class(edit_project):
 
 
 def test_plan_refuses_an_sae_of_another_model_or_run(edit_project):
-    from pipelines.edit_ops import plan_edits, with_edit
+    from pipelines.stages.edit_plan import plan_edits, with_edit
 
     project, wh, sae_id = edit_project
     project = with_edit(project, sae_id=sae_id, feature_ids=[1])
-    assert plan_edits(project, wh).target.layer == 1
+    assert plan_edits(quiet(project)).target.layer == 1
     with pytest.raises(EditError, match="no SAE 'nope'"):
-        plan_edits(with_edit(project, sae_id="nope"), wh)
+        plan_edits(quiet(with_edit(project, sae_id="nope")))
     rec = wh.require_sae(sae_id)
     wh.replace_partition("saes", {"sae_id": "other-run"}, [{"run_id": "0123456789ab", "layer": 1, "site": "resid",
                                                             "variant": "tide", "n_latents": 64, "path": rec.path}])
     with pytest.raises(EditError, match="trained on run 0123456789ab"):
-        plan_edits(with_edit(project, sae_id="other-run"), wh)
+        plan_edits(quiet(with_edit(project, sae_id="other-run")))
     run = wh.query("SELECT * FROM runs").to_pylist()[0]
     wh.upsert_run(run["run_id"], run["config_json"], model_hash="feedfacefeedface")
     with pytest.raises(EditError, match="comes from model feedfacefeedface"):
-        plan_edits(project, wh)
+        plan_edits(quiet(project))
 
 
 @pytest.mark.slow
@@ -326,21 +326,24 @@ def test_cli_writes_before_after_rows_and_a_grid(edit_project, capsys):
 def test_edits_asset_picks_class_features_and_style_references(edit_project):
     import dagster as dg
 
-    from pipelines.definitions import EDIT_JOB, build_definitions
+    from pipelines.definitions import build_definitions
 
     project, wh, sae_id = edit_project
     put_features(wh, sae_id, [(f, f % 10, 0.5, 0.01) for f in range(64)])
     defs = build_definitions(str(project.config_path))
-    result = defs.resolve_job_def(EDIT_JOB).execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    job = defs.resolve_implicit_job_def_def_for_assets([dg.AssetKey("edits")])
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey("edits")])
     assert result.success
+    assert [c.passed for c in result.get_asset_check_evaluations()] == [True]  # edits_grain
     rows = wh.query("SELECT * FROM v_edits").to_pylist()
     assert {r["target_class"] for r in rows} == {0} and all(r["class_id"] != 0 for r in rows)
     assert sorted(rows[0]["feature_ids"]) == [0, 10, 20, 30, 40, 50, 60]
 
-    from pipelines.edit_ops import run_configured_edits, with_edit
+    from pipelines.stages.edit import run_configured_edits
+    from pipelines.stages.edit_plan import with_edit
 
     style = with_edit(project, op="style", strengths=[1.0], windows=["0-1"], n_samples=2)
-    report = run_configured_edits(style, log=lambda m: None)
+    report = run_configured_edits(quiet(style))
     r = report.results[0]
     assert r.reference_ids.tolist() == [18, 19] and r.references is not None
     assert {row["reference_id"] for row in wh.query("SELECT * FROM edits WHERE op = 'style'").to_pylist()} == {18, 19}
@@ -351,8 +354,8 @@ def test_edits_asset_picks_class_features_and_style_references(edit_project):
 
 def test_no_flags_turn_off_config_defaults(tmp_path):
     from pipelines.cli import build_parser, edit_overrides
-    from pipelines.edit_ops import with_edit
     from pipelines.project import Project
+    from pipelines.stages.edit_plan import with_edit
     from tests.conftest import write_config
 
     project = Project.load(write_config(tmp_path, {"edit": {"unconditional": True, "spatial": True}}))
@@ -368,31 +371,31 @@ def test_no_flags_turn_off_config_defaults(tmp_path):
 
 
 def test_suppressing_edits_take_samples_of_the_target_class(edit_project):
-    from pipelines.capture_ops import open_store
-    from pipelines.edit_ops import _samples, resolve_sae, suppresses, with_edit
-    from tide_core.sampling import class_for
+    from pipelines.stages.edit_plan import _samples, resolve_sae, suppresses, with_edit
+    from tide_core.sampling import condition_for
 
     assert suppresses("add", -8.0) and suppresses("zero", 0.0) and suppresses("scale", 0.5)
     assert not suppresses("add", 8.0) and not suppresses("scale", 2.0) and not suppresses("clamp", 1.0)
     project, wh, sae_id = edit_project
-    store = open_store(project)
+    store = quiet(project).store()
     classes = store.provenance["sampling"]["classes"]
-    target = resolve_sae(with_edit(project, sae_id=sae_id), wh, store)
+    target = resolve_sae(quiet(with_edit(project, sae_id=sae_id)))
     for strength, own in ((-8.0, True), (8.0, False)):
         p = with_edit(project, sae_id=sae_id, op="add", target_class=int(classes[16 % len(classes)]),
                       strengths=[strength], n_samples=3)
-        ids, refs = _samples(p, p.config.edit, target, store)
-        got = {class_for(int(i), classes) == p.config.edit.target_class for i in ids}
+        ids, refs = _samples(quiet(p), p.config.edit, target, store)
+        got = {condition_for(int(i), classes) == p.config.edit.target_class for i in ids}
         assert len(ids) and refs is None and got == {own}, (strength, ids)
 
 
 def test_a_missing_sae_checkpoint_fails_in_the_plan_naming_the_asset_to_rerun(edit_project):
     import shutil
 
-    from pipelines.edit_ops import plan_edits, with_edit
+    from pipelines.stages.edit_plan import plan_edits, with_edit
 
     project, wh, sae_id = edit_project
     path = wh.require_sae(sae_id).path
     shutil.rmtree(path)
-    with pytest.raises(EditError, match=rf"{sae_id} is missing: {path} .*re-materialize `sae` 01"):
-        plan_edits(with_edit(project, sae_id=sae_id, feature_ids=[1]), wh)
+    with pytest.raises(EditError, match=rf"{sae_id} is missing: {path} .*Re-materialize the `sae` asset's partition "
+                                        r"01\|resid"):
+        plan_edits(quiet(with_edit(project, sae_id=sae_id, feature_ids=[1])))

@@ -1,11 +1,10 @@
-"""The Dagster resource that hands assets the validated config and its paths."""
-
-from __future__ import annotations
+"""The Dagster resource that hands assets a run context for the config in force."""
 
 from functools import lru_cache
 
 import dagster as dg
 
+from pipelines.context import RunContext
 from pipelines.project import Project
 
 
@@ -21,3 +20,7 @@ class TideResource(dg.ConfigurableResource):
 
     def project(self) -> Project:
         return _load(self.config_path)
+
+    def context(self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> RunContext:
+        """A fresh run context whose log is the step's Dagster log."""
+        return RunContext(self.project(), log=context.log.info)

@@ -1,0 +1,80 @@
+"""Model assets: the DiT's weights, and (for families with a judge) the judge and the sample quality."""
+
+import dagster as dg
+
+from pipelines.defs.automation import daily_or_up_to_date, up_to_date
+from pipelines.defs.resources import TideResource
+from pipelines.defs.versions import code_version
+from pipelines.plots import line_plot, markdown_image
+from pipelines.project import Project
+
+GROUP = "model"
+JUDGE_MIN_ACCURACY = 0.97
+SAMPLE_MIN_ACCURACY = 0.90
+
+
+def build(project: Project, has_judge: bool) -> tuple[list, list]:
+    cfg = project.config
+
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, code_version=code_version("dit_model", cfg),
+              automation_condition=daily_or_up_to_date())
+    def dit_model(context: dg.AssetExecutionContext, tide: TideResource) -> dg.MaterializeResult:
+        """The DiT: the embedded default (trained on the digits unless the checkpoint records this config)
+        or the diffusers checkpoint named by model.source. Its data version is the weights' identity."""
+        from pipelines.stages.model import prepare_model
+
+        status = prepare_model(tide.context(context))
+        meta = status.meta
+        md: dict = {"path": status.path, "trained_now": status.trained_now, "fingerprint": status.fingerprint}
+        curve = meta.get("loss_curve", {})
+        if meta:
+            md.update({"train_seconds": meta.get("train_seconds"), "final_loss": meta.get("final_loss"),
+                       "command": meta.get("command"), "weights_sha256": meta.get("weights_sha256")})
+        if curve:
+            png = line_plot({"loss": (curve["step"], curve["loss"])}, "step", "eps MSE", "DiT training loss",
+                            logy=True)
+            md["loss_curve"] = dg.MetadataValue.md(markdown_image(png, "loss"))
+        return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(status.fingerprint))
+
+    if not has_judge:
+        return [dit_model], []
+
+    @dg.asset(group_name=GROUP, kinds={"pytorch"}, code_version=code_version("judge", cfg),
+              automation_condition=up_to_date(),
+              check_specs=[dg.AssetCheckSpec("judge_is_accurate", asset="judge",
+                                             description=f"test accuracy >= {JUDGE_MIN_ACCURACY}")])
+    def judge(context: dg.AssetExecutionContext, tide: TideResource):
+        """The model family's judge of generated images, trained on a split of its own data."""
+        from pipelines.stages.model import train_judge
+
+        r = train_judge(tide.context(context))
+        yield dg.MaterializeResult(metadata={"test_accuracy": dg.MetadataValue.float(r.test_accuracy),
+                                             "train_accuracy": dg.MetadataValue.float(r.train_accuracy),
+                                             "path": r.path})
+        yield dg.AssetCheckResult(check_name="judge_is_accurate", passed=r.test_accuracy >= JUDGE_MIN_ACCURACY,
+                                  metadata={"test_accuracy": r.test_accuracy})
+
+    @dg.asset(group_name=GROUP, deps=[dit_model, judge], kinds={"pytorch"},
+              code_version=code_version("sample_quality", cfg), automation_condition=up_to_date(),
+              check_specs=[dg.AssetCheckSpec("samples_are_recognisable", asset="sample_quality", blocking=False,
+                                             description=f"judge accuracy of samples >= {SAMPLE_MIN_ACCURACY}")])
+    def sample_quality(context: dg.AssetExecutionContext, tide: TideResource):
+        """The judge's verdict on images sampled with the run's sampler (other seeds than the run's): accuracy
+        per condition and a Frechet distance in the judge's feature space, with the real-vs-real floor."""
+        from pipelines.stages.model import measure_quality
+
+        r = measure_quality(tide.context(context))
+        yield dg.MaterializeResult(metadata={
+            "class_accuracy": dg.MetadataValue.float(r.accuracy),
+            "frechet_distance": dg.MetadataValue.float(r.frechet_distance),
+            "frechet_distance_real_vs_real": dg.MetadataValue.float(r.frechet_distance_real_split),
+            "per_class_accuracy": dg.MetadataValue.json({str(c): round(a, 3)
+                                                         for c, a in enumerate(r.per_condition_accuracy)}),
+            "n_samples": r.n, "guidance_scale": r.guidance_scale, "num_steps": r.num_steps,
+            "scheduler": r.scheduler, "sampling_seconds": r.seconds,
+            "samples_by_class": dg.MetadataValue.md(markdown_image(r.grid_png, "samples")),
+        })
+        yield dg.AssetCheckResult(check_name="samples_are_recognisable", passed=r.accuracy >= SAMPLE_MIN_ACCURACY,
+                                  metadata={"class_accuracy": r.accuracy}, severity=dg.AssetCheckSeverity.WARN)
+
+    return [dit_model, judge, sample_quality], []

@@ -1,0 +1,50 @@
+"""Code versions: what each asset's result depends on besides its inputs, declared once.
+
+An asset's code version is its stage revision (bumped by hand when the stage's code changes what it
+produces) plus a hash of the config fields it reads. Dagster compares it with the version recorded at the
+last materialization: a change makes the asset stale in the UI, and `tide run` and the automation sensor
+materialize it again. Settings that cannot change a result (batch sizes of forward passes, devices, worker
+counts) are left out, so changing them redoes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tide_core.config import TideConfig
+
+CAPTURE_FIELDS = ("model.source", "model.dtype", "model.digits", "sampling.scheduler", "sampling.num_steps",
+                  "sampling.guidance_scale", "sampling.num_samples", "sampling.shard_size", "sampling.seed",
+                  "sampling.classes", "capture")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One asset's code version: its stage revision and the config fields it reads."""
+
+    revision: int
+    config: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("model.digits.checkpoint_dir",)  # where a result is kept is not what it is
+
+
+VERSIONS: dict[str, Version] = {
+    "dit_model": Version(1, ("model.source", "model.digits")),
+    "judge": Version(1, ("model.judge.epochs", "model.judge.test_fraction", "model.judge.seed",
+                         "model.digits.image_size")),
+    "sample_quality": Version(1, ("sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale",
+                                  "sampling.seed", "model.judge.quality_samples")),
+    "activation_store": Version(1, CAPTURE_FIELDS),
+    "activations": Version(1, CAPTURE_FIELDS),
+    "samples": Version(1),
+    "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens",)),  # resume granularity only
+    "sae_metrics": Version(1),
+    "feature_stats": Version(1, ("features.top_n", "features.neighbors")),
+    "top_images": Version(1, ("features.top_n",)),
+    "edits": Version(1, ("edit",)),
+    "feature_dashboard": Version(1),
+}
+
+
+def code_version(asset: str, cfg: TideConfig) -> str:
+    v = VERSIONS[asset]
+    return f"r{v.revision}" + (f"-{cfg.section_hash(*v.config, exclude=v.exclude)}" if v.config else "")
