@@ -24,4 +24,4 @@ ui: $(STAMP)
 	$(VENV)/bin/tide ui
 
 clean:
-	rm -rf warehouse .dagster_home
+	rm -rf warehouse  # the warehouse holds its Dagster instance too (warehouse/.dagster)

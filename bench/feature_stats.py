@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/feature_stats.py [--config tide.toml] [--layer 3] [--variant tide] [--rows 10_500_000]
 
-Needs the default run (`make run`). Part 1 runs the real statistics pass (pipelines.feature_ops, dask
+Needs the default run (`make run`). Part 1 runs the real statistics pass (pipelines.stages.features, dask
 threads over the Zarr chunks) for one SAE twice and takes the faster, and times in the same run a bare
 torch matmul of the encoder's shape ([chunk tokens, d] x [d, n_latents] + bias, all cores) on the same
 chunks held in memory: that rate is the limit the pass is compared with. Part 2 builds a synthetic

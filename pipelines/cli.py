@@ -1,4 +1,8 @@
-"""`tide`: the command line. Drives Dagster (in-process runs, the UI) and the warehouse."""
+"""`tide`: the command line. Drives Dagster (in-process runs, the UI) and the warehouse.
+
+Each command imports what it needs when it runs, so `tide sql` or `tide config` start without loading
+torch, zarr or Dagster.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.context import RunContext
 from pipelines.preflight import preflight
 from pipelines.project import REPO_ROOT, Project
-from storage import StorageError
 from tide_core.config import CONFIG_ENV, ConfigError
 
 
@@ -91,7 +93,9 @@ def cmd_dashboard(args) -> int:
     """Serve the feature browser (a static site) on 127.0.0.1, building it first if asked or missing."""
     from dashboards.server import make_server
     from dashboards.site import DashboardError
+    from pipelines.context import RunContext
     from pipelines.stages.dashboard import build_dashboard, site_dir
+    from storage import StorageError
 
     project = _load_project(args)
     site = site_dir(project)
@@ -151,8 +155,10 @@ def edit_overrides(args) -> dict:
 
 def cmd_edit(args) -> int:
     """Sample the same seeds without and with a feature edit; judge, grid, `edits` rows."""
+    from pipelines.context import RunContext
     from pipelines.stages.edit import run_configured_edits
     from pipelines.stages.edit_plan import with_edit
+    from storage import StorageError
     from tide_core.edit import EditError
 
     project = with_edit(_load_project(args), **edit_overrides(args))
@@ -171,6 +177,7 @@ def cmd_edit(args) -> int:
 
 
 def cmd_train_dit(args) -> int:
+    from pipelines.context import RunContext
     from pipelines.stages.model import prepare_model
 
     project = _load_project(args)
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-rows", type=int, default=50, help="rows shown in table format (default 50)")
     e = add("edit", cmd_edit, "Feature-guided editing: sample held-out seeds without and with an SAE feature "
             "edit at one layer and window of steps; judge both, save a grid PNG, write `edits` rows. Unset "
-            "options come from [edit] in the config (`tide config --explain`); docs/EDITING.md explains the ops.")
+            "options come from [edit] in the config (`tide config --explain`); the README (Editing) explains the ops.")
     e.add_argument("--sae", help="SAE id to edit with (default: the [edit] layer's SAE of the current run)")
     e.add_argument("--layer", type=int, help="block whose SAE is used (one of capture.layers)")
     e.add_argument("--variant", choices=["tide", "topk", "relu"], help="which SAE variant of that layer")

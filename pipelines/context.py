@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.project import Project
 from storage import ActivationStore, Warehouse
+from tide_core.models.registry import family_of
 
 if TYPE_CHECKING:
     from tide_core.models.base import DiTAdapter, Judge
@@ -47,8 +48,6 @@ class RunContext:
 
     @cached_property
     def family(self) -> type[DiTAdapter]:
-        from tide_core.models.registry import family_of
-
         return family_of(self.config.model)
 
     @property
@@ -63,7 +62,7 @@ class RunContext:
 
     def sampler(self, cfg_renorm: float | None = None, seed_offset: int = 0) -> Sampler:
         """The run's sampler (scheduler, steps, guidance, seed): sample ids give the run's images."""
-        from tide_core.sampling import Sampler
+        from tide_core.sampling import Sampler  # here, not above: the Dagster definitions import this module
 
         s = self.config.sampling
         return Sampler(self.model, s.scheduler, s.num_steps, s.guidance_scale, s.seed + seed_offset,

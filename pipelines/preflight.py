@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 
 from pipelines.project import Project
+from tide_core.models.registry import ModelError, family_of
 
 
 def preflight(project: Project) -> list[str]:
     """Problems that would make `tide run` fail later; empty when the run can start."""
-    from tide_core.models.base import resolve_device
-    from tide_core.models.registry import ModelError, family_of
+    from tide_core.models.base import resolve_device  # torch: only when a preflight runs, not at CLI start
 
     cfg = project.config
     problems: list[str] = []

@@ -6,7 +6,7 @@ Everything a warehouse holds lives under its root, the Dagster instance included
     <root>/warehouse.duckdb      the feature tables
     <root>/activations.zarr      the activation store (unless warehouse.store_url points elsewhere)
     <root>/.dagster/             the Dagster instance (runs, materializations, data versions)
-    <root>/judge/ saes/ features/ edits/ plots/ dashboard/
+    <root>/judge/ saes/ features/ edits/ dashboard/
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tide_core import __version__
 from tide_core.config import TideConfig, load_config, resolve_config_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,10 +68,6 @@ class Project:
         return self.root / "edits"
 
     @property
-    def plots_dir(self) -> Path:
-        return self.root / "plots"
-
-    @property
     def num_shards(self) -> int:
         s = self.config.sampling
         return -(-s.num_samples // s.shard_size)
@@ -98,6 +95,4 @@ def code_version() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
-    from tide_core import __version__
-
     return __version__

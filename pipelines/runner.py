@@ -23,6 +23,7 @@ from dagster._core.loader import LoadingContext
 
 Log = Callable[[str], None]
 Status = Literal["missing", "stale", "fresh", "forced"]
+SESSION_TAG = "tide/session"  # every run of one `tide run` carries its start time: how long a run took is queryable
 
 
 class _Loading(LoadingContext):
@@ -105,6 +106,7 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
     forced = {dg.AssetKey.from_user_string(k) for k in force}
     report = RunReport()
     t0 = time.perf_counter()
+    tags = {"tide/runner": "tide run", SESSION_TAG: time.strftime("%Y-%m-%dT%H:%M:%S")}
     for key in graph.toposorted_asset_keys:
         if key not in selected:
             continue
@@ -123,7 +125,7 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
             started = time.perf_counter()
             result = job.execute_in_process(instance=instance, partition_key=partition, asset_selection=[key],
                                             run_config=run_config, raise_on_error=False,
-                                            tags={"tide/runner": "tide run"})
+                                            tags=tags)
             step = Step(key.to_user_string(), partition, status, causes, executed=True,
                         seconds=round(time.perf_counter() - started, 2), run_id=result.run_id,
                         success=result.success)

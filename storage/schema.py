@@ -244,7 +244,7 @@ TABLES: dict[str, Table] = {
                     "not its label)"),
                 Col("sae_id", "VARCHAR", "SAE whose latents were edited"),
                 Col("config_json", "JSON", "the edit's full config"),
-                Col("op", "VARCHAR", "add, scale, clamp, zero or style (docs/EDITING.md)"),
+                Col("op", "VARCHAR", "add, scale, clamp, zero or style (README, Editing)"),
                 Col("feature_ids", "INTEGER[]", "edited latents (empty: all of them, style only)"),
                 Col("target_class", "INTEGER", "class the latents were picked for; NULL if given by id"),
                 Col("reference_id", "BIGINT", "style only: the sample whose latents were copied"),

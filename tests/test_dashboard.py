@@ -55,7 +55,7 @@ def fill_synthetic(root: Path, *, n_latents: int = 40, n_samples: int = 24, n_st
     wh = Warehouse(root / "warehouse.duckdb")
     wh.upsert_run(run_id, {"config": {"sampling": {"scheduler": "ddim", "num_steps": n_steps, "guidance_scale": 2.0},
                                       "capture": {"layers": [0], "sites": ["resid"]},
-                                      "sae": {"variants": list(variants), "n_latents": n_latents, "k": 4}},
+                                      "sae": {"variants": list(variants), "spec": {"n_latents": n_latents, "k": 4}}},
                            "store_url": store_url}, model_source="synthetic")
     wh.replace_partition("samples", {"run_id": run_id}, {
         "sample_id": list(range(n_samples)), "class_id": [i % n_classes for i in range(n_samples)],

@@ -19,6 +19,7 @@ function overview() {
 
 function runCard(run) {
   const s = run.sampling || {}, m = run.model || {}, cap = run.capture || {}, sae = run.sae || {};
+  const spec = sae.spec || {};  // [sae.spec] of the run config: the SAE library's SAEDesign
   const classes = run.classes.map((c) => c.class_name ?? String(c.class_id));
   const card = el("section", { class: "card run", id: `run-${run.slug}` },
     el("h2", {}, "Run ", el("code", { text: run.run_id })),
@@ -30,7 +31,7 @@ function runCard(run) {
         ["classes", `${classes.length}: ${classes.slice(0, 12).join(", ")}${classes.length > 12 ? ", …" : ""}`],
         ["captured layers", (cap.layers || []).join(", ") || "–"],
         ["sites", (cap.sites || []).join(", ") || "–"],
-        ["SAE", sae.n_latents ? `${(sae.variants || []).join(" / ")}, ${sae.n_latents} latents, k=${sae.k}` : "–"],
+        ["SAE", spec.n_latents ? `${(sae.variants || []).join(" / ")}, ${spec.n_latents} latents, k=${spec.k}` : "–"],
         ["timesteps", run.timesteps ? `${run.timesteps[0]} → ${run.timesteps[run.timesteps.length - 1]}` : "–"],
         ["created", run.created_at], ["code version", String(run.code_version ?? "–")],
       ]),
@@ -397,7 +398,7 @@ async function samplePage() {
   main.append(el("table", { class: "data", id: "appearances" },
     el("thead", {}, el("tr", {}, el("th", { class: "text", text: "SAE" }), el("th", { class: "text", text: "features (rank, activation, step)" }))),
     el("tbody", {}, tops.map((sae) => el("tr", {},
-      el("td", { class: "text" }, link(saeUrl(sae), `layer ${sae.layer} · ${sae.variant}`)),
+      el("td", { class: "text" }, link(saeUrl(sae), `layer ${sae.layer} · ${sae.site} · ${sae.variant}`)),
       el("td", { class: "text" }, s.top[sae.sae_id].map(([f, rank, step, act], i) => el("span", {}, i ? " · " : "",
         link(featureUrl(sae.sae_id, f), `#${f}`, { title: `rank ${rank}, activation ${fmt(act)}, ${stepLabel(run, step)}` }),
         el("span", { class: "muted", text: ` (${rank}, ${fmt(act)}, s${step})` })))))))));

@@ -14,8 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import pyarrow as pa
+import torch
+from distributed import Client
 
 from pipelines.context import RunContext
 from pipelines.stages.sae import check_inputs, missing_checkpoint
@@ -110,8 +113,6 @@ def statistics_pass(store: ActivationStore, sae, layer: int, site: str, top_n: i
     """One pass over every (step, shard) chunk of (site, layer), as a dask graph: a task reads and reduces
     up to CHUNKS_PER_TASK chunks of one step, the tasks of a step merge MERGE_FAN_IN at a time, and the
     steps are summarised at the end. Same numbers on any scheduler."""
-    import dask
-
     lay = store.layout
     timesteps = store.provenance["capture_timesteps"]
     class_ids = store.samples()["class_id"]
@@ -146,12 +147,7 @@ def _chunks_statistics(store: ActivationStore, sae, site: str, layer: int, step:
 
 
 def _compute(tasks: list, scheduler: str | None, workers: int) -> tuple:
-    import dask
-    import torch
-
     if scheduler:
-        from distributed import Client
-
         with Client(scheduler, timeout="30s") as client:
             return dask.compute(*tasks, scheduler=client)
     workers = workers or os.cpu_count() or 1

@@ -135,7 +135,8 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
         result.sae.save(path, meta={"sae_id": ids[variant], "layer": layer, "site": site, "run_id": run_id,
                                     "tokens_seen": trainer.tokens_seen, "training_key": key})
         metrics = evaluate_sae(store, result.sae, layer, site, split, cfg.eval_tokens, cfg.train.seed)
-        splice = None if bench is None else splice_eval(bench, SparseAutoencoder.load(path), ctx.log)
+        splice = None if bench is None else splice_eval(
+            bench, SparseAutoencoder.load(path, device=bench.sampler.model.device), ctx.log)  # beside the DiT
         reports.append(SAEReport(sae_id=ids[variant], variant=variant, path=str(path),
                                  tokens_seen=trainer.tokens_seen, seconds=round(result.seconds, 1),
                                  metrics=metrics, splice=splice))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dask.array as da
 import numpy as np
 import pyarrow as pa
 
@@ -59,8 +60,6 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
 
 def count_nonfinite(ctx: RunContext) -> dict[str, int]:
     """Non-finite values per (site, layer) array, over completed shards (dask, chunk by chunk)."""
-    import dask.array as da
-
     store = ctx.store()
     done = store.done_shards()
     sh = store.layout.shard_size

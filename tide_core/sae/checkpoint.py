@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,20 +29,16 @@ WEIGHTS_FILE = "sae.safetensors"
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(sae: SparseAutoencoder, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``<path>/cfg.json`` + ``<path>/sae.safetensors`` into a temp dir beside ``path``, then swap it
-    in, so a killed save leaves the previous checkpoint (or none), never half of one."""
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``path`` to write into; when the block ends without an error it takes
+    ``path``'s place (the old directory is moved aside first, then removed), so a reader or a killed writer
+    sees the previous directory (or none), never half of one. On an error the temporary one is removed."""
     path = Path(path)
-    if meta:
-        sae.meta.update(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        cfg = {"format": CHECKPOINT_FORMAT, "variant": sae.spec.variant,
-               "spec": sae.spec.model_dump(), "meta": sae.meta}
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             path.rename(old / path.name)
@@ -51,6 +49,19 @@ def save_checkpoint(sae: SparseAutoencoder, path: str | Path, meta: dict[str, An
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def save_checkpoint(sae: SparseAutoencoder, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``<path>/cfg.json`` + ``<path>/sae.safetensors`` (atomically: ``atomic_directory``)."""
+    path = Path(path)
+    if meta:
+        sae.meta.update(meta)
+    with atomic_directory(path) as tmp:
+        cfg = {"format": CHECKPOINT_FORMAT, "variant": sae.spec.variant,
+               "spec": sae.spec.model_dump(), "meta": sae.meta}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
     sae.source = str(path)
     return path
 

@@ -34,7 +34,7 @@ class SAEDesign(BaseModel):
     resolved once d_in is known."""
     aux_coeff: float = Field(0.5, ge=0.0)
     """Weight of the AuxK loss on dead latents; 0 disables it. OpenAI uses 1/32; 1/2 together with
-    dead_tokens_threshold=10_000 is this project's tuned default (the sweep in docs/SAE.md)."""
+    dead_tokens_threshold=10_000 is this project's tuned default (the sweep in docs/DECISIONS.md)."""
     dead_tokens_threshold: int = Field(10_000, ge=1)
     """A latent is dead once it has not fired on any of this many consecutive training tokens (counted
     in tokens, not steps); AuxK then trains it to reconstruct the residual."""

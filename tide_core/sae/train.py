@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 
 from tide_core.sae.batches import TokenBatch, rebatch
+from tide_core.sae.checkpoint import atomic_directory
 from tide_core.sae.model import SparseAutoencoder
 from tide_core.sae.spec import SAESpec, SAETrainConfig
 
@@ -262,9 +261,7 @@ class SAETrainer:
     def save_state(self, path: str | Path) -> Path:
         """Write everything needed to resume (atomically): saes/<name>/, trainer.json, optim.pt."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             for name, sae in self.saes.items():
                 sae.save(tmp / SAES_DIR / name, meta={"tokens_seen": self.tokens_seen, "name": name})
             state = {
@@ -277,16 +274,6 @@ class SAETrainer:
             optim = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                      "torch_rng": torch.get_rng_state()}
             torch.save(optim, tmp / OPTIM_FILE)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                path.rename(old / path.name)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

@@ -1,0 +1,37 @@
+"""The docs' generated blocks: every block scripts/results.py fills has its markers, and the table of
+grains in docs/ARCHITECTURE.md is the one storage/schema.py declares."""
+
+import re
+
+from scripts import results
+
+
+def test_the_grains_table_matches_the_schema():
+    assert results.main(["--schema-only", "--check"]) == 0
+
+
+def test_every_generated_block_has_its_markers():
+    placeholder = object.__new__(results.Results)  # the block list only, no warehouse
+    for block in results.blocks(placeholder):
+        text = block.path.read_text()
+        assert f"<!-- generated:{block.name} -->\n" in text and f"\n<!-- /generated:{block.name} -->" in text, (
+            block.path.name, block.name)
+
+
+def test_a_block_is_replaced_between_its_markers_only():
+    text = "a\n<!-- generated:x -->\nold\n<!-- /generated:x -->\nb\n"
+    assert results.replace_block(text, "x", "new") == "a\n<!-- generated:x -->\nnew\n<!-- /generated:x -->\nb\n"
+
+
+def test_the_architecture_table_lists_each_assets_parents_as_the_graph_has_them():
+    from pipelines.definitions import build_definitions
+
+    graph = build_definitions(str(results.REPO / "tide.toml")).resolve_asset_graph()
+    want = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+            for k in graph.materializable_asset_keys}
+    documented = {}
+    for line in results.ARCHITECTURE.read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]  # "\|" is a literal bar
+        if len(cells) == 4 and cells[0].startswith("`") and cells[0].strip("`") in want:
+            documented[cells[0].strip("`")] = set() if cells[1] == "-" else set(cells[1].split(", "))
+    assert documented == want
