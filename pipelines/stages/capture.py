@@ -70,8 +70,10 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler) -> CapturePla
     )
     timesteps = sampler.timesteps()
     provenance = {
-        "model": {**model.provenance(), "time": {"kind": model.time.kind,
-                                                  "num_train_timesteps": model.time.num_train_timesteps}},
+        # model.source as configured ("digits", a hub id), not where the weights lie: the run id must not
+        # depend on the checkout's location; config_hash identifies the weights
+        "model": {**model.provenance(), "source": cfg.model.source,
+                  "time": {"kind": model.time.kind, "num_train_timesteps": model.time.num_train_timesteps}},
         "class_names": model.condition_names,
         "sampling": {**sampler.provenance(), "classes": conditions, "class_rule": "classes[sample_id % len]"},
         "capture": {"layers": layout.layers, "sites": layout.sites, "branch": c.branch,
