@@ -231,7 +231,8 @@ def cmd_sql(args) -> int:
         path = write_table(table, fmt, args.output)
         print(f"[tide] wrote {table.num_rows} rows to {path}")
     else:
-        print(format_table(table, args.format if args.format != "parquet" else "table", max_rows=args.max_rows))
+        text = format_table(table, args.format if args.format != "parquet" else "table", max_rows=args.max_rows)
+        print(text, end="" if text.endswith("\n") else "\n")  # csv and json lines end with their own newline
     return 0
 
 

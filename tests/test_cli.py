@@ -31,6 +31,7 @@ def test_sql_reads_and_refuses_writes(tmp_path):
     assert out.returncode == 0 and "it's 7" in out.stdout and "(2 rows)" in out.stdout
     out = tide("sql", "--config", str(cfg), "--format", "csv", "SELECT class_id FROM samples ORDER BY 1")
     assert [v.strip('"') for v in out.stdout.split()] == ["class_id", "3", "7"]
+    assert out.stdout.endswith("7\n") and not out.stdout.endswith("\n\n")  # pipes get the CSV, no blank line
     pq = tmp_path / "x.parquet"
     out = tide("sql", "--config", str(cfg), "--output", str(pq), "SELECT * FROM samples")
     assert out.returncode == 0 and pq.exists()
