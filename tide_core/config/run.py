@@ -1,138 +1,27 @@
-"""The run config: one validated TOML file (default ``tide.toml``) with a section per stage.
-
-Every field has a default and a docstring (shown by ``tide config --explain``). Loading is strict and pure:
-unknown keys, wrong types and out-of-range values fail here, before any training or sampling, with one
-message naming the field and what it accepts. Nothing here touches the disk except reading the file and
-resolving its relative paths (once, against the file's folder): what the environment must provide (the
-model's files, its depth, a device) is checked by the preflight step, not by validators.
-
-The SAE settings are the SAE library's own models (``tide_core.sae.spec``), embedded as they are.
-"""
+"""The stages' sections (``[sampling]``, ``[capture]``, ``[sae]``, ``[features]``, ``[edit]``,
+``[warehouse]``) and ``TideConfig``, the whole run config."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tomllib
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from tide_core.config.base import Section, Site, Variant
+from tide_core.config.model import ModelConfig
 from tide_core.edit_windows import StepWindow
-from tide_core.sae.spec import VARIANTS, SAEDesign, SAETrainConfig
-
-CONFIG_ENV = "TIDE_CONFIG"
-DEFAULT_CONFIG_NAME = "tide.toml"
-DIGITS_SOURCE = "digits"
-SITES = ("resid", "attn", "mlp")
-Site = Literal[SITES]  # a tuple subscript spells every member, so the names live in one place
-Variant = Literal[VARIANTS]
+from tide_core.sae.spec import SAEDesign, SAETrainConfig
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the allowed values."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class DigitsDiTConfig(_Section):
-    """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
-
-    image_size: int = Field(16, ge=8, le=64)
-    """Side of the square pixel-space images the DiT sees (the 8x8 digits are upsampled to this)."""
-    patch_size: int = Field(2, ge=1, le=8)
-    """Patch side in pixels; the token grid is (image_size / patch_size) squared."""
-    num_layers: int = Field(6, ge=1, le=48)
-    """Number of transformer blocks."""
-    num_heads: int = Field(4, ge=1, le=32)
-    """Attention heads per block."""
-    head_dim: int = Field(32, ge=8, le=256)
-    """Channels per head; the residual width is num_heads * head_dim."""
-    train_steps: int = Field(5000, ge=1)
-    """Optimizer steps of DiT training."""
-    batch_size: int = Field(64, ge=1)
-    """Images per optimizer step."""
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
-    warmup_steps: int = Field(200, ge=0)
-    """Linear warm-up length in optimizer steps."""
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    """Decay of the exponential moving average of weights; the EMA weights are what is saved."""
-    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Probability of replacing the class by the null class in training (enables guidance)."""
-    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    """Noise schedule of training and sampling (cosine suits small images)."""
-    num_train_timesteps: int = Field(1000, ge=10)
-    """Length of the diffusion process in training timesteps."""
-    seed: int = 0
-    """Seed of weight init, batch order and noise: the same seed gives the same checkpoint."""
-    checkpoint_dir: str = "models/digits-dit"
-    """Where the checkpoint lives (diffusers layout), relative to the config file's folder or absolute."""
-
-    @model_validator(mode="after")
-    def _patch_divides(self) -> DigitsDiTConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"model.digits.patch_size={self.patch_size} must divide image_size={self.image_size}"
-            )
-        return self
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not where they are stored)."""
-        payload = self.model_dump(exclude={"checkpoint_dir"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class JudgeConfig(_Section):
-    """The classifier that judges generated images (for model families that have one)."""
-
-    epochs: int = Field(40, ge=1)
-    """Training epochs over the judge's training split."""
-    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
-    """Held-out fraction of the judge's data used to report its accuracy."""
-    seed: int = 0
-    """Seed of the split, init and batch order."""
-    quality_samples: int = Field(500, ge=10)
-    """Generated images used to measure class accuracy and Frechet distance of the DiT."""
-
-
-class ModelConfig(_Section):
-    """Which DiT to run."""
-
-    source: str = DIGITS_SOURCE
-    """"digits" (the embedded default, trained locally), a hub id (e.g. "facebook/DiT-XL-2-256") or a
-    local diffusers directory with transformer/ (and vae/, scheduler/), relative to the config file."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run: auto picks CUDA when present."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Compute dtype of the DiT (half precision only makes sense on CUDA)."""
-    digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
-    """The embedded default DiT."""
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    """The judge of generated images."""
-
-    @field_validator("source")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError('model.source is empty: use "digits", a hub id or a local diffusers directory')
-        return v
-
-
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     """How images are sampled (and activations captured along the way)."""
 
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
-    """Sampler: deterministic DDIM (eta=0) or ancestral DDPM."""
+    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    """Sampler: deterministic DDIM (eta=0), ancestral DDPM, or DPM-Solver++ (multistep, deterministic: what
+    PixArt samples with, about 20 steps)."""
     num_steps: int = Field(50, ge=1, le=1000)
     """Denoising steps; step 0 is the noisiest."""
     guidance_scale: float = Field(2.0, ge=1.0, le=50.0)
@@ -145,18 +34,25 @@ class SamplingConfig(_Section):
     """Images per forward pass (results do not depend on it)."""
     seed: int = 0
     """Run seed: a sample's noise depends only on (seed, sample_id)."""
-    classes: list[int] | None = None
-    """Classes to sample, assigned round-robin by sample_id; default all classes of the model."""
+    classes: list[int] | None = Field(None, min_length=1)
+    """Classes to sample (class-conditional families), assigned round-robin by sample_id; default all."""
+    prompts: str | None = None
+    """Prompt file of a text-conditional run (relative to the config file): one prompt a line (.txt), or a
+    `prompt` column with optional `tags` (.csv, .parquet). Prompts are assigned round-robin by sample_id, so
+    num_samples beyond the number of prompts gives several images (seeds) per prompt."""
+    negative_prompt: str = ""
+    """What classifier-free guidance contrasts each prompt with (text-conditional families)."""
 
 
-class CaptureConfig(_Section):
+class CaptureConfig(Section):
     """Which activations are stored."""
 
     layers: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
     """Transformer block indices (0-based) to capture."""
     sites: list[Site] = Field(default_factory=lambda: ["resid"], min_length=1)
-    """Where in the block: resid = block output; attn / mlp = attention / feed-forward output. Every captured
-    site gets its own SAEs, feature tables and dashboard pages."""
+    """Where in the block: resid = block output; attn / mlp = (self-)attention / feed-forward output; cross =
+    cross-attention output (text-conditional families). Every captured site gets its own SAEs, feature tables
+    and dashboard pages."""
     steps: list[int] | None = None
     """Sampling steps to capture (0 = noisiest); default all."""
     token_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -179,7 +75,7 @@ class CaptureConfig(_Section):
         return self
 
 
-class SAEConfig(_Section):
+class SAEConfig(Section):
     """Sparse autoencoders trained on the captured activations (one per layer, site and variant)."""
 
     variants: list[Variant] = Field(default_factory=lambda: ["tide", "topk"], min_length=1)
@@ -207,13 +103,16 @@ class SAEConfig(_Section):
         return v
 
 
-class FeaturesConfig(_Section):
+class FeaturesConfig(Section):
     """Feature statistics and top-activating images."""
 
     top_n: int = Field(16, ge=1, le=1000)
     """Top-activating images kept per feature and scope (overall, and at the feature's peak step)."""
     neighbors: int = Field(8, ge=1, le=100)
     """Nearest features by decoder cosine kept per feature (`feature_neighbors`)."""
+    concepts_per_feature: int = Field(64, ge=1, le=10_000)
+    """Concepts kept per feature in `feature_concepts` (highest lift first): a run with many prompts has
+    thousands of words, most of them noise for any one feature."""
     scheduler: str | None = None
     """dask.distributed scheduler address (e.g. "tcp://10.0.0.5:8786") for the statistics pass; unset runs
     it on local threads. The workers must be able to read the activation store's URL."""
@@ -229,7 +128,7 @@ class FeaturesConfig(_Section):
         return v
 
 
-class EditConfig(_Section):
+class EditConfig(Section):
     """Feature-guided editing: what the `edits` asset renders, and the defaults of `tide edit`."""
 
     sae_id: str | None = None
@@ -242,7 +141,8 @@ class EditConfig(_Section):
     """add: raise the features at every token; clamp: set them at every token; scale: multiply them where
     they fire; zero: ablate them; style: move latents towards a reference image's (README, Editing)."""
     target_class: int | None = 0
-    """Edit the n_features latents most selective for this class (read from the `features` table)."""
+    """Edit the n_features latents most selective for this class (read from the `features` table). In a
+    text-conditional run the conditions are the prompts: this is a prompt's position in the prompt file."""
     feature_ids: list[int] | None = None
     """Explicit latents to edit instead of target_class's most selective ones."""
     n_features: int = Field(8, ge=1, le=4096)
@@ -281,7 +181,7 @@ class EditConfig(_Section):
     and after images alike); unset = off."""
 
 
-class WarehouseConfig(_Section):
+class WarehouseConfig(Section):
     """Where results are written."""
 
     root: str = "warehouse"
@@ -292,7 +192,7 @@ class WarehouseConfig(_Section):
     Default: <root>/activations.zarr."""
 
 
-class TideConfig(_Section):
+class TideConfig(Section):
     """The whole run config."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -312,6 +212,9 @@ class TideConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> TideConfig:
+        if self.sampling.prompts is not None and self.sampling.classes is not None:
+            raise ValueError("sampling.prompts and sampling.classes exclude each other: prompts condition a "
+                             "text-conditional model, classes a class-conditional one")
         if self.capture.steps is not None:
             bad = [s for s in self.capture.steps if not 0 <= s < self.sampling.num_steps]
             if bad:
@@ -356,93 +259,3 @@ class TideConfig(_Section):
                 value = value[part]
             picked[path] = value
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _format_error(err: ValidationError, origin: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `tide config --explain` lists every field)"
-        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}{got}")
-    return f"invalid config {origin}:\n" + "\n".join(lines)
-
-
-def parse_config(data: dict, origin: str = "<dict>") -> TideConfig:
-    """Validate a config mapping; raise ConfigError naming each bad field. Paths stay as given."""
-    try:
-        return TideConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
-
-
-def resolve_config_path(path: str | os.PathLike | None = None) -> Path | None:
-    """The config file in force: the argument, else $TIDE_CONFIG, else ./tide.toml if present."""
-    if path is not None:
-        return Path(path)
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
-    default = Path(DEFAULT_CONFIG_NAME)
-    return default if default.exists() else None
-
-
-def is_local_source(source: str, base_dir: Path) -> bool:
-    """Whether model.source names a local directory (else "digits" or a hub id): it exists relative to the
-    config's folder, or it is written as a path (absolute, ./, ../ or ~)."""
-    if source == DIGITS_SOURCE:
-        return False
-    return (base_dir / source).expanduser().exists() or source.startswith(("/", "./", "../", "~"))
-
-
-def resolve_paths(cfg: TideConfig, base_dir: Path) -> TideConfig:
-    """The config with every relative path made absolute against ``base_dir`` (the config file's folder):
-    warehouse.root, a local warehouse.store_url, model.digits.checkpoint_dir and a local model.source."""
-
-    def absolute(p: str) -> str:
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (base_dir / q).resolve())
-
-    data = cfg.model_dump()
-    data["warehouse"]["root"] = absolute(cfg.warehouse.root)
-    url = cfg.warehouse.store_url
-    if url is not None and "://" not in url:
-        data["warehouse"]["store_url"] = absolute(url)
-    data["model"]["digits"]["checkpoint_dir"] = absolute(cfg.model.digits.checkpoint_dir)
-    if is_local_source(cfg.model.source, base_dir):
-        data["model"]["source"] = absolute(cfg.model.source)
-    return TideConfig.model_validate(data)
-
-
-def load_config(path: str | os.PathLike | None = None) -> TideConfig:
-    """Load and validate the run config (see resolve_config_path for which file), its relative paths
-    resolved against the file's folder (the working directory when no file is in force)."""
-    resolved = resolve_config_path(path)
-    if resolved is None:
-        return resolve_paths(TideConfig(), Path.cwd())
-    if not resolved.is_file():
-        raise ConfigError(f"config file {resolved} does not exist (set --config or ${CONFIG_ENV})")
-    try:
-        text = resolved.read_bytes().decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {resolved} is not UTF-8 text: point --config at a TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {resolved} is not valid TOML: {err}") from None
-    return resolve_paths(parse_config(data, origin=str(resolved)), resolved.resolve().parent)
-
-
-def explain(model: type[BaseModel] = TideConfig, prefix: str = "") -> list[str]:
-    """One line per field: dotted name, default, docstring (for `tide config --explain`)."""
-    out = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        dotted = f"{prefix}{name}"
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append(f"[{dotted}]  {field.description or ''}")
-            out.extend(explain(ann, dotted + "."))
-        else:
-            default = field.get_default(call_default_factory=True)
-            out.append(f"  {dotted} = {default!r}  # {field.description or ''}")
-    return out

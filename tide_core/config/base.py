@@ -1,0 +1,27 @@
+"""Shared pieces of the config sections: the base class, the error type and the names of sites and
+variants."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from tide_core.sae.spec import VARIANTS
+
+CONFIG_ENV = "TIDE_CONFIG"
+DEFAULT_CONFIG_NAME = "tide.toml"
+DIGITS_SOURCE = "digits"
+TINY_PIXART_SOURCE = "tiny-pixart"
+BUILT_HERE = (DIGITS_SOURCE, TINY_PIXART_SOURCE)  # sources that name a model built or trained locally
+SITES = ("resid", "attn", "mlp", "cross")
+Site = Literal[SITES]  # a tuple subscript spells every member, so the names live in one place
+Variant = Literal[VARIANTS]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)

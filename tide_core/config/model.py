@@ -1,0 +1,137 @@
+"""``[model]``: which DiT to run, and the sections of the families that are built or trained here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tide_core.config.base import DIGITS_SOURCE, Section
+
+
+class DigitsDiTConfig(Section):
+    """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
+
+    image_size: int = Field(16, ge=8, le=64)
+    """Side of the square pixel-space images the DiT sees (the 8x8 digits are upsampled to this)."""
+    patch_size: int = Field(2, ge=1, le=8)
+    """Patch side in pixels; the token grid is (image_size / patch_size) squared."""
+    num_layers: int = Field(6, ge=1, le=48)
+    """Number of transformer blocks."""
+    num_heads: int = Field(4, ge=1, le=32)
+    """Attention heads per block."""
+    head_dim: int = Field(32, ge=8, le=256)
+    """Channels per head; the residual width is num_heads * head_dim."""
+    train_steps: int = Field(5000, ge=1)
+    """Optimizer steps of DiT training."""
+    batch_size: int = Field(64, ge=1)
+    """Images per optimizer step."""
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = Field(200, ge=0)
+    """Linear warm-up length in optimizer steps."""
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    """Decay of the exponential moving average of weights; the EMA weights are what is saved."""
+    class_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability of replacing the class by the null class in training (enables guidance)."""
+    beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    """Noise schedule of training and sampling (cosine suits small images)."""
+    num_train_timesteps: int = Field(1000, ge=10)
+    """Length of the diffusion process in training timesteps."""
+    seed: int = 0
+    """Seed of weight init, batch order and noise: the same seed gives the same checkpoint."""
+    checkpoint_dir: str = "models/digits-dit"
+    """Where the checkpoint lives (diffusers layout), relative to the config file's folder or absolute."""
+
+    @model_validator(mode="after")
+    def _patch_divides(self) -> DigitsDiTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.digits.patch_size={self.patch_size} must divide image_size={self.image_size}"
+            )
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not where they are stored)."""
+        payload = self.model_dump(exclude={"checkpoint_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class JudgeConfig(Section):
+    """The classifier that judges generated images (for model families that have one)."""
+
+    epochs: int = Field(40, ge=1)
+    """Training epochs over the judge's training split."""
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """Held-out fraction of the judge's data used to report its accuracy."""
+    seed: int = 0
+    """Seed of the split, init and batch order."""
+    quality_samples: int = Field(500, ge=10)
+    """Generated images used to measure class accuracy and Frechet distance of the DiT."""
+
+
+class TinyPixArtConfig(Section):
+    """A tiny random-weight PixArt (``model.source = "tiny-pixart"``): the text-conditional path at a size a
+    laptop samples in seconds, built on first use and then loaded like any PixArt directory."""
+
+    num_layers: int = Field(6, ge=1, le=28)
+    """Transformer blocks."""
+    num_heads: int = Field(4, ge=1, le=16)
+    """Attention heads per block."""
+    head_dim: int = Field(16, ge=4, le=128)
+    """Channels per head; the residual width is num_heads * head_dim."""
+    sample_size: int = Field(32, ge=4, le=64)
+    """Latent side in VAE latents (images are 2x larger: the tiny VAE has two blocks; patches of 2 make
+    the token grid sample_size / 2 on a side)."""
+    text_layers: int = Field(2, ge=1, le=12)
+    """Blocks of the tiny T5 text encoder."""
+    text_width: int = Field(32, ge=8, le=512)
+    """Width of the tiny T5 text encoder (the transformer's caption input)."""
+    seed: int = 0
+    """Seed of every random weight: the same seed builds the same directory."""
+    checkpoint_dir: str = "models/tiny-pixart"
+    """Where it is built (diffusers layout), relative to the config file's folder or absolute."""
+
+
+class ModelConfig(Section):
+    """Which DiT to run."""
+
+    source: str = DIGITS_SOURCE
+    """"digits" (the embedded default, trained locally), "tiny-pixart" (a tiny random text-conditional
+    PixArt, built locally), a hub id (e.g. "facebook/DiT-XL-2-256", "PixArt-alpha/PixArt-XL-2-512x512") or a
+    local diffusers directory with transformer/ (and vae/, scheduler/, text_encoder/, tokenizer/), relative
+    to the config file."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run: auto picks CUDA when present."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Compute dtype of the DiT (half precision only makes sense on CUDA)."""
+    height: int | None = Field(None, ge=8)
+    """Image height in pixels (text-conditional families); default the model's native size. Must be a
+    multiple of the VAE's factor times the patch size."""
+    width: int | None = Field(None, ge=8)
+    """Image width in pixels (text-conditional families); default the model's native size."""
+    max_prompt_tokens: int = Field(120, ge=1, le=4096)
+    """Text tokens a prompt is padded or truncated to (PixArt-α trains with 120, PixArt-Σ with 300);
+    truncated prompts are counted in the `prompts` table."""
+    text_encoder_device: Literal["auto", "cpu"] = "auto"
+    """Where the text encoder embeds the prompts (auto = model.device; cpu keeps it off the GPU). It embeds
+    every prompt once, when the model loads, and is freed right after."""
+    digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
+    """The embedded default DiT."""
+    tiny_pixart: TinyPixArtConfig = Field(default_factory=TinyPixArtConfig)
+    """The tiny random PixArt of model.source = "tiny-pixart"."""
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """The judge of generated images."""
+
+    @field_validator("source")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('model.source is empty: use "digits", a hub id or a local diffusers directory')
+        return v
