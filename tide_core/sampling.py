@@ -115,10 +115,12 @@ class Sampler:
             if self.scheduler_name == "ddpm":
                 # diffusers' randn_tensor draws sample i from generator i: per-sample noise.
                 x = sched.step(eps, t, x, generator=gens).prev_sample
-            else:
+            elif self.scheduler_name == "ddim":
                 # Re-derive eps from the clipped x0 estimate: with guidance the raw eps overshoots, and a
                 # clipped x0 paired with the unclipped eps drives DDIM to saturated images.
                 x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
+            else:  # dpm: deterministic multistep, no noise to draw
+                x = sched.step(eps, t, x).prev_sample
         images = m.decode(x).cpu().numpy()
         return SampleBatch(images=images, conditions=np.asarray(conditions, np.int64),
                            seeds=np.asarray(seeds, np.int64))

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 
 from tide_core.config import DigitsDiTConfig
 from tide_core.digits import CLASS_NAMES, DigitsData
+from tide_core.files import atomic_directory
 
 TIDE_MODEL_FILE = "tide_model.json"
 
@@ -166,19 +166,12 @@ def train_and_save(cfg: DigitsDiTConfig, out_dir: str | Path, command: str = "ti
 
 
 def save_checkpoint(result: DiTTrainResult, out_dir: str | Path) -> Path:
-    """Write the diffusers layout into a temporary sibling, then rename it over ``out_dir``: a killed
-    write never leaves half a checkpoint where the loader looks."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    result.transformer.save_pretrained(tmp / "transformer")
-    (tmp / "scheduler").mkdir()
-    sched = {"_class_name": "DDPMScheduler", **result.scheduler_config}
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    (tmp / TIDE_MODEL_FILE).write_text(json.dumps(result.meta, indent=2, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    """Write the diffusers layout (atomically: ``atomic_directory``), so a killed write never leaves half a
+    checkpoint where the loader looks."""
+    with atomic_directory(out_dir) as tmp:
+        result.transformer.save_pretrained(tmp / "transformer")
+        (tmp / "scheduler").mkdir()
+        sched = {"_class_name": "DDPMScheduler", **result.scheduler_config}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        (tmp / TIDE_MODEL_FILE).write_text(json.dumps(result.meta, indent=2, sort_keys=True))
+    return Path(out_dir)

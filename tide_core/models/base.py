@@ -29,6 +29,7 @@ from torch import nn
 
 from tide_core.config import ModelConfig, TideConfig
 from tide_core.models.registry import ModelError
+from tide_core.prompts import PromptSet
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -150,8 +151,9 @@ class DiTAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, cfg: ModelConfig) -> DiTAdapter:
-        """The model with its weights on cfg.device in cfg.dtype, in eval mode, gradients off."""
+    def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> DiTAdapter:
+        """The model with its weights on cfg.device in cfg.dtype, in eval mode, gradients off; a
+        text-conditional family also embeds the prompts (its conditions) and the negative prompt."""
 
     # --- the loaded model ------------------------------------------------------------------------
 

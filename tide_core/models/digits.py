@@ -19,8 +19,9 @@ from tide_core.config import ModelConfig, TideConfig
 from tide_core.digits import load_digits, split
 from tide_core.judge import judge_images, load_judge, save_judge, train_judge
 from tide_core.models.base import Judge, Judgement, Log, ModelInfo, ModelStatus, resolve_device
-from tide_core.models.dit import ClassDiT, read_meta
+from tide_core.models.dit import ClassDiT, read_meta, refuse_prompts
 from tide_core.models.registry import ModelError
+from tide_core.prompts import PromptSet
 from tide_core.train_dit import train_and_save
 
 JUDGE_RECORD = "judge.json"
@@ -112,7 +113,8 @@ class DigitsDiT(ClassDiT):
         return ModelStatus(str(ckpt), trained_now=True, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(ckpt))
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> DigitsDiT:
+    def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> DigitsDiT:
+        refuse_prompts(cls, prompts)
         ckpt = Path(cfg.digits.checkpoint_dir)
         if read_meta(ckpt).get("digits_fingerprint") != cfg.digits.fingerprint():
             raise ModelError(f"no default DiT trained with this [model.digits] config at {ckpt}: materialize "

@@ -26,6 +26,7 @@ from torch import nn
 from tide_core.config import ModelConfig
 from tide_core.models.base import DiTAdapter, ModelInfo, TimeConvention, TokenGrid, resolve_device
 from tide_core.models.registry import HUB_IDS, ModelError
+from tide_core.prompts import PromptSet
 
 TIDE_MODEL_FILE = "tide_model.json"
 # Hub checkpoints whose shape is known without downloading them (the hub is unreachable offline).
@@ -49,6 +50,45 @@ def read_meta(directory: str | Path) -> dict:
     """Our tide_model.json beside a checkpoint ({} when absent, as for hub checkpoints)."""
     p = Path(directory) / TIDE_MODEL_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def directory_fingerprint(source: str) -> str:
+    """A model's identity without loading it: for a hub id, the id; for a local directory, its transformer
+    config and the recorded weights hash (or the weights files' sizes and modification times when nothing
+    recorded one)."""
+    if not Path(source).is_dir():
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
+    tc = {k: v for k, v in transformer_config(source).items() if not k.startswith("_")}
+    weights = read_meta(source).get("weights_sha256")
+    if weights is None:
+        files = sorted((Path(source) / "transformer").glob("*.safetensors"))
+        weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    payload = {**tc, "weights": weights}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def refuse_prompts(family: type[DiTAdapter], prompts: PromptSet | None) -> None:
+    if prompts is not None:
+        raise ModelError(f"the {family.family} family is class-conditional: remove sampling.prompts (or choose a "
+                         "text-conditional model.source)")
+
+
+def discrete_scheduler(name: str, scheduler_config: dict, num_steps: int, family: str, clip_sample: bool):
+    """A fresh DDIM (eta 0), DDPM or DPM-Solver++ scheduler of a DDPM-family model's noise schedule, set to
+    num_steps. clip_sample: clip the x0 estimate to [-1, 1] (pixel space only; latents range wider)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    base = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    if name == "ddim":
+        sched = DDIMScheduler.from_config(base, set_alpha_to_one=False, clip_sample=clip_sample)
+    elif name == "ddpm":
+        sched = DDPMScheduler.from_config(base, variance_type="fixed_small", clip_sample=clip_sample)
+    elif name == "dpm":
+        sched = DPMSolverMultistepScheduler.from_config(base)
+    else:
+        raise ModelError(f"unknown scheduler {name!r} for the {family} family: use 'ddim', 'ddpm' or 'dpm'")
+    sched.set_timesteps(num_steps)
+    return sched
 
 
 class ClassDiT(DiTAdapter):
@@ -87,20 +127,11 @@ class ClassDiT(DiTAdapter):
 
     @classmethod
     def fingerprint_of(cls, cfg: ModelConfig) -> str:
-        """Hash of the transformer config and the recorded weights hash (or the weights file's size and
-        modification time when nothing recorded one): cheap, no weights loaded."""
-        if cfg.source in KNOWN_HUB_MODELS:
-            return hashlib.sha256(cfg.source.encode()).hexdigest()[:16]
-        tc = {k: v for k, v in transformer_config(cfg.source).items() if not k.startswith("_")}
-        weights = read_meta(cfg.source).get("weights_sha256")
-        if weights is None:
-            files = sorted((Path(cfg.source) / "transformer").glob("*.safetensors"))
-            weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-        payload = {**tc, "weights": weights}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return directory_fingerprint(cfg.source)
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> ClassDiT:
+    def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> ClassDiT:
+        refuse_prompts(cls, prompts)
         return cls.load_dir(cfg.source, device=resolve_device(cfg.device), dtype=getattr(torch, cfg.dtype),
                             fingerprint=cls.fingerprint_of(cfg))
 
@@ -173,16 +204,9 @@ class ClassDiT(DiTAdapter):
         return out[:, : self.in_channels]  # learned-sigma models also predict a variance; unused here
 
     def make_scheduler(self, name: str, num_steps: int):
-        from diffusers import DDIMScheduler, DDPMScheduler
-
-        if name == "ddim":
-            sched = DDIMScheduler.from_config(self.scheduler_config, set_alpha_to_one=False)
-        elif name == "ddpm":
-            sched = DDPMScheduler.from_config(self.scheduler_config, variance_type="fixed_small")
-        else:
-            raise ModelError(f"unknown scheduler {name!r} for the {self.family} family: use 'ddim' or 'ddpm'")
-        sched.set_timesteps(num_steps)
-        return sched
+        # pixel-space models clip x0 as their configs say (the digits DiT trains with clip_sample); latents never
+        clip = bool(self.scheduler_config.get("clip_sample", True)) and self.vae is None
+        return discrete_scheduler(name, self.scheduler_config, num_steps, self.family, clip)
 
     def training_scheduler(self):
         from diffusers import DDPMScheduler

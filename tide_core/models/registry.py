@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tide_core.config import DIGITS_SOURCE, ModelConfig
+from tide_core.config import BUILT_HERE, ModelConfig
 
 if TYPE_CHECKING:
     from tide_core.models.base import DiTAdapter
@@ -34,21 +34,29 @@ class Family:
     module: str
     cls: str
     has_judge: bool  # it brings a judge of generated images (then `judge` and `sample_quality` exist)
+    text: bool = False  # conditioned on prompts (then `prompts` exists and sampling.prompts is required)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("digits", "tide_core.models.digits", "DigitsDiT", has_judge=True),
     Family("dit", "tide_core.models.dit", "ClassDiT", has_judge=False),
+    Family("pixart", "tide_core.models.pixart", "PixArt", has_judge=False, text=True),
+    Family("tiny-pixart", "tide_core.models.tiny_pixart", "TinyPixArt", has_judge=False, text=True),
 )}
-TRANSFORMER_CLASSES = {"DiTTransformer2DModel": "dit"}  # transformer/config.json "_class_name" -> family
-HUB_IDS = {"facebook/DiT-XL-2-256": "dit", "facebook/DiT-XL-2-512": "dit"}  # shapes known offline
+# transformer/config.json "_class_name" -> family
+TRANSFORMER_CLASSES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
+HUB_IDS = {  # shapes known offline
+    "facebook/DiT-XL-2-256": "dit", "facebook/DiT-XL-2-512": "dit",
+    "PixArt-alpha/PixArt-XL-2-512x512": "pixart", "PixArt-alpha/PixArt-XL-2-1024-MS": "pixart",
+    "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart",
+}
 
 
 def family_entry(cfg: ModelConfig) -> Family:
     """The family of model.source: the embedded default, a known hub id, or the transformer class a local
     directory's config names. Reads one small JSON file at most; ModelError when unknown."""
-    if cfg.source == DIGITS_SOURCE:
-        return FAMILIES["digits"]
+    if cfg.source in BUILT_HERE:
+        return FAMILIES[cfg.source]
     if cfg.source in HUB_IDS:
         return FAMILIES[HUB_IDS[cfg.source]]
     config = Path(cfg.source) / "transformer" / "config.json"
@@ -70,6 +78,6 @@ def family_of(cfg: ModelConfig) -> type[DiTAdapter]:
     return getattr(importlib.import_module(entry.module), entry.cls)
 
 
-def load_model(cfg: ModelConfig) -> DiTAdapter:
-    """The configured model, loaded (weights on its device)."""
-    return family_of(cfg).load(cfg)
+def load_model(cfg: ModelConfig, prompts=None, negative_prompt: str = "") -> DiTAdapter:
+    """The configured model, loaded (weights on its device; a text-conditional one with its prompts)."""
+    return family_of(cfg).load(cfg, prompts, negative_prompt)

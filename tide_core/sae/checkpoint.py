@@ -9,16 +9,13 @@ field's default: a spec without ``time_init`` gets identity, the only start such
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tide_core.files import atomic_directory
 from tide_core.sae.spec import SAESpec
 
 if TYPE_CHECKING:
@@ -27,28 +24,6 @@ if TYPE_CHECKING:
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 CHECKPOINT_FORMAT = 1
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """A temporary directory beside ``path`` to write into; when the block ends without an error it takes
-    ``path``'s place (the old directory is moved aside first, then removed), so a reader or a killed writer
-    sees the previous directory (or none), never half of one. On an error the temporary one is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(old / path.name)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def save_checkpoint(sae: SparseAutoencoder, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

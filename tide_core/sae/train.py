@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tide_core.files import atomic_directory
 from tide_core.sae.batches import TokenBatch, rebatch
-from tide_core.sae.checkpoint import atomic_directory
 from tide_core.sae.model import SparseAutoencoder
 from tide_core.sae.spec import SAESpec, SAETrainConfig
 
