@@ -71,7 +71,7 @@ class FeatureBlock:
     hi: int
     features: pa.Table  # v_features, one row per feature
     steps: pa.Table  # v_feature_stats, one row per (feature, step)
-    classes: pa.Table  # v_feature_classes, one row per (feature, class)
+    concepts: pa.Table  # v_feature_concepts, one row per (feature, concept) where the feature fired
     top: pa.Table  # v_top_images, one row per (feature, scope, rank), heatmaps included
     neighbors: pa.Table  # v_feature_neighbors, one row per (feature, rank)
 
@@ -157,7 +157,7 @@ class WarehouseReader:
                 sae_id=sae_id, lo=lo, hi=hi,
                 features=read("v_features", "feature_id"),
                 steps=read("v_feature_stats", "feature_id, step"),
-                classes=read("v_feature_classes", "feature_id, class_id"),
+                concepts=read("v_feature_concepts", "feature_id, fire_rate DESC, concept"),
                 top=read("v_top_images", "feature_id, scope, rank"),
                 neighbors=read("v_feature_neighbors", "feature_id, rank"),
             )

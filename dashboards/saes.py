@@ -1,7 +1,7 @@
 """One SAE's part of the site: its entry in site.json, its feature list and its feature detail files.
 
 The feature list (data/sae/<slug>/features.json) is column-wise, what the SAE page sorts and filters.
-The details of each feature (per-step curves, classes, histogram, top images with heatmaps, neighbours,
+The details of each feature (per-step curves, concepts, histogram, top images with heatmaps, neighbours,
 edits) go into chunk files of CHUNK features (data/sae/<slug>/f/<f // CHUNK>.json), so a feature page
 makes one small fetch however many features the SAE has. The warehouse is read READ_BLOCK features at
 a time: the heatmaps of a 16k-feature SAE would not fit in memory at once.
@@ -102,7 +102,7 @@ def _feature_details(block: FeatureBlock) -> dict[int, dict[str, Any]]:
     docs: dict[int, dict[str, Any]] = {}
 
     def doc(fid: int) -> dict[str, Any]:
-        return docs.setdefault(fid, {"stats": {}, "hist": None, "steps": {}, "classes": {}, "top": {},
+        return docs.setdefault(fid, {"stats": {}, "hist": None, "steps": {}, "concepts": {}, "top": {},
                                      "grid": None, "heat_max": None, "neighbors": {}, "edits": []})
 
     feats = block.features
@@ -113,7 +113,7 @@ def _feature_details(block: FeatureBlock) -> dict[int, dict[str, Any]]:
         d = doc(fid)
         d["stats"] = {k: v[i] for k, v in stats.items()}
         d["hist"] = _trim_histogram(hist[i] if hist else None, edges[i] if edges else None)
-    for key, table in (("steps", block.steps), ("classes", block.classes), ("neighbors", block.neighbors)):
+    for key, table in (("steps", block.steps), ("concepts", block.concepts), ("neighbors", block.neighbors)):
         cols = json_columns(table, _DETAIL_DROP)
         for fid, a, b in _spans(table):
             doc(fid)[key] = {k: v[a:b] for k, v in cols.items()}

@@ -6,7 +6,7 @@ Layout written under ``out_dir`` (default ``<warehouse root>/dashboard``; see do
     dom.js charts.js app.js style.css              scripts and style sheet they load)
     data/site.json                            runs, classes, SAEs with metrics per step: the overview
     data/sae/<slug>/features.json             one SAE's feature list, column-wise (sorted client-side)
-    data/sae/<slug>/f/<chunk>.json            CHUNK features' details: per-step curves, classes,
+    data/sae/<slug>/f/<chunk>.json            CHUNK features' details: per-step curves, concepts,
                                               histogram, top images with heatmaps, neighbours, edits
     data/samples/<run slug>/<block>.json      SAMPLE_BLOCK samples: provenance and the features they top
     img/<run slug>/<sample_id>.png            the generated images

@@ -59,6 +59,13 @@ def cmd_run(args) -> int:
 
 def _summary(project: Project, seconds: float, executed: int, reused: int) -> str:
     cfg = f" --config {project.config_path}" if project.config_path else ""
+    from tide_core.models.registry import family_entry
+
+    # A text run has no judge; its first question is which words the features read.
+    query = ("SELECT kind, concept, count(*) AS features, avg(lift) AS lift FROM v_feature_concepts "
+             "WHERE lift > 2 GROUP BY 1, 2 ORDER BY features DESC LIMIT 10"
+             if family_entry(project.config.model).text else
+             "SELECT class_name, count(*), avg(judge_pred = class_id) AS acc FROM samples GROUP BY 1 ORDER BY 1")
     return f"""
 [tide] done in {seconds:.0f}s ({executed} asset partitions materialized, {reused} up to date).
   activation store : {project.store_url}
@@ -67,7 +74,7 @@ def _summary(project: Project, seconds: float, executed: int, reused: int) -> st
 next:
   tide ui{cfg}                      # the asset graph, runs, staleness and metadata in the Dagster UI
   tide dashboard{cfg}               # the feature browser on http://127.0.0.1:8050
-  tide sql{cfg} "SELECT class_name, count(*), avg(judge_pred = class_id) AS acc FROM samples GROUP BY 1 ORDER BY 1"
+  tide sql{cfg} "{query}"
   duckdb -readonly {project.duckdb_path}
 """
 

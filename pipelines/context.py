@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pipelines.project import Project
 from storage import ActivationStore, Warehouse
 from tide_core.models.registry import family_of
+from tide_core.prompts import PromptSet, read_prompt_file
 
 if TYPE_CHECKING:
     from tide_core.models.base import DiTAdapter, Judge
@@ -50,14 +51,22 @@ class RunContext:
     def family(self) -> type[DiTAdapter]:
         return family_of(self.config.model)
 
+    @cached_property
+    def prompts(self) -> PromptSet | None:
+        """The run's prompts (sampling.prompts), None for a class-conditional run."""
+        path = self.config.sampling.prompts
+        return None if path is None else read_prompt_file(path)
+
     @property
     def model(self) -> DiTAdapter:
-        """The configured model with its weights, loaded once per process, config and weights (a retrained
-        checkpoint has another fingerprint, so it is loaded again)."""
-        key = self.config.model.model_dump_json() + self.family.fingerprint_of(self.config.model)
+        """The configured model with its weights (and, text-conditional, its embedded prompts), loaded once per
+        process, config, weights and prompt file (a retrained checkpoint has another fingerprint)."""
+        s = self.config.sampling
+        key = "|".join([self.config.model.model_dump_json(), self.family.fingerprint_of(self.config.model),
+                        self.prompts.sha256 if self.prompts else "", s.negative_prompt])
         if key not in _MODELS:
             _MODELS.clear()  # a process runs one config at a time: keep one model, not every one it saw
-            _MODELS[key] = self.family.load(self.config.model)
+            _MODELS[key] = self.family.load(self.config.model, self.prompts, s.negative_prompt)
         return _MODELS[key]
 
     def sampler(self, cfg_renorm: float | None = None, seed_offset: int = 0) -> Sampler:

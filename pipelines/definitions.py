@@ -24,7 +24,8 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
 
 
 def definitions_for(project: Project) -> dg.Definitions:
-    return build(project, has_judge=family_entry(project.config.model).has_judge)
+    family = family_entry(project.config.model)
+    return build(project, has_judge=family.has_judge, text=family.text)
 
 
 defs = build_definitions()

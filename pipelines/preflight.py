@@ -1,7 +1,8 @@
 """Preflight: what the config cannot say about the environment, checked in seconds before any work.
 
 Config loading is pure (``tide_core.config``); this step looks at the machine: the model's files (and from
-them its depth and sites, against ``capture``), the device, and a writable warehouse root. Every problem
+them its depth and sites, against ``capture``), the prompt file of a text-conditional model, the device, and
+a writable warehouse root. Every problem
 is one line naming what to change; nothing is written.
 """
 
@@ -11,7 +12,8 @@ import os
 from pathlib import Path
 
 from pipelines.project import Project
-from tide_core.models.registry import ModelError, family_of
+from tide_core.models.registry import ModelError, family_entry, family_of
+from tide_core.prompts import PromptError, read_prompt_file
 
 
 def preflight(project: Project) -> list[str]:
@@ -20,6 +22,7 @@ def preflight(project: Project) -> list[str]:
 
     cfg = project.config
     problems: list[str] = []
+    problems += _prompts(project)
     try:
         info = family_of(cfg.model).describe(cfg.model)
     except ModelError as err:
@@ -40,6 +43,28 @@ def preflight(project: Project) -> list[str]:
     if problem := _unwritable(project.root):
         problems.append(problem)
     return problems
+
+
+def _prompts(project: Project) -> list[str]:
+    """A text-conditional model needs a readable prompt file; a class-conditional one takes none."""
+    cfg = project.config
+    try:
+        text = family_entry(cfg.model).text
+    except ModelError:
+        return []  # the family check reports it
+    if not text:
+        if cfg.sampling.prompts is not None:
+            return [f"sampling.prompts is set but model.source={cfg.model.source!r} is class-conditional: remove "
+                    "sampling.prompts (or choose a text-conditional model)"]
+        return []
+    if cfg.sampling.prompts is None:
+        return [f"model.source={cfg.model.source!r} is text-conditional: set sampling.prompts to a prompt file "
+                "(.txt, one prompt a line; or .csv / .parquet with a 'prompt' column)"]
+    try:
+        read_prompt_file(cfg.sampling.prompts)
+    except PromptError as err:
+        return [str(err)]
+    return []
 
 
 def _unwritable(root: Path) -> str | None:

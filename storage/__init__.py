@@ -22,7 +22,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "storage.queries": ("Reads",),
     "storage.connection": ("connect",),
     "storage.schema": (
-        "TABLES", "VIEWS", "Table", "Col", "View", "SPLITS", "TOP_IMAGE_SCOPES", "OVERALL_STEP",
+        "TABLES", "VIEWS", "Table", "Col", "View", "SPLITS", "CONCEPT_KINDS", "TOP_IMAGE_SCOPES", "OVERALL_STEP",
         "SAE_CONTEXT",
     ),
     "storage.export": ("write_table", "csv_bytes", "json_lines"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPLITS = ("train", "heldout")
+CONCEPT_KINDS = ("class", "word", "tag")
 TOP_IMAGE_SCOPES = ("overall", "peak_step")
 OVERALL_STEP = -1  # sae_metrics.step of the aggregate over all diffusion steps
 
@@ -90,12 +91,28 @@ TABLES: dict[str, Table] = {
             (
                 Col("run_id", "VARCHAR"),
                 Col("sample_id", "BIGINT", "unique within the run"),
-                Col("class_id", "INTEGER", "class the image was conditioned on", "NOT NULL"),
-                Col("class_name", "VARCHAR"),
+                Col("class_id", "INTEGER", "its condition: the class id, or (text-conditional runs) the position of "
+                    "its prompt in the run's prompt set", "NOT NULL"),
+                Col("class_name", "VARCHAR", "the class name, or the prompt's text"),
+                Col("prompt_id", "VARCHAR", "its prompt (table prompts); NULL for class-conditional runs"),
                 Col("seed", "BIGINT", "noise seed of the image", "NOT NULL"),
                 Col("shard", "INTEGER", "activation-store shard holding its activations", "NOT NULL"),
                 Col("judge_pred", "INTEGER", "class the judge classifier predicts (NULL: not judged)"),
                 Col("judge_conf", "DOUBLE", "judge probability of judge_pred"),
+            ),
+        ),
+        Table(
+            "prompts",
+            ("prompt_id",),
+            "one prompt (a hash of its text: the same prompt has the same id in every run)",
+            (
+                Col("prompt_id", "VARCHAR"),
+                Col("text", "VARCHAR", "", "NOT NULL"),
+                Col("tags", "VARCHAR[]", "tags from the prompt file (empty: none)"),
+                Col("words", "VARCHAR[]", "its concept words: lower-cased, function words left out"),
+                Col("tokens", "INTEGER", "text-encoder tokens with the end token, before truncation"),
+                Col("max_tokens", "INTEGER", "tokens the text encoder saw at most (model.max_prompt_tokens)"),
+                Col("truncated", "BOOLEAN", "tokens > max_tokens: the end of the prompt was cut"),
             ),
         ),
         Table(
@@ -187,15 +204,20 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
-            "feature_classes",
-            ("sae_id", "feature_id", "class_id"),
-            "one SAE latent on the images of one class",
+            "feature_concepts",
+            ("sae_id", "feature_id", "concept"),
+            "one SAE latent on the images of one concept (a class; a word or tag of their prompts); only pairs "
+            "where the latent fired have a row",
             (
                 Col("sae_id", "VARCHAR"),
                 Col("feature_id", "INTEGER"),
-                Col("class_id", "INTEGER"),
-                Col("fire_rate", "DOUBLE"),
-                Col("mean_act", "DOUBLE"),
+                Col("concept", "VARCHAR", "a class name, or a prompt word or tag"),
+                Col("kind", "VARCHAR", "class, word or tag", f"CHECK (kind IN ({_sql_list(CONCEPT_KINDS)}))"),
+                Col("images", "BIGINT", "images whose condition carries the concept"),
+                Col("fire_rate", "DOUBLE", "fraction of those images' tokens (all steps) where the latent is > 0"),
+                Col("mean_act", "DOUBLE", "mean activation over those tokens where it fires"),
+                Col("lift", "DOUBLE", "fire_rate / the latent's fire rate over all images: > 1 = more often with "
+                    "the concept"),
             ),
         ),
         Table(
@@ -288,11 +310,9 @@ VIEWS: dict[str, View] = {
             f"SELECT {_SAE_COLS}, fs.* FROM feature_stats fs LEFT JOIN saes s USING (sae_id)",
         ),
         View(
-            "v_feature_classes",
-            "feature_classes with their SAE and class name",
-            f"SELECT {_SAE_COLS}, fc.*, c.class_name FROM feature_classes fc "
-            "LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN v_classes c ON c.run_id = s.run_id AND c.class_id = fc.class_id",
+            "v_feature_concepts",
+            "feature_concepts with their SAE (layer, site, variant)",
+            f"SELECT {_SAE_COLS}, fc.* FROM feature_concepts fc LEFT JOIN saes s USING (sae_id)",
         ),
         View(
             "v_sae_metrics",
@@ -301,8 +321,8 @@ VIEWS: dict[str, View] = {
         ),
         View(
             "v_top_images",
-            "top_images with their SAE and the image's class, seed and judge verdict",
-            f"SELECT {_SAE_COLS}, t.*, sm.class_id, sm.class_name, sm.seed, sm.judge_pred, sm.judge_conf "
+            "top_images with their SAE and the image's class (or prompt), seed and judge verdict",
+            f"SELECT {_SAE_COLS}, t.*, sm.class_id, sm.class_name, sm.prompt_id, sm.seed, sm.judge_pred, sm.judge_conf "
             "FROM top_images t LEFT JOIN saes s USING (sae_id) "
             "LEFT JOIN samples sm ON sm.run_id = s.run_id AND sm.sample_id = t.sample_id",
         ),

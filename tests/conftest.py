@@ -45,7 +45,7 @@ splice_samples = 8
 checkpoint_every_tokens = 5000
 """
 REPO = Path(__file__).resolve().parent.parent
-USER_STATE = (REPO / "warehouse",)  # the default run's warehouse, its Dagster instance (.dagster) included
+USER_STATE = (REPO / "warehouse", REPO / "models")  # the default run's warehouse (its Dagster instance included) and models
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:

@@ -93,9 +93,11 @@ def fill_synthetic(root: Path, *, n_latents: int = 40, n_samples: int = 24, n_st
             "feature_id": fs_f.ravel(), "step": fs_s.ravel(), "fire_rate": (bump * fire[:, None]).ravel(),
             "mean_act": (1 + bump).ravel(), "max_act": (3 + bump).ravel()})
         fc_f, fc_c = np.meshgrid(fids, np.arange(n_classes), indexing="ij")
-        wh.replace_partition("feature_classes", {"sae_id": sae_id}, {
-            "feature_id": fc_f.ravel(), "class_id": fc_c.ravel(),
-            "fire_rate": np.where(fc_c == fc_f % n_classes, 0.3, 0.05).ravel(), "mean_act": np.ones(fc_f.size)})
+        concept_rate = np.where(fc_c == fc_f % n_classes, 0.3, 0.05).ravel()
+        wh.replace_partition("feature_concepts", {"sae_id": sae_id}, {
+            "feature_id": fc_f.ravel(), "concept": [names[c] for c in fc_c.ravel()], "kind": ["class"] * fc_f.size,
+            "images": np.full(fc_f.size, n_samples // n_classes), "fire_rate": concept_rate,
+            "mean_act": np.ones(fc_f.size), "lift": concept_rate / 0.1})
         live = fids[~dead]
         rows = {k: [] for k in ("feature_id", "scope", "rank", "sample_id", "step", "activation", "heatmap",
                                 "grid_h", "grid_w")}
@@ -200,7 +202,8 @@ def test_site_holds_every_page_and_escapes_nothing_into_html(tmp_path):
     assert f9["steps"]["step"] == [0, 1, 2, 3] and f9["stats"]["peak_step"] == 1
     assert f9["hist"] == {"counts": [3, 5, 2], "edges": [1, 3, 10, 30]}  # empty end bins trimmed
     assert f9["grid"] == [4, 4] and f9["top"]["overall"]["rank"] == [1, 2, 3, 4]
-    assert f9["top"]["peak_step"]["step"] == [1] * 4 and f9["classes"]["class_id"] == [0, 1, 2]
+    assert f9["top"]["peak_step"]["step"] == [1] * 4 and f9["concepts"]["concept"][0] == "zero"
+    assert sorted(f9["concepts"]["concept"]) == sorted(["zero", EVIL, "two"]) and f9["concepts"]["kind"] == ["class"] * 3
     heat = np.frombuffer(__import__("base64").b64decode(f9["top"]["overall"]["heat"][0]), np.uint8)
     assert heat.max() == 255 and heat[(9 + 1) % 16] == 255  # scaled by the feature's largest patch
     assert f9["neighbors"]["neighbor_id"] == [10, 11, 12] and f9["neighbors"]["cosine"] == [0.9, 0.8, 0.7]

@@ -58,19 +58,34 @@ def test_feature_stage_publishes_checked_tables(tiny_project):
     store = ctx.store()
     n_steps, tokens = len(store.layout.steps), store.layout.num_samples * store.layout.tokens_total
     counts = wh.query("SELECT (SELECT count(*) FROM feature_stats) AS fs, (SELECT count(*) FROM features) AS f, "
-                      "(SELECT count(*) FROM feature_classes) AS fc, (SELECT count(*) FROM feature_neighbors) AS nb"
-                      ).to_pylist()[0]
-    assert counts == {"fs": 2 * 64 * n_steps, "f": 2 * 64, "fc": 2 * 64 * 10, "nb": 2 * 64 * 3}
+                      "(SELECT count(*) FROM feature_neighbors) AS nb").to_pylist()[0]
+    assert counts == {"fs": 2 * 64 * n_steps, "f": 2 * 64, "nb": 2 * 64 * 3}
     # the published numbers are the brute-force ones for the stored activations
     sae = features.load_sae(wh.require_sae(ids[0]), store)
     acts = store.array("resid", 1)[:]  # [S, N, P, D]
     timesteps = store.provenance["capture_timesteps"]
-    fired = np.zeros(64)
+    classes = store.samples()["class_id"]  # [N]
+    fired_by_image = np.zeros((len(classes), 64))  # [N, n]
     for a in range(n_steps):
         x = torch.from_numpy(acts[a].reshape(-1, acts.shape[-1]).astype(np.float32))
-        fired += (sae.encode(x, torch.full((len(x),), timesteps[a])) > 0).sum(0).numpy()
+        z = sae.encode(x, torch.full((len(x),), timesteps[a])).reshape(*acts.shape[1:3], 64)  # [N, P, n]
+        fired_by_image += (z > 0).sum(1).numpy()
+    fired = fired_by_image.sum(0)
     rates = wh.query("SELECT fire_rate FROM features WHERE sae_id = ? ORDER BY feature_id", [ids[0]])
     np.testing.assert_allclose(rates.column(0).to_numpy(), fired / (tokens * n_steps), rtol=1e-6)
+    # one class concept per (feature, class) where the feature fired, at its per-class rate
+    names = store.provenance["class_names"]
+    expect = {}
+    for c in range(len(names)):
+        on = fired_by_image[classes == c].sum(0)  # [n]
+        denom = (classes == c).sum() * store.layout.tokens_total * n_steps
+        expect.update({(f, str(names[c])): on[f] / denom for f in np.nonzero(on)[0].tolist()})
+    got = {(r["feature_id"], r["concept"]): r for r in wh.query(
+        "SELECT * FROM feature_concepts WHERE sae_id = ?", [ids[0]]).to_pylist()}
+    assert set(got) == set(expect) and {r["kind"] for r in got.values()} == {"class"}
+    np.testing.assert_allclose([got[k]["fire_rate"] for k in expect], list(expect.values()), rtol=1e-6)
+    np.testing.assert_allclose([got[k]["lift"] for k in expect],
+                               [v / (fired[f] / (tokens * n_steps)) for (f, _), v in expect.items()], rtol=1e-6)
     # heatmaps cover the full grid and peak at the ranked activation
     diff = wh.query("SELECT max(abs(list_max(heatmap) - activation)) AS d, min(len(heatmap)) AS n FROM top_images"
                     ).to_pylist()[0]

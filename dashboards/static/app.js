@@ -271,7 +271,7 @@ async function featurePage() {
   const chunk = await getJSON(`data/sae/${encodeURIComponent(sae.slug)}/f/${Math.floor(f / SITE.chunk)}.json`);
   const d = chunk.features[String(f)];
   if (!d) throw new Error(`feature ${f} of ${sae.sae_id} has no rows in the warehouse`);
-  d.classes = rowsOf(d.classes);
+  d.concepts = rowsOf(d.concepts);
   d.neighbors = rowsOf(d.neighbors);
   for (const scope of Object.keys(d.top)) d.top[scope] = rowsOf(d.top[scope]);
   const st = d.stats;
@@ -285,8 +285,8 @@ async function featurePage() {
   const known = new Set(["fire_rate", "mean_act", "max_act", "peak_step", "top_class", "top_class_name", "class_selectivity", "label"]);
   main.append(el("section", { class: "card" }, kvTable([
     ["fire rate", pct(st.fire_rate)], ["mean activation (when firing)", st.mean_act], ["max activation", st.max_act],
-    ["peak step", stepLabel(run, st.peak_step)], ["top class", st.top_class_name ?? className(st.top_class)],
-    ["class selectivity", st.class_selectivity],
+    ["peak step", stepLabel(run, st.peak_step)], [`top ${conditionNoun(run)}`, st.top_class_name ?? className(st.top_class)],
+    [`${conditionNoun(run)} selectivity`, st.class_selectivity],
     ...Object.entries(st).filter(([k]) => !known.has(k)).map(([k, v]) => [k.replaceAll("_", " "),
       typeof v === "number" ? v : Array.isArray(v) ? v.map((x) => fmt(x)).join(" · ") : String(v ?? "–")]),
   ])));
@@ -301,20 +301,26 @@ async function featurePage() {
         { name: "max", color: "#d62728", x: s.step, y: s.max_act, dash: "4 3" }] }));
   }
   if (s.step && s.class_selectivity) {
-    charts.append(lineChart({ title: "class selectivity by step", series: [{ name: "selectivity", color: "#8c564b", x: s.step, y: s.class_selectivity }],
+    charts.append(lineChart({ title: `${conditionNoun(run)} selectivity by step`, series: [{ name: "selectivity", color: "#8c564b", x: s.step, y: s.class_selectivity }],
       xlabel: "step (0 = noisiest)", ylabel: "selectivity", mark: st.peak_step }));
   }
-  const cls = [...d.classes].sort((a, b) => (b.fire_rate ?? 0) - (a.fire_rate ?? 0)).slice(0, 30);
-  const clsOrdered = cls.length <= 12 ? [...cls].sort((a, b) => a.class_id - b.class_id) : cls;
-  charts.append(barChart({ title: cls.length < d.classes.length ? `fire rate by class (top ${cls.length})` : "fire rate by class",
-    labels: clsOrdered.map((c) => className(c.class_id)), values: clsOrdered.map((c) => c.fire_rate ?? NaN),
-    xlabel: "class", ylabel: "fire rate", rotate: clsOrdered.length > 12 }));
+  // Concepts: the classes of a class-conditional run (all of them, in class order when few), or the words and
+  // tags of a text-conditional run's prompts (the 30 the feature fires on most, relative to its own rate).
+  const onlyClasses = d.concepts.every((c) => c.kind === "class");
+  const byRate = [...d.concepts].sort((a, b) => (b.fire_rate ?? 0) - (a.fire_rate ?? 0));
+  const byLift = [...d.concepts].sort((a, b) => (b.lift ?? 0) - (a.lift ?? 0));
+  const con = (onlyClasses ? byRate : byLift).slice(0, 30);
+  const conOrdered = onlyClasses && con.length <= 12 ? [...con].sort((a, b) => a.concept.localeCompare(b.concept, undefined, { numeric: true })) : con;
+  const what = onlyClasses ? "class" : "prompt word or tag";
+  charts.append(barChart({ title: con.length < d.concepts.length ? `fire rate by ${what} (top ${con.length}${onlyClasses ? "" : " by lift"})` : `fire rate by ${what}`,
+    labels: conOrdered.map((c) => c.concept), values: conOrdered.map((c) => c.fire_rate ?? NaN),
+    xlabel: what, ylabel: "fire rate", rotate: conOrdered.length > 12 }));
   if (d.hist && d.hist.counts.length) {
     const e = d.hist.edges;
     charts.append(barChart({ title: "activation histogram (when firing)", labels: d.hist.counts.map((_, i) => fmt(e[i], 2)),
       values: d.hist.counts, xlabel: "activation (bin start)", ylabel: "tokens", color: "#9b7ad8", rotate: true }));
   }
-  main.append(el("h2", { text: "Activation, classes and histogram" }),
+  main.append(el("h2", { text: "Activation, concepts and histogram" }),
     legend([["fire rate", "#1f77b4"], ["mean activation when firing", "#2ca02c"], ["max activation", "#d62728"], ["peak step", "#b42318"]]), charts);
   main.append(el("h2", { text: "Nearest features by decoder cosine" }), neighbors(d, sae));
   if (d.edits && d.edits.length) main.append(steering(d.edits, run, className));
@@ -334,7 +340,7 @@ function topImages(d, run, st, className) {
     tiles.replaceChildren(...d.top[scope.value].map((t) => el("div", { class: "tile", "data-sample": t.sample_id },
       link(sampleUrl(run ? run.run_id : "", t.sample_id), frame(run, t.sample_id, 112, heat.checked ? t.heat : null, d.grid)),
       el("div", { class: "caption" }, `#${t.rank} · act ${fmt(t.activation)}`, el("br"),
-        `${stepLabel(run, t.step)}`, el("br"), `class ${className(t.class_id)}`))));
+        `${stepLabel(run, t.step)}`, el("br"), `${conditionNoun(run)} ${className(t.class_id)}`))));
   };
   scope.addEventListener("change", draw);
   heat.addEventListener("change", draw);
@@ -389,7 +395,7 @@ async function samplePage() {
       sid > 0 ? " · " : null, sid < run.n_samples - 1 ? link(sampleUrl(run.run_id, sid + 1), "next ›", { id: "next-sample" }) : null),
     el("div", { class: "row" }, imageAvailable(run) ? frame(run, sid, 256) : el("p", { class: "muted", text: run.image.reason }),
       el("section", { class: "card" }, kvTable([
-        ["class", s.class_name ?? className(s.class_id)], ["class id", s.class_id], ["seed", s.seed], ["shard", s.shard],
+        [conditionNoun(run), s.class_name ?? className(s.class_id)], [conditionNoun(run) === "prompt" ? "prompt index" : "class id", s.class_id], ["seed", s.seed], ["shard", s.shard],
         ["judge prediction", s.judge_pred === null ? "not judged" : `${className(s.judge_pred)} (${pct(s.judge_conf)})`],
         ["run", link(`index.html#run-${run.slug}`, run.run_id)]]))));
   const tops = SITE.saes.filter((sae) => s.top[sae.sae_id] && s.top[sae.sae_id].length);

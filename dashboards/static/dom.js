@@ -116,6 +116,8 @@ function classNameOf(run, cid) {
   const c = run ? run.classes.find((k) => k.class_id === cid) : null;
   return c ? (c.class_name ?? String(cid)) : (cid === null || cid === undefined ? "–" : String(cid));
 }
+// What a run's conditions are called: its prompts (a text-conditional run) or its classes.
+const conditionNoun = (run) => (run && run.sampling && run.sampling.prompts ? "prompt" : "class");
 const saeTitle = (s) => `layer ${s.layer} · ${s.site} · ${s.variant} (${s.n_latents} latents${s.k ? `, k=${s.k}` : ""})`;
 
 function requireSae() {

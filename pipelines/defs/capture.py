@@ -11,12 +11,13 @@ from pipelines.project import Project
 GROUP = "capture"
 
 
-def build(project: Project, dit_model: dg.AssetsDefinition, judge: dg.AssetsDefinition | None) -> tuple[list, list]:
-    """Assets of the capture stage; shard partitions come from the config."""
+def build(project: Project, model: list[dg.AssetsDefinition], judge: dg.AssetsDefinition | None) -> tuple[list, list]:
+    """Assets of the capture stage (after the model and, text-conditional, the prompts); shard partitions
+    come from the config."""
     cfg = project.config
     shards = dg.StaticPartitionsDefinition(project.shard_keys())
 
-    @dg.asset(group_name=GROUP, deps=[dit_model], kinds={"zarr"}, code_version=code_version("activation_store", cfg),
+    @dg.asset(group_name=GROUP, deps=model, kinds={"zarr"}, code_version=code_version("activation_store", cfg),
               automation_condition=up_to_date())
     def activation_store(context: dg.AssetExecutionContext, tide: TideResource) -> dg.MaterializeResult:
         """Creates the store's arrays once, upstream of the shard writers (or checks that an existing store

@@ -42,7 +42,7 @@ def build(project: Project, sae: dg.AssetsDefinition) -> tuple[list, list]:
               automation_condition=up_to_date())
     def feature_stats(context: dg.AssetExecutionContext, tide: TideResource):
         """One dask pass per SAE of the (layer, site) over the stored activations: per-step, per-class and
-        overall statistics of every feature (feature_stats, features, feature_classes) and decoder
+        overall statistics of every feature (feature_stats, features, feature_concepts) and decoder
         neighbours."""
         from pipelines.stages.features import build_feature_stats, check_feature_stats
 

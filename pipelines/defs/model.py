@@ -1,5 +1,8 @@
 """Model assets: the DiT's weights, and (for families with a judge) the judge and the sample quality."""
 
+import hashlib
+from pathlib import Path
+
 import dagster as dg
 
 from pipelines.defs.automation import daily_or_up_to_date, up_to_date
@@ -13,7 +16,8 @@ JUDGE_MIN_ACCURACY = 0.97
 SAMPLE_MIN_ACCURACY = 0.90
 
 
-def build(project: Project, has_judge: bool) -> tuple[list, list]:
+def build(project: Project, has_judge: bool, text: bool) -> tuple[list, list]:
+    """dit_model, then judge and sample_quality (families with a judge) or prompts (text-conditional ones)."""
     cfg = project.config
 
     @dg.asset(group_name=GROUP, kinds={"pytorch"}, code_version=code_version("dit_model", cfg),
@@ -36,6 +40,8 @@ def build(project: Project, has_judge: bool) -> tuple[list, list]:
             md["loss_curve"] = dg.MetadataValue.md(markdown_image(png, "loss"))
         return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(status.fingerprint))
 
+    if text:
+        return [dit_model, prompts_asset(project, dit_model)], []
     if not has_judge:
         return [dit_model], []
 
@@ -78,3 +84,35 @@ def build(project: Project, has_judge: bool) -> tuple[list, list]:
                                   metadata={"class_accuracy": r.accuracy}, severity=dg.AssetCheckSeverity.WARN)
 
     return [dit_model, judge, sample_quality], []
+
+
+def prompts_asset(project: Project, dit_model: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """The prompt file as data: its code version carries the file's hash, so editing the file makes the
+    asset (and the capture after it) stale."""
+    cfg = project.config
+    digest = prompt_file_hash(cfg.sampling.prompts)
+
+    @dg.asset(name="prompts", group_name=GROUP, deps=[dit_model], kinds={"duckdb"}, pool="tide_duckdb",
+              code_version=code_version("prompts", cfg, digest), automation_condition=up_to_date())
+    def prompts(context: dg.AssetExecutionContext, tide: TideResource) -> dg.MaterializeResult:
+        """The run's prompts (sampling.prompts): the `prompts` table, with each prompt's token count and
+        whether model.max_prompt_tokens truncates it. Samples take them round-robin by sample id."""
+        from pipelines.stages.prompts import publish_prompts
+
+        r = publish_prompts(tide.context(context))
+        return dg.MaterializeResult(data_version=dg.DataVersion(f"{r.sha256[:16]}:{r.max_tokens}"), metadata={
+            "prompts": r.prompts, "distinct": r.distinct, "truncated": r.truncated, "max_tokens": r.max_tokens,
+            "file_sha256": r.sha256})
+
+    return prompts
+
+
+def prompt_file_hash(path: str | None) -> str:
+    """The first 12 hex digits of the prompt file's sha256 ("missing" when it cannot be read: the preflight
+    and the asset then say why)."""
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "missing"

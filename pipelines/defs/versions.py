@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from tide_core.config import TideConfig
 
-CAPTURE_FIELDS = ("model.source", "model.dtype", "model.digits", "sampling.scheduler", "sampling.num_steps",
+CAPTURE_FIELDS = ("model.source", "model.dtype", "model.digits", "model.tiny_pixart", "model.height",
+                  "model.width", "model.max_prompt_tokens", "sampling.scheduler", "sampling.num_steps",
                   "sampling.guidance_scale", "sampling.num_samples", "sampling.shard_size", "sampling.seed",
-                  "sampling.classes", "capture")
+                  "sampling.classes", "sampling.prompts", "sampling.negative_prompt", "capture")
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,13 @@ class Version:
 
     revision: int
     config: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ("model.digits.checkpoint_dir",)  # where a result is kept is not what it is
+    # where a result is kept is not what it is
+    exclude: tuple[str, ...] = ("model.digits.checkpoint_dir", "model.tiny_pixart.checkpoint_dir")
 
 
 VERSIONS: dict[str, Version] = {
-    "dit_model": Version(1, ("model.source", "model.digits")),
+    "dit_model": Version(1, ("model.source", "model.digits", "model.tiny_pixart")),
+    "prompts": Version(1, ("sampling.prompts", "model.max_prompt_tokens")),
     "judge": Version(1, ("model.judge.epochs", "model.judge.test_fraction", "model.judge.seed",
                          "model.digits.image_size")),
     "sample_quality": Version(1, ("sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale",
@@ -38,13 +41,15 @@ VERSIONS: dict[str, Version] = {
     "samples": Version(1),
     "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens",)),  # resume granularity only
     "sae_metrics": Version(1),
-    "feature_stats": Version(1, ("features.top_n", "features.neighbors")),
+    "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature")),
     "top_images": Version(1, ("features.top_n",)),
     "edits": Version(1, ("edit",)),
     "feature_dashboard": Version(1),
 }
 
 
-def code_version(asset: str, cfg: TideConfig) -> str:
+def code_version(asset: str, cfg: TideConfig, inputs: str = "") -> str:
+    """``inputs``: what else the result depends on that lives outside the config (the prompt file's hash)."""
     v = VERSIONS[asset]
-    return f"r{v.revision}" + (f"-{cfg.section_hash(*v.config, exclude=v.exclude)}" if v.config else "")
+    version = f"r{v.revision}" + (f"-{cfg.section_hash(*v.config, exclude=v.exclude)}" if v.config else "")
+    return version + (f"-{inputs}" if inputs else "")

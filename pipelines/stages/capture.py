@@ -17,6 +17,7 @@ from storage import ActivationStore, BackgroundWriter, ShardStats, StoreLayout
 from tide_core.capture import ActivationCapture, CapturedStep, CaptureSpec, validate_spec
 from tide_core.config import TideConfig
 from tide_core.models.base import DiTAdapter
+from tide_core.prompts import PromptSet
 from tide_core.sampling import Sampler, condition_for, to_uint8
 
 
@@ -46,11 +47,12 @@ def run_id_of(provenance: dict) -> str:
 
 def make_plan(ctx: RunContext) -> CapturePlan:
     """The capture plan of the configured model (loaded once per process), validated before any sampling."""
-    return plan_for(ctx.config, ctx.model, ctx.sampler())
+    return plan_for(ctx.config, ctx.model, ctx.sampler(), ctx.prompts)
 
 
-def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler) -> CapturePlan:
-    """Validate capture against a loaded model and derive the store layout and provenance."""
+def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler, prompts: PromptSet | None = None) -> CapturePlan:
+    """Validate capture against a loaded model and derive the store layout and provenance (the prompts of a
+    text-conditional run are part of it: they are its conditions)."""
     s, c = cfg.sampling, cfg.capture
     steps = sorted(c.steps) if c.steps is not None else list(range(s.num_steps))
     spec = CaptureSpec(layers=tuple(c.layers), sites=tuple(c.sites), steps=frozenset(steps),
@@ -75,6 +77,7 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler) -> CapturePla
         "model": {**model.provenance(), "source": cfg.model.source,
                   "time": {"kind": model.time.kind, "num_train_timesteps": model.time.num_train_timesteps}},
         "class_names": model.condition_names,
+        # classes: the condition indices (class ids, or prompt positions), assigned round-robin by sample id
         "sampling": {**sampler.provenance(), "classes": conditions, "class_rule": "classes[sample_id % len]"},
         "capture": {"layers": layout.layers, "sites": layout.sites, "branch": c.branch,
                     "token_fraction": c.token_fraction,
@@ -83,6 +86,10 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler) -> CapturePla
         "capture_timesteps": [int(timesteps[i]) for i in steps],
         "code_version": code_version(),
     }
+    if prompts is not None:
+        provenance["prompts"] = [{"prompt_id": p.prompt_id, "text": p.text, "tags": list(p.tags)}
+                                 for p in prompts.prompts]
+        provenance["sampling"]["negative_prompt"] = cfg.sampling.negative_prompt
     provenance["run_id"] = run_id_of(provenance)
     return CapturePlan(sampler=sampler, spec=spec, layout=layout, conditions=conditions,
                        batch_size=s.batch_size, provenance=provenance)

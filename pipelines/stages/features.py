@@ -1,7 +1,7 @@
 """Feature stage behind the `feature_stats` asset: one statistics pass per SAE of a (layer, site).
 
 The pass is a dask graph over the Zarr chunks (local threads, or a dask.distributed scheduler from the
-config), reduced to a FeatureSummary; then the warehouse tables feature_stats, features, feature_classes and
+config), reduced to a FeatureSummary; then the warehouse tables feature_stats, features, feature_concepts and
 feature_neighbors, all of one SAE in one transaction. The summary is kept beside the SAEs
 (features/<sae_id>.npz) so `top_images` adds patch heatmaps without a second pass.
 """
@@ -26,14 +26,19 @@ from storage import ActivationStore, SaeRecord
 from tide_core.features import (
     HIST_EDGES,
     Chunk,
+    Concepts,
     FeatureSummary,
     StepPartial,
+    class_concepts,
+    concept_rows,
     decoder_neighbors,
     merge_all,
+    prompt_concepts,
     selectivity,
     step_partial,
     summarise,
 )
+from tide_core.prompts import Prompt
 from tide_core.sae import SparseAutoencoder
 
 DECILES = np.linspace(0.1, 0.9, 9)
@@ -41,7 +46,7 @@ DECILES = np.linspace(0.1, 0.9, 9)
 # ~0.5 ms a task, as much as a tenth of a chunk's work (measured with py-spy --gil).
 CHUNKS_PER_TASK = 8
 MERGE_FAN_IN = 8
-STATS_TABLES = ("feature_stats", "features", "feature_classes", "feature_neighbors")
+STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors")
 
 
 class FeatureError(ValueError):
@@ -177,10 +182,10 @@ def _int_or_null(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.array(np.asarray(values, np.int64), mask=~np.asarray(valid, bool))
 
 
-def stats_tables(summary: FeatureSummary, neighbors: int, w_dec) -> dict[str, pa.Table]:
+def stats_tables(summary: FeatureSummary, neighbors: int, w_dec, concepts: Concepts,
+                 images_per_condition: np.ndarray, per_feature: int) -> dict[str, pa.Table]:
     """The four statistics tables of one SAE (without sae_id, which is the partition)."""
     s, n = summary.act_max.shape
-    c = summary.class_tokens.shape[1]
     feat = np.arange(n)
     rate = summary.step_fire_rate()  # [S, n]
     live_s = rate > 0
@@ -207,9 +212,11 @@ def stats_tables(summary: FeatureSummary, neighbors: int, w_dec) -> dict[str, pa
                                   pa.list_(pa.float64())),
         "tokens": np.full(n, summary.tokens.sum(), np.int64),
     })
-    feature_classes = pa.table({
-        "feature_id": np.tile(feat, c), "class_id": np.repeat(np.arange(c), n), "fire_rate": class_rates.ravel(),
-        "mean_act": _masked(summary.class_mean_act().ravel()),
+    rows = concept_rows(summary, concepts, images_per_condition, per_feature)
+    feature_concepts = pa.table({
+        "feature_id": rows.feature_id, "concept": pa.array(rows.concept, pa.string()),
+        "kind": pa.array(rows.kind, pa.string()), "images": rows.images, "fire_rate": rows.fire_rate,
+        "mean_act": _masked(rows.mean_act), "lift": _masked(rows.lift),
     })
     nb = decoder_neighbors(w_dec, neighbors)
     k = nb.ids.shape[1]
@@ -217,7 +224,7 @@ def stats_tables(summary: FeatureSummary, neighbors: int, w_dec) -> dict[str, pa
         "feature_id": np.repeat(feat, k), "rank": np.tile(np.arange(1, k + 1), n), "neighbor_id": nb.ids.ravel(),
         "cosine": nb.cosine.ravel().astype(np.float64),
     })
-    return {"feature_stats": feature_stats, "features": features, "feature_classes": feature_classes,
+    return {"feature_stats": feature_stats, "features": features, "feature_concepts": feature_concepts,
             "feature_neighbors": feature_neighbors}
 
 
@@ -234,6 +241,14 @@ def _trimmed_histograms(hist: np.ndarray) -> tuple[list, list]:
         counts.append(row[lo:hi].astype(float).tolist())
         edges.append(HIST_EDGES[lo:hi + 1].tolist())
     return counts, edges
+
+
+def run_concepts(provenance: dict) -> Concepts:
+    """The concepts of a run's conditions: its prompts' words and tags, or its class names."""
+    prompts = provenance.get("prompts")
+    if prompts:
+        return prompt_concepts([Prompt(p["text"], tuple(p["tags"])) for p in prompts])
+    return class_concepts([str(c) for c in provenance["class_names"]])
 
 
 def save_summary(path: Path, summary: FeatureSummary) -> None:
@@ -253,13 +268,16 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     tables (and drops its top images, which described the old statistics) in one transaction."""
     store, records = layer_saes(ctx, layer, site)
     cfg = ctx.config.features
+    concepts = run_concepts(store.provenance)
+    images_per_condition = np.bincount(store.samples()["class_id"], minlength=concepts.incidence.shape[0])
     reports = []
     for rec in records:
         sae = load_sae(rec, store)
         result = statistics_pass(store, sae, layer, site, cfg.top_n, cfg.scheduler, cfg.workers)
         path = summary_path(ctx, rec.sae_id)
         path.unlink(missing_ok=True)  # a run killed after the tables must not leave the old summary beside them
-        tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach())  # before the file is locked
+        tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach(), concepts, images_per_condition,
+                              cfg.concepts_per_feature)  # before the file is locked
         with ctx.warehouse.transaction() as tx:
             tx.replace_partition("top_images", {"sae_id": rec.sae_id}, [])
             for name, table in tables.items():
@@ -293,8 +311,8 @@ def check_feature_stats(ctx: RunContext, sae_ids: list[str]) -> dict[str, CheckO
     bad = {t: count_for(ctx, f"SELECT count(*) FROM {t} WHERE list_contains($ids, sae_id) AND NOT (fire_rate "
                            "BETWEEN 0 AND 1 AND coalesce(class_selectivity BETWEEN 0 AND 1, TRUE))", sae_ids)
            for t in ("feature_stats", "features")}
-    bad["feature_classes"] = count_for(ctx, "SELECT count(*) FROM feature_classes WHERE list_contains($ids, sae_id) "
-                                          "AND NOT fire_rate BETWEEN 0 AND 1", sae_ids)
+    bad["feature_concepts"] = count_for(ctx, "SELECT count(*) FROM feature_concepts WHERE list_contains($ids, "
+                                             "sae_id) AND NOT (fire_rate > 0 AND fire_rate <= 1 AND lift > 0)", sae_ids)
     return {
         "grains_unique": CheckOutcome(not any(dup.values()), "no duplicate grain in the statistics tables", dup),
         "rates_in_unit_interval": CheckOutcome(not any(bad.values()), "fire rates and selectivity in [0, 1]", bad),

@@ -16,7 +16,7 @@ from pipelines.stages.splice import SpliceReport, make_splice_bench, splice_eval
 from storage import ActivationStore, SaeRecord, StoreError
 from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE, SAETrainer, SparseAutoencoder, evaluate, skip_tokens
 
-FEATURE_TABLES = ("feature_stats", "features", "feature_classes", "feature_neighbors", "top_images")
+FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "top_images")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
     meta = store.samples()
     n = store.layout.num_samples
     names = prov.get("class_names", [])
+    prompt_ids = [p["prompt_id"] for p in prov.get("prompts", [])]  # by condition index; [] for class runs
     class_id = meta["class_id"].astype(np.int32)
     pred = conf = accuracy = None
     if ctx.judge is not None:
@@ -45,6 +46,8 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
         "sample_id": pa.array(np.arange(n, dtype=np.int64)),
         "class_id": pa.array(class_id),
         "class_name": pa.array([names[c] if c < len(names) else str(c) for c in class_id]),
+        "prompt_id": pa.array([prompt_ids[c] for c in class_id], type=pa.string()) if prompt_ids
+        else pa.nulls(n, pa.string()),
         "seed": pa.array(meta["seed"].astype(np.int64)),
         "shard": pa.array((np.arange(n) // store.layout.shard_size).astype(np.int32)),
         "judge_pred": pa.array(pred, type=pa.int32()) if pred is not None else pa.nulls(n, pa.int32()),
