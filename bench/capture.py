@@ -25,11 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.project import Project  # noqa: E402
 
 
-def load(project: Project):
-    from tide_core.models.registry import ModelError, load_model
+def prompts_of(project: Project):
+    """The prompt set of a text-conditional config (None for a class-conditional one)."""
+    from tide_core.prompts import read_prompt_file
 
+    path = project.config.sampling.prompts
+    return read_prompt_file(path) if path else None
+
+
+def load(project: Project):
+    from tide_core.models.registry import ModelError, family_of, load_model
+
+    cfg = project.config
+    prompts = prompts_of(project)
     try:
-        return load_model(project.config.model)
+        if cfg.model.source == "tiny-pixart":  # built here in seconds, like `dit_model` would
+            family_of(cfg.model).prepare(cfg.model, log=print)
+        return load_model(cfg.model, prompts, cfg.sampling.negative_prompt)
     except ModelError:  # timing does not depend on the weights: use a fresh model of the same shape
         from tide_core.digits import CLASS_NAMES
         from tide_core.models.digits import DigitsDiT
@@ -53,7 +65,7 @@ def run_capture(project: Project, model, n: int, store_dir: Path):
     from storage import ActivationStore
 
     project.config.sampling.num_samples = n
-    plan = plan_for(project.config, model, sampler_of(project, model))
+    plan = plan_for(project.config, model, sampler_of(project, model), prompts_of(project))
     store = ActivationStore.create(str(store_dir), plan.layout, plan.provenance, overwrite=True)
     t0 = time.perf_counter()
     stats = [capture_shard(store, plan, s) for s in range(plan.layout.num_shards)]
@@ -68,7 +80,7 @@ def run_plain(project: Project, model, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(0, n, s.batch_size):
         ids = list(range(i, min(n, i + s.batch_size)))
-        sampler.sample(ids, [condition_for(j, list(range(10))) for j in ids])
+        sampler.sample(ids, [condition_for(j, list(range(len(model.condition_names)))) for j in ids])
     return time.perf_counter() - t0
 
 
