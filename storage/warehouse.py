@@ -40,6 +40,7 @@ from storage.schema import (
     TABLES,
     TOP_IMAGE_SCOPES,
     VIEWS,
+    Col,
     create_table_sql,
     quote_ident,
     table_comments_sql,
@@ -143,6 +144,10 @@ class Warehouse:
                 for name in _drifted_empty_tables(con):
                     con.execute(f"DROP TABLE {quote_ident(name)}")
                     con.execute(create_table_sql(TABLES[name]))
+                # A nullable column the code added since the file was built: added in place, NULL in the
+                # rows already there (they predate it), so an upgrade keeps every row.
+                for name, col in _addable_columns(con):
+                    con.execute(f"ALTER TABLE {quote_ident(name)} ADD COLUMN {quote_ident(col.name)} {col.type}")
                 drift = _schema_drift(con)
                 if drift:
                     raise WarehouseSchemaError(
@@ -322,6 +327,14 @@ def _drifted_empty_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [name for name, spec in TABLES.items()
             if name in actual and list(spec.column_names) != actual[name]
             and count_of(con.execute(f"SELECT count(*) FROM {quote_ident(name)}")) == 0]
+
+
+def _addable_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, Col]]:
+    """(table, column) pairs the code declares and an existing table lacks, where NULL is a valid value
+    for old rows: not part of the grain, no NOT NULL, no CHECK."""
+    actual = _actual_columns(con)
+    return [(name, col) for name, spec in TABLES.items() if name in actual for col in spec.columns
+            if col.name not in actual[name] and col.name not in spec.grain and not col.constraint]
 
 
 def _actual_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:

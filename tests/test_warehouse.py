@@ -80,12 +80,22 @@ def test_init_schema_is_idempotent_and_every_table_states_its_grain(wh: Warehous
 
 def test_init_schema_names_columns_an_older_file_lacks(wh: Warehouse) -> None:
     with connect(wh.path, read_only=False) as con:
+        con.execute("DROP VIEW v_top_images")
+        con.execute("ALTER TABLE top_images DROP COLUMN sample_id")  # NOT NULL: old rows would break it
+        con.execute("INSERT INTO top_images (sae_id, feature_id, scope, rank) VALUES ('s', 0, 'overall', 1)")
+    with pytest.raises(WarehouseSchemaError, match="table top_images lacks sample_id"):
+        Warehouse(wh.path).init_schema()
+
+
+def test_init_schema_adds_a_nullable_column_in_place_keeping_the_rows(wh: Warehouse) -> None:
+    with connect(wh.path, read_only=False) as con:
         con.execute("DROP VIEW v_feature_neighbors")
         con.execute("DROP VIEW v_features")
         con.execute("ALTER TABLE features DROP COLUMN label")
         con.execute("INSERT INTO features (sae_id, feature_id, fire_rate) VALUES ('s', 0, 0.5)")
-    with pytest.raises(WarehouseSchemaError, match="table features lacks label"):
-        Warehouse(wh.path).init_schema()
+    Warehouse(wh.path).init_schema()
+    rows = Warehouse(wh.path).query("SELECT sae_id, fire_rate, label FROM v_features").to_pylist()
+    assert rows == [{"sae_id": "s", "fire_rate": 0.5, "label": None}]
 
 
 def test_init_schema_rebuilds_an_empty_table_an_older_file_built(wh: Warehouse) -> None:
