@@ -50,6 +50,8 @@ def test_preflight_matches_prompts_to_the_model(tmp_path, tiny_model_dir):
     digits = {"model": {"digits": {"checkpoint_dir": str(tiny_model_dir / "dit")}}}
     with_prompts = Project.load(write_config(tmp_path / "a", {**digits, "sampling": {"prompts": str(tmp_path / "p.txt")}}))
     assert any("class-conditional: remove sampling.prompts" in p for p in preflight(with_prompts))
+    cross = Project.load(write_config(tmp_path / "d", {**digits, "capture": {"sites": ["resid", "cross"]}}))
+    assert any("capture.sites contains ['cross']" in p for p in preflight(cross))
     text = {"model": {"source": "tiny-pixart", "tiny_pixart": {"checkpoint_dir": str(tmp_path / "tp")}}}
     without = Project.load(write_config(tmp_path / "b", text))
     assert any("text-conditional: set sampling.prompts" in p for p in preflight(without))
