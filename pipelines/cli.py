@@ -243,6 +243,45 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_export_sae(args) -> int:
+    """Write a trained SAE as SAELens checkpoints (tide: one per timestep, default the run's captured ones)."""
+    import json
+
+    from pipelines.stages.sae import missing_checkpoint
+    from storage import ActivationStore, StorageError, Warehouse
+    from tide_core.sae.export import export_saelens
+    from tide_core.sae.model import SparseAutoencoder
+
+    project = _load_project(args)
+    try:
+        wh = Warehouse(project.duckdb_path)
+        rec = wh.require_sae(args.sae_id)
+        if missing := missing_checkpoint(rec):
+            raise SystemExit(f"[tide] {missing}")
+        sae = SparseAutoencoder.load(rec.path)
+        runs = wh.query("SELECT model_source, config_json FROM runs WHERE run_id = ?", [rec.run_id]).to_pylist()
+        run = runs[0] if runs else {"model_source": None, "config_json": "{}"}
+        timesteps = args.timestep
+        if rec.variant == "tide" and not timesteps:
+            # The timesteps the SAE was trained on: those its run captured, from that run's activation store.
+            store_url = json.loads(run["config_json"]).get("store_url") or project.store_url
+            prov = ActivationStore.open(store_url, mode="r").provenance
+            timesteps = prov.get("capture_timesteps")
+            if prov.get("run_id", rec.run_id) != rec.run_id or not timesteps:
+                raise SystemExit(f"[tide] the store at {store_url} does not hold the capture timesteps of run "
+                                 f"{rec.run_id}: pass --timestep T (repeatable)")
+        meta = {"model_name": run["model_source"]} if run["model_source"] else {}
+        written = export_saelens(sae, args.dir, timesteps, metadata=meta)
+    except (StorageError, ValueError, OSError) as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 1
+    for ck in written:
+        at = "" if ck.timestep is None else f" at timestep {ck.timestep}"
+        print(f"[tide] {ck.path}: SAELens {ck.architecture} SAE{at}")
+    print(f"[tide] load with: sae_lens.SAE.load_from_disk({str(written[0].path)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tide", description="TIDE activation warehouse for Diffusion Transformers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample with the null class and no guidance: the features, not the label, decide the digit "
                         "(--no-unconditional: the run's class labels and guidance)")
     e.add_argument("--no-publish", action="store_true", help="do not write `edits` rows (grid PNG only)")
+    x = add("export-sae", cmd_export_sae, "Write a trained SAE as a SAELens checkpoint directory (cfg.json + "
+            "sae_weights.safetensors) that sae_lens.SAE.load_from_disk loads; input scaling and, for tide, the "
+            "timestep modulation are folded into the weights, so latents and reconstructions equal the SAE's own.")
+    x.add_argument("sae_id", help="an SAE of the warehouse (tide sql \"SELECT sae_id FROM saes\")")
+    x.add_argument("dir", help="output directory: the checkpoint itself (topk: SAELens topk; relu: standard), "
+                               "or for tide one subdirectory per timestep (DIR/t0999/, ...)")
+    x.add_argument("--format", default="saelens", choices=["saelens"], help="checkpoint format (default saelens)")
+    x.add_argument("--timestep", type=int, action="append", metavar="T",
+                   help="repeatable; tide only: export at this diffusion timestep (default: every timestep the "
+                        "SAE's run captured, read from its activation store's provenance)")
     c = add("config", cmd_config, "Validate the run config; --explain lists every field with its docstring.")
     c.add_argument("--explain", action="store_true", help="list every field, its default and its meaning")
     c.add_argument("--check", action="store_true", help="also run the preflight (model files, device, root)")

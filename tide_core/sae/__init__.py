@@ -7,7 +7,7 @@ Read in this order:
   ``SAETrainConfig``.
 * ``sparse.py``: the custom autograd functions that make TopK training touch only the selected latents.
 * ``model.py``: ``SparseAutoencoder``, its loss and the decoder-norm recipe; ``outputs.py``: what a
-  forward pass and the loss return; ``checkpoint.py``: save / load.
+  forward pass and the loss return; ``checkpoint.py``: save / load; ``export.py``: SAELens checkpoints.
 * ``batches.py``: ``TokenBatch`` and the stream helpers; ``train.py``: the resumable trainer;
   ``metrics.py``: per-step evaluation.
 
@@ -29,6 +29,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                            "TimeInit"),
     "tide_core.sae.batches": ("TokenBatch", "rebatch", "skip_tokens"),
     "tide_core.sae.checkpoint": ("CHECKPOINT_FORMAT", "CONFIG_FILE", "WEIGHTS_FILE"),
+    "tide_core.sae.export": ("ExportedCheckpoint", "SAELensWeights", "export_saelens", "fold_weights"),
     "tide_core.sae.metrics": ("DENSE_THRESHOLD", "EvalResult", "StepMetrics", "evaluate"),
     "tide_core.sae.model": ("Modulation", "SparseAutoencoder", "geometric_median", "timestep_embedding"),
     "tide_core.sae.outputs": ("SAELoss", "SAEOutput"),
