@@ -167,6 +167,28 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
+            "sae_sweep",
+            ("sweep_id", "point", "variant", "step"),
+            f"one SAE variant trained at one point of a sweep, on the held-out samples at one diffusion step; "
+            f"step = {OVERALL_STEP} is the aggregate over all steps",
+            (
+                Col("sweep_id", "VARCHAR", "the sweep: its run, site, token budget and fixed [sae] settings"),
+                Col("point", "VARCHAR", "the point's layer and settings, e.g. L03-lr0.004-b1024-k32-n1024"),
+                Col("variant", "VARCHAR"),
+                Col("step", "INTEGER", f"diffusion step index; {OVERALL_STEP} = all steps together"),
+                Col("run_id", "VARCHAR"),
+                Col("layer", "INTEGER"),
+                Col("site", "VARCHAR"),
+                Col("lr", "DOUBLE", "peak learning rate"),
+                Col("batch_size", "INTEGER", "tokens per optimizer step"),
+                Col("k", "INTEGER", "active latents (TopK variants)"),
+                Col("n_latents", "INTEGER"),
+                Col("tokens", "BIGINT", "training tokens"),
+                Col("seconds", "DOUBLE", "training wall time of the point (every variant trains on the same batches)"),
+                *(Col(m, "DOUBLE") for m in _METRICS),
+            ),
+        ),
+        Table(
             "feature_stats",
             ("sae_id", "feature_id", "step"),
             "one SAE latent at one diffusion step",
@@ -318,6 +340,12 @@ VIEWS: dict[str, View] = {
             "v_sae_metrics",
             f"sae_metrics with their SAE; step = {OVERALL_STEP} is the aggregate over all steps",
             f"SELECT {_SAE_COLS}, s.k, s.tokens_seen, m.* FROM sae_metrics m LEFT JOIN saes s USING (sae_id)",
+        ),
+        View(
+            "v_sae_sweep_best",
+            "the best point of each variant on each layer of each sweep: lowest held-out nmse over all steps",
+            "SELECT * FROM sae_sweep WHERE step = -1 "
+            "QUALIFY row_number() OVER (PARTITION BY sweep_id, layer, variant ORDER BY nmse, point) = 1",
         ),
         View(
             "v_top_images",

@@ -83,4 +83,27 @@ def build(project: Project, samples: dg.AssetsDefinition) -> tuple[list, list]:
             md[name] = dg.MetadataValue.md(markdown_image(png, name))
         return dg.MaterializeResult(metadata=md)
 
-    return [sae, sae_metrics], []
+    assets = [sae, sae_metrics]
+    if cfg.sweep is not None:
+        assets.append(_sweep_asset(project, samples))
+    return assets, []
+
+
+def _sweep_asset(project: Project, samples: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    cfg = project.config
+    points = dg.StaticPartitionsDefinition([p.key for p in cfg.sweep.points(cfg.sae)])
+
+    @dg.asset(group_name=GROUP, deps=[samples], partitions_def=points, kinds={"pytorch", "duckdb"},
+              pool="tide_duckdb", code_version=code_version("sae_sweep", cfg), automation_condition=up_to_date())
+    def sae_sweep(context: dg.AssetExecutionContext, tide: TideResource) -> dg.MaterializeResult:
+        """One point of the [sweep] grid (lr x batch size x k x width) on one layer and site: every variant
+        trained there and scored per step on the held-out samples; rows in sae_sweep, best points in
+        v_sae_sweep_best."""
+        from pipelines.stages.sae_sweep import run_point
+
+        r = run_point(tide.context(context), context.partition_key)
+        return dg.MaterializeResult(metadata={
+            "sweep_id": r.sweep_id, "seconds": round(r.seconds, 1), "tokens": r.tokens,
+            **{f"{v}_heldout_nmse": round(x, 5) for v, x in r.nmse.items()}})
+
+    return sae_sweep

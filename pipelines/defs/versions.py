@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tide_core.config import TideConfig
+from tide_core.config import SWEEP_GRID_FIELDS, TideConfig
 
 CAPTURE_FIELDS = ("model.source", "model.dtype", "model.digits", "model.tiny_pixart", "model.height",
                   "model.width", "model.max_prompt_tokens", "sampling.scheduler", "sampling.num_steps",
@@ -41,6 +41,9 @@ VERSIONS: dict[str, Version] = {
     "samples": Version(1),
     "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens",)),  # resume granularity only
     "sae_metrics": Version(1),
+    # the grid's own settings are partitions, not versions: adding a point or adopting a point's values as
+    # the [sae] defaults leaves the points already run fresh
+    "sae_sweep": Version(1, ("sae", "sweep"), exclude=SWEEP_GRID_FIELDS),
     "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature")),
     "top_images": Version(1, ("features.top_n",)),
     "edits": Version(1, ("edit",)),

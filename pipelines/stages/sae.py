@@ -14,7 +14,16 @@ from pipelines.context import RunContext
 from pipelines.project import content_key
 from pipelines.stages.splice import SpliceReport, make_splice_bench, splice_eval
 from storage import ActivationStore, SaeRecord, StoreError
-from tide_core.sae import CONFIG_FILE, WEIGHTS_FILE, SAETrainer, SparseAutoencoder, evaluate, skip_tokens
+from tide_core.sae import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    SAEDesign,
+    SAETrainConfig,
+    SAETrainer,
+    SparseAutoencoder,
+    evaluate,
+    skip_tokens,
+)
 
 FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "top_images")
 
@@ -88,7 +97,6 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
     cfg = ctx.config.sae
     split = split_samples(store, cfg.heldout_fraction)
     run_id = store.provenance["run_id"]
-    num_train_timesteps = int(store.provenance["model"]["time"]["num_train_timesteps"])
     ids = {v: sae_id(layer, site, v, cfg.spec.n_latents, cfg.spec.k, run_id) for v in cfg.variants}
     key = training_key(ctx, store)
     state_dir = ctx.project.saes_dir / "_state" / f"L{layer:02d}-{site}-{key}"
@@ -97,24 +105,11 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
         trainer = SAETrainer.load_state(state_dir)
         ctx.log(f"resuming layer {layer} {site} SAEs from {state_dir} at {trainer.tokens_seen} tokens")
     else:
-        design = cfg.spec
-        if design.time_init == "adaln" and site != "resid":
-            # what block L+1 applies to block L's output: only the resid site has such a target
-            ctx.log(f"layer {layer} {site}: no adaLN target for this site; TIDE's modulation starts at identity")
-            design = design.model_copy(update={"time_init": "identity"})
-        saes = {v: SparseAutoencoder(design.bind(d_in=store.layout.d_model, variant=v,
-                                                 num_train_timesteps=num_train_timesteps), seed=cfg.train.seed)
-                for v in cfg.variants}
-        if design.time_init == "adaln" and "tide" in saes:
-            _init_from_adaln(ctx, saes["tide"], layer, num_train_timesteps)
-        trainer = SAETrainer(saes, cfg.train)
+        trainer = SAETrainer(new_saes(ctx, store, layer, site, cfg.spec, cfg.variants, cfg.train.seed), cfg.train)
     resumed_from = trainer.tokens_seen
-    per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
-    epochs = -(-cfg.train.total_tokens // per_epoch)
 
     def stream():
-        return store.iter_token_batches(site, layer, cfg.train.batch_size, seed=cfg.train.seed,
-                                        sample_ids=split.train, epochs=epochs)
+        return training_stream(store, layer, site, split, cfg.train)
 
     def progress(logs) -> None:
         parts = [f"{n}: mse {r.mse:.4f} L0 {r.l0:.1f} dead {r.dead_fraction:.3f}" for n, r in logs.items()]
@@ -150,6 +145,32 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
     return report
 
 
+def new_saes(ctx: RunContext, store: ActivationStore, layer: int, site: str, design: SAEDesign,
+             variants: list[str], seed: int) -> dict[str, SparseAutoencoder]:
+    """Fresh SAEs of every variant for the stored (layer, site): bound to its width and the model's time
+    convention; the tide variant's modulation fitted to the DiT's adaLN when the design asks for it."""
+    num_train_timesteps = int(store.provenance["model"]["time"]["num_train_timesteps"])
+    if design.time_init == "adaln" and site != "resid":
+        # what block L+1 applies to block L's output: only the resid site has such a target
+        ctx.log(f"layer {layer} {site}: no adaLN target for this site; TIDE's modulation starts at identity")
+        design = design.model_copy(update={"time_init": "identity"})
+    saes = {v: SparseAutoencoder(design.bind(d_in=store.layout.d_model, variant=v,
+                                             num_train_timesteps=num_train_timesteps), seed=seed)
+            for v in variants}
+    if design.time_init == "adaln" and "tide" in saes:
+        _init_from_adaln(ctx, saes["tide"], layer, num_train_timesteps)
+    return saes
+
+
+def training_stream(store: ActivationStore, layer: int, site: str, split: Split, train: SAETrainConfig):
+    """The training tokens of (layer, site): the training samples, shuffled, as many epochs as the budget
+    needs."""
+    per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
+    epochs = -(-train.total_tokens // per_epoch)
+    return store.iter_token_batches(site, layer, train.batch_size, seed=train.seed, sample_ids=split.train,
+                                    epochs=epochs)
+
+
 def _init_from_adaln(ctx: RunContext, sae: SparseAutoencoder, layer: int, num_train_timesteps: int) -> None:
     """Fit the tide SAE's modulation MLP to the DiT's own adaLN (scale, shift) at every training timestep."""
     t = torch.arange(num_train_timesteps)
@@ -158,9 +179,11 @@ def _init_from_adaln(ctx: RunContext, sae: SparseAutoencoder, layer: int, num_tr
 
 
 def evaluate_sae(store: ActivationStore, sae, layer: int, site: str, split: Split, eval_tokens: int,
-                 seed: int) -> dict:
+                 seed: int, splits: tuple[str, ...] = ("train", "heldout")) -> dict:
+    """split -> step (-1 = overall) -> metric -> value, on up to eval_tokens tokens of each split."""
     out = {}
-    for name, ids in (("train", split.train), ("heldout", split.heldout)):
+    for name in splits:
+        ids = split.train if name == "train" else split.heldout
         batches = store.iter_token_batches(site, layer, 4096, seed=seed + 7, sample_ids=ids, drop_last=False)
         res = evaluate(sae, batches, max_tokens=eval_tokens)
         per = {int(s): asdict(m) for s, m in res.per_step.items()}

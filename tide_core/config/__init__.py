@@ -35,11 +35,14 @@ from tide_core.config.load import (
 )
 from tide_core.config.model import DigitsDiTConfig, JudgeConfig, ModelConfig, TinyPixArtConfig
 from tide_core.config.run import (
+    SWEEP_GRID_FIELDS,
     CaptureConfig,
     EditConfig,
     FeaturesConfig,
     SAEConfig,
     SamplingConfig,
+    SweepConfig,
+    SweepPoint,
     TideConfig,
     WarehouseConfig,
 )
@@ -47,7 +50,8 @@ from tide_core.config.run import (
 __all__ = [
     "BUILT_HERE", "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "DIGITS_SOURCE", "SITES", "CaptureConfig", "ConfigError",
     "DigitsDiTConfig", "EditConfig", "FeaturesConfig", "JudgeConfig", "ModelConfig", "SAEConfig",
-    "SamplingConfig", "Section", "Site", "TINY_PIXART_SOURCE", "TideConfig", "TinyPixArtConfig", "Variant",
+    "SamplingConfig", "Section", "Site", "SWEEP_GRID_FIELDS", "SweepConfig", "SweepPoint", "TINY_PIXART_SOURCE",
+    "TideConfig", "TinyPixArtConfig", "Variant",
     "WarehouseConfig", "explain",
     "is_local_source", "load_config", "parse_config", "resolve_config_path", "resolve_paths",
 ]

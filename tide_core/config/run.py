@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -101,6 +103,64 @@ class SAEConfig(Section):
         if len(set(v)) != len(v):
             raise ValueError(f"sae.variants={v} has duplicates")
         return v
+
+
+# What a sweep's grid varies (or takes from [sae] when a list is empty), and what no SAE result depends on:
+# left out of the sweep's identity and its code version, so adding a point keeps the points already run.
+SWEEP_GRID_FIELDS = ("sae.checkpoint_every_tokens", "sae.splice_samples", "sae.train.lr",
+                     "sae.train.batch_size", "sae.train.total_tokens", "sae.train.log_every", "sae.spec.k",
+                     "sae.spec.n_latents", "sweep.layers", "sweep.lrs", "sweep.batch_sizes", "sweep.ks",
+                     "sweep.n_latents")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One setting of a sweep's grid."""
+
+    layer: int
+    lr: float
+    batch_size: int
+    k: int
+    n_latents: int
+
+    @property
+    def key(self) -> str:
+        """The point's Dagster partition key and `sae_sweep.point`."""
+        return f"L{self.layer:02d}-lr{self.lr:g}-b{self.batch_size}-k{self.k}-n{self.n_latents}"
+
+
+class SweepConfig(Section):
+    """A grid of SAE training settings on one layer and site (the `sae_sweep` asset, one partition per
+    point): every variant of sae.variants trained at each point with the rest of [sae] as configured, and
+    scored on the held-out samples, so defaults are chosen from numbers."""
+
+    layers: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    """Captured layers the sweep trains on (each point of the grid on each)."""
+    site: Site = "resid"
+    """The captured site the sweep trains on."""
+    lrs: list[float] = Field(default_factory=lambda: [4e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], min_length=1)
+    """Peak learning rates (sae.train.lr) to try."""
+    batch_sizes: list[int] = Field(default_factory=list)
+    """Batch sizes (tokens) to try; empty = sae.train.batch_size only."""
+    ks: list[int] = Field(default_factory=list)
+    """Active latents k to try; empty = sae.spec.k only."""
+    n_latents: list[int] = Field(default_factory=list)
+    """Dictionary widths to try; empty = sae.spec.n_latents only."""
+    total_tokens: int = Field(1_000_000, ge=1)
+    """Training tokens per point (warm-up is sae.train.warmup_tokens, capped at a tenth of this)."""
+
+    @field_validator("layers", "lrs", "batch_sizes", "ks", "n_latents")
+    @classmethod
+    def _positive_unique(cls, v: list, info) -> list:
+        if any(x < 0 or (x == 0 and info.field_name != "layers") for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"sweep.{info.field_name}={v}: values must be distinct and > 0 (layers >= 0)")
+        return v
+
+    def points(self, sae: SAEConfig) -> list[SweepPoint]:
+        """The grid in a stable order (lr fastest); an empty list means the [sae] value."""
+        grid = itertools.product(self.layers, self.n_latents or [sae.spec.n_latents], self.ks or [sae.spec.k],
+                                 self.batch_sizes or [sae.train.batch_size], self.lrs)
+        return [SweepPoint(layer=layer, lr=lr, batch_size=b, k=k, n_latents=n) for layer, n, k, b, lr in grid]
 
 
 class FeaturesConfig(Section):
@@ -207,6 +267,8 @@ class TideConfig(Section):
     """Feature statistics."""
     edit: EditConfig = Field(default_factory=EditConfig)
     """Feature-guided editing."""
+    sweep: SweepConfig | None = None
+    """An SAE training sweep (the `sae_sweep` asset exists only when this section is present)."""
     warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
     """Output location."""
 
@@ -223,6 +285,16 @@ class TideConfig(Section):
                     f"so steps must be in 0..{self.sampling.num_steps - 1}"
                 )
         self._check_edit()
+        if self.sweep is not None:
+            bad = [layer for layer in self.sweep.layers if layer not in self.capture.layers]
+            if bad or self.sweep.site not in self.capture.sites:
+                raise ValueError(f"sweep.layers={self.sweep.layers}, sweep.site={self.sweep.site!r}: not captured; "
+                                 f"use capture.layers {self.capture.layers} and one of capture.sites "
+                                 f"{self.capture.sites}")
+            bad = [k for k in self.sweep.ks if k > min(self.sweep.n_latents or [self.sae.spec.n_latents])]
+            if bad:
+                raise ValueError(f"sweep.ks contains {bad}: k must be at most the narrowest width "
+                                 f"{min(self.sweep.n_latents or [self.sae.spec.n_latents])}")
         return self
 
     def _check_edit(self) -> None:
