@@ -23,6 +23,7 @@ from tide_core.sae import (
     SparseAutoencoder,
     TokenBatch,
     evaluate,
+    lr_at,
     rebatch,
     skip_tokens,
     timestep_embedding,
@@ -287,6 +288,19 @@ def _train_cfg(**kw) -> SAETrainConfig:
     base = dict(total_tokens=256 * 150, batch_size=256, lr=1e-2, warmup_tokens=256 * 10, init_tokens=1024,
                 log_every=50)
     return SAETrainConfig(**(base | kw))
+
+
+def test_a_variant_and_the_timestep_mlp_can_have_their_own_learning_rates():
+    cfg = _train_cfg(total_tokens=100 * 20, batch_size=100, init_tokens=300, warmup_tokens=300, lr=1e-3,
+                     variant_lr={"tide": 4e-3}, time_lr_scale=0.5)
+    specs = {"tide": SAESpec(d_in=D_IN, n_latents=64, k=4, variant="tide"),
+             "topk": SAESpec(d_in=D_IN, n_latents=64, k=4, variant="topk")}
+    trainer = SAETrainer(specs, cfg)
+    trainer.fit(_synthetic(2000, 100, seed=1), max_tokens=1000)
+    logs = {name: trainer.optimizers[name].param_groups[0]["lr"] for name in specs}
+    assert logs["tide"] == pytest.approx(4 * logs["topk"]) and logs["topk"] == pytest.approx(lr_at(9, cfg))
+    time_group = trainer.optimizers["tide"].param_groups[1]  # the timestep MLP learns at half the rate
+    assert time_group["lr"] == pytest.approx(logs["tide"] / 2) and len(trainer.optimizers["topk"].param_groups) == 1
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -108,9 +108,9 @@ class SAEConfig(Section):
 # What a sweep's grid varies (or takes from [sae] when a list is empty), and what no SAE result depends on:
 # left out of the sweep's identity and its code version, so adding a point keeps the points already run.
 SWEEP_GRID_FIELDS = ("sae.checkpoint_every_tokens", "sae.splice_samples", "sae.train.lr",
-                     "sae.train.batch_size", "sae.train.total_tokens", "sae.train.log_every", "sae.spec.k",
-                     "sae.spec.n_latents", "sweep.layers", "sweep.lrs", "sweep.batch_sizes", "sweep.ks",
-                     "sweep.n_latents")
+                     "sae.train.variant_lr", "sae.train.batch_size", "sae.train.total_tokens", "sae.train.log_every",
+                     "sae.spec.k", "sae.spec.n_latents", "sweep.layers", "sweep.lrs", "sweep.batch_sizes",
+                     "sweep.ks", "sweep.n_latents")
 
 
 @dataclass(frozen=True)

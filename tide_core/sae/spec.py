@@ -9,7 +9,7 @@ its ``SAESpec`` from ``design.bind(d_in, variant, num_train_timesteps)`` once th
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,6 +108,11 @@ class SAETrainConfig(BaseModel):
     """Tokens per optimizer step."""
     lr: float = Field(4e-4, gt=0.0)
     """Peak AdamW learning rate."""
+    variant_lr: dict[Variant, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    """Peak learning rate of a variant instead of lr (e.g. {tide = 4e-3}): variants trained in one pass
+    share the batches and the schedule's shape, not necessarily its peak."""
+    time_lr_scale: float = Field(1.0, gt=0.0)
+    """TIDE's timestep MLP learns at this multiple of its SAE's learning rate."""
     warmup_tokens: int = Field(50_000, ge=0)
     """Length of the linear learning-rate warm-up, in tokens (must be < total_tokens)."""
     decay: Literal["cosine", "linear"] = "cosine"

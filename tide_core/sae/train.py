@@ -112,10 +112,7 @@ class SAETrainer:
         widths = {name: s.spec.d_in for name, s in self.saes.items()}
         if len(set(widths.values())) > 1:
             raise ValueError(f"SAEs trained in one pass see the same activations, but their d_in differ: {widths}")
-        self.optimizers = {
-            name: torch.optim.AdamW(s.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            for name, s in self.saes.items()
-        }
+        self.optimizers = {name: self._optimizer(s) for name, s in self.saes.items()}
         self.step = 0
         self.tokens_seen = 0
         self.logs: dict[str, list[TrainLog]] = {name: [] for name in self.saes}
@@ -128,11 +125,19 @@ class SAETrainer:
 
     # --- one step --------------------------------------------------------------------------------------
 
+    def _optimizer(self, sae: SparseAutoencoder) -> torch.optim.AdamW:
+        """AdamW over the dictionary; TIDE's timestep MLP in a group of its own (its lr_scale applies)."""
+        time_params = set() if sae.time_mlp is None else {id(p) for p in sae.time_mlp.parameters()}
+        groups = [{"params": [p for p in sae.parameters() if id(p) not in time_params], "lr_scale": 1.0}]
+        if time_params:
+            groups.append({"params": list(sae.time_mlp.parameters()), "lr_scale": self.cfg.time_lr_scale})
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
+
     def _step_one(self, name: str, batch: TokenBatch, lr: float) -> TrainLog:
         sae, opt = self.saes[name], self.optimizers[name]
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         out = sae.loss(batch.acts, batch.timesteps)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
@@ -159,7 +164,8 @@ class SAETrainer:
             device = sae.W_dec.device
             if device not in on_device:  # convert (e.g. float16 numpy -> float32 torch) once per device
                 on_device[device] = batch.to_torch(device)
-            logs[name] = self._step_one(name, on_device[device], lr)
+            peak = self.cfg.variant_lr.get(sae.spec.variant, self.cfg.lr)
+            logs[name] = self._step_one(name, on_device[device], lr * peak / self.cfg.lr)
         self.step += 1
         self.tokens_seen += len(batch)
         return logs
