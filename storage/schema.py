@@ -18,6 +18,9 @@ SPLITS = ("train", "heldout")
 CONCEPT_KINDS = ("class", "word", "tag")
 TOP_IMAGE_SCOPES = ("overall", "peak_step")
 OVERALL_STEP = -1  # sae_metrics.step of the aggregate over all diffusion steps
+# An SAE with more held-out latents that never fire is not usable, whatever its error: the `sae` asset's
+# check, and the bar a sweep's best point must pass (a high learning rate buys error with dead latents).
+MAX_DEAD_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -343,9 +346,11 @@ VIEWS: dict[str, View] = {
         ),
         View(
             "v_sae_sweep_best",
-            "the best point of each variant on each layer of each sweep: lowest held-out nmse over all steps",
-            "SELECT * FROM sae_sweep WHERE step = -1 "
-            "QUALIFY row_number() OVER (PARTITION BY sweep_id, layer, variant ORDER BY nmse, point) = 1",
+            f"the best point of each variant on each layer of each sweep: the lowest held-out nmse over all steps "
+            f"among the points with dead_fraction < {MAX_DEAD_FRACTION} (if none, the one with the fewest dead)",
+            "SELECT * FROM sae_sweep WHERE step = -1 QUALIFY row_number() OVER (PARTITION BY sweep_id, layer, "
+            f"variant ORDER BY dead_fraction >= {MAX_DEAD_FRACTION}, CASE WHEN dead_fraction < {MAX_DEAD_FRACTION} "
+            "THEN nmse ELSE dead_fraction END, point) = 1",
         ),
         View(
             "v_top_images",

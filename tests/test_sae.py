@@ -292,7 +292,7 @@ def _train_cfg(**kw) -> SAETrainConfig:
 
 def test_a_variant_and_the_timestep_mlp_can_have_their_own_learning_rates():
     cfg = _train_cfg(total_tokens=100 * 20, batch_size=100, init_tokens=300, warmup_tokens=300, lr=1e-3,
-                     variant_lr={"tide": 4e-3}, time_lr_scale=0.5)
+                     variant_lr_scale={"tide": 4.0}, time_lr_scale=0.5)
     specs = {"tide": SAESpec(d_in=D_IN, n_latents=64, k=4, variant="tide"),
              "topk": SAESpec(d_in=D_IN, n_latents=64, k=4, variant="topk")}
     trainer = SAETrainer(specs, cfg)

@@ -7,10 +7,10 @@ from pipelines.defs.resources import TideResource
 from pipelines.defs.versions import code_version
 from pipelines.plots import line_plot, markdown_image
 from pipelines.project import Project
+from storage.schema import MAX_DEAD_FRACTION
 
 GROUP = "sae"
 MIN_EXPLAINED_VARIANCE = 0.90
-MAX_DEAD_FRACTION = 0.05
 
 
 def layer_sites(project: Project) -> dg.MultiPartitionsDefinition:

@@ -57,7 +57,8 @@ def run_point(ctx: RunContext, key: str) -> PointReport:
     split = split_samples(store, cfg.sae.heldout_fraction)
     design = cfg.sae.spec.model_copy(update={"k": point.k, "n_latents": point.n_latents})
     train = cfg.sae.train.model_copy(update={
-        "lr": point.lr, "variant_lr": {}, "batch_size": point.batch_size, "total_tokens": sw.total_tokens,
+        "lr": point.lr, "variant_lr_scale": {}, "batch_size": point.batch_size,
+        "total_tokens": sw.total_tokens,
         "warmup_tokens": min(cfg.sae.train.warmup_tokens, sw.total_tokens // 10)})
     saes = new_saes(ctx, store, point.layer, sw.site, design, cfg.sae.variants, train.seed)
     trainer = SAETrainer(saes, train)

@@ -55,7 +55,7 @@ class CaptureConfig(Section):
     """Where in the block: resid = block output; attn / mlp = (self-)attention / feed-forward output; cross =
     cross-attention output (text-conditional families). Every captured site gets its own SAEs, feature tables
     and dashboard pages."""
-    steps: list[int] | None = None
+    steps: list[int] | None = Field(None, min_length=1)
     """Sampling steps to capture (0 = noisiest); default all."""
     token_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of image tokens stored per image and step (TIDE trains on 1/16); 1 = all tokens."""
@@ -108,9 +108,9 @@ class SAEConfig(Section):
 # What a sweep's grid varies (or takes from [sae] when a list is empty), and what no SAE result depends on:
 # left out of the sweep's identity and its code version, so adding a point keeps the points already run.
 SWEEP_GRID_FIELDS = ("sae.checkpoint_every_tokens", "sae.splice_samples", "sae.train.lr",
-                     "sae.train.variant_lr", "sae.train.batch_size", "sae.train.total_tokens", "sae.train.log_every",
-                     "sae.spec.k", "sae.spec.n_latents", "sweep.layers", "sweep.lrs", "sweep.batch_sizes",
-                     "sweep.ks", "sweep.n_latents")
+                     "sae.train.variant_lr_scale", "sae.train.batch_size", "sae.train.total_tokens",
+                     "sae.train.log_every", "sae.spec.k", "sae.spec.n_latents", "sweep.layers", "sweep.lrs",
+                     "sweep.batch_sizes", "sweep.ks", "sweep.n_latents")
 
 
 @dataclass(frozen=True)

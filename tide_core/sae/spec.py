@@ -106,11 +106,14 @@ class SAETrainConfig(BaseModel):
     """Training tokens per SAE; training stops there (or earlier if the stream runs out)."""
     batch_size: int = Field(1024, ge=1)
     """Tokens per optimizer step."""
-    lr: float = Field(4e-4, gt=0.0)
-    """Peak AdamW learning rate."""
-    variant_lr: dict[Variant, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
-    """Peak learning rate of a variant instead of lr (e.g. {tide = 4e-3}): variants trained in one pass
-    share the batches and the schedule's shape, not necessarily its peak."""
+    lr: float = Field(2e-3, gt=0.0)
+    """Peak AdamW learning rate (topk's best with under 5% dead latents on every layer of the default run's
+    sweep; see docs/DECISIONS.md)."""
+    variant_lr_scale: dict[Variant, Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=lambda: {"tide": 0.5})
+    """A variant's peak learning rate as a multiple of lr: variants trained in one pass share the batches and
+    the schedule's shape, not necessarily its peak (tide keeps under 5% dead latents on every layer of the
+    default run at half of topk's best lr)."""
     time_lr_scale: float = Field(1.0, gt=0.0)
     """TIDE's timestep MLP learns at this multiple of its SAE's learning rate."""
     warmup_tokens: int = Field(50_000, ge=0)
