@@ -7,7 +7,13 @@ Reads stored activations (run `make run` first), preloads --steps batches so I/O
 backward that never builds the dense latent gradient, AuxK, decoder-norm projection, AdamW), and (b) a
 dense TopK SAE step (scatter to dense z, dense decode, plain autograd, AdamW). It also times a bare
 torch matmul of the encoder's shape [B, d] x [d, n] to give the machine's matmul rate, and reports how
-close our step gets to that limit. Last line: sae_speedup=<topk ours / dense>.
+close our step gets to that limit (sae_speedup=<topk ours / dense>).
+
+Then time-to-quality (bench/quality.py): each trainer (our topk and tide, the dense reference) trained on
+--quality-tokens training tokens at each of its candidate learning rates, held-out FVU every --eval-every
+steps; each at its best lr (the lowest final FVU with under 5% dead latents, as the sweep scores them), the
+wall time and tokens to reach the dense reference's final FVU. Last line:
+time_to_quality_speedup=<dense time / our topk time> (--quality-tokens 0 skips this part).
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--n-latents", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
+    p.add_argument("--quality-tokens", type=int, default=1_000_000)
+    p.add_argument("--eval-every", type=int, default=50, help="optimizer steps between held-out evaluations")
+    p.add_argument("--lrs-ours", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    p.add_argument("--lrs-dense", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3])
     args = p.parse_args()
     project = Project.load(args.config)
     cfg = project.config.sae
@@ -98,6 +108,53 @@ def main() -> None:
     width = max(len(a) for a, _ in rows)
     print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
     print(f"sae_speedup={speedup:.3f}")
+    if args.quality_tokens:
+        time_to_quality(store, project, layer, bs, n, k, args)
+
+
+def time_to_quality(store, project, layer: int, bs: int, n: int, k: int, args) -> None:
+    from bench import quality
+    from pipelines.stages.sae import split_samples
+    from storage.schema import MAX_DEAD_FRACTION
+
+    split = split_samples(store, project.config.sae.heldout_fraction)
+    stream = store.iter_token_batches("resid", layer, bs, seed=0, sample_ids=split.train)
+    batches = [TokenBatch(b.acts, b.timesteps, b.steps).to_torch()
+               for _, b in zip(range(args.quality_tokens // bs), stream, strict=False)]
+    h = next(store.iter_token_batches("resid", layer, 65_536, seed=1, sample_ids=split.heldout))
+    held = TokenBatch(h.acts, h.timesteps, h.steps).to_torch()
+    print(f"\ntime to quality: {len(batches) * bs:,} training tokens, {len(held):,} held-out tokens, FVU every "
+          f"{args.eval_every} steps")
+    runs = {"dense": [quality.dense(lr, batches, held, n, k, args.eval_every) for lr in args.lrs_dense]}
+    for variant in ("topk", "tide"):
+        runs[variant] = [quality.ours(variant, lr, batches, held, n, k, args.eval_every) for lr in args.lrs_ours]
+    for name, curves in runs.items():
+        print(f"  {name}: final FVU (dead) by lr " + ", ".join(f"{c.lr:g} {c.final:.4f} ({c.dead:.0%})" for c in curves))
+    top = {name: quality.best(curves, MAX_DEAD_FRACTION) for name, curves in runs.items()}
+    target = top["dense"].final
+    rows = [("target: the dense reference's final FVU", f"{target:.4f}")]
+    reached = {}
+    for name, c in top.items():
+        hit = c.time_to(target)
+        reached[name] = hit
+        rows += [(f"{name}: best lr", f"{c.lr:g}"), (f"{name}: final FVU / dead", f"{c.final:.4f} / {c.dead:.1%}"),
+                 (f"{name}: tokens/s", f"{c.tokens[-1] / c.seconds[-1]:,.0f}"),
+                 (f"{name}: time / tokens to target", "not reached" if hit is None else f"{hit[0]:.1f} s / {hit[1]:,}")]
+    width = max(len(a) for a, _ in rows)
+    print("\n".join(f"{a:<{width}}  {b}" for a, b in rows))
+    # The same by error alone (dead latents ignored), for comparison with tools that score FVU only.
+    by_fvu = {name: quality.best(curves, max_dead=1.01) for name, curves in runs.items()}
+    fvu_target = by_fvu["dense"].final
+    hits = {name: c.time_to(fvu_target) for name, c in by_fvu.items()}
+    print(f"by FVU alone: dense lr {by_fvu['dense'].lr:g} FVU {fvu_target:.4f} ({by_fvu['dense'].dead:.0%} dead) in "
+          f"{hits['dense'][0]:.1f} s; " + "; ".join(
+              f"{n} lr {by_fvu[n].lr:g} ({by_fvu[n].dead:.0%} dead) " + ("never" if hits[n] is None else
+              f"in {hits[n][0]:.1f} s = {hits['dense'][0] / hits[n][0]:.2f}x") for n in ("topk", "tide")))
+    for name in ("topk", "tide"):
+        if reached[name] is not None:
+            print(f"time_to_quality_speedup_{name}={reached['dense'][0] / reached[name][0]:.2f}")
+    speedup = float("nan") if reached["topk"] is None else reached["dense"][0] / reached["topk"][0]
+    print(f"time_to_quality_speedup={speedup:.2f}")
 
 
 if __name__ == "__main__":
