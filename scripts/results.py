@@ -161,6 +161,37 @@ class Results:
                           "WHERE a.variant = 'tide' AND b.variant = 'topk' AND a.split = 'heldout' AND a.step >= 0 "
                           "GROUP BY 1 ORDER BY 1")
 
+    def _sweeps(self) -> str:
+        """A SQL CASE naming each sweep of this warehouse by the config that ran it (configs/sweep-*.toml)."""
+        from pipelines.stages.sae_sweep import sweep_id
+
+        runs = self.wh.query("SELECT DISTINCT run_id FROM sae_sweep").column(0).to_pylist()
+        names = {sweep_id(Project.load(path).config, run): path.stem for path in sorted((REPO / "configs").glob(
+            "sweep-*.toml")) for run in runs}
+        cases = " ".join(f"WHEN '{sid}' THEN '{name}'" for sid, name in names.items())
+        return f"CASE sweep_id {cases} ELSE sweep_id END" if cases else "sweep_id"
+
+    def sweep(self) -> str:
+        lrs = self.wh.query("SELECT DISTINCT lr FROM sae_sweep ORDER BY lr").column(0).to_pylist()
+        cols = ", ".join(f"any_value(cell) FILTER (WHERE lr = {lr!r}) AS \"{lr:g}\"" for lr in lrs)
+        return self.table(f"SELECT sweep, layer, variant, {cols} FROM (SELECT {self._sweeps()} AS sweep, layer, "
+                          "variant, lr, printf('%.4f (%d%%)', nmse, round(100 * dead_fraction)::INT) AS cell FROM "
+                          "sae_sweep WHERE step = -1) GROUP BY ALL ORDER BY sweep, layer, variant")
+
+    def sweep_best(self) -> str:
+        return self.table(f"WITH best AS (SELECT *, {self._sweeps()} AS sweep FROM v_sae_sweep_best), steps AS ("
+                          "SELECT t.layer, count(*) FILTER (WHERE t.nmse < k.nmse) AS tide_better, count(*) AS n FROM "
+                          "sae_sweep t JOIN best bt ON bt.sweep_id = t.sweep_id AND bt.point = t.point AND bt.variant "
+                          "= t.variant JOIN sae_sweep k ON k.sweep_id = t.sweep_id AND k.layer = t.layer AND k.step = "
+                          "t.step JOIN best bk ON bk.sweep_id = k.sweep_id AND bk.point = k.point AND bk.variant = "
+                          "k.variant WHERE t.variant = 'tide' AND k.variant = 'topk' AND t.step >= 0 GROUP BY 1) "
+                          "SELECT b.sweep, b.layer, b.variant, b.lr AS best_lr, round(b.nmse, 4) AS nmse, "
+                          "round(b.dead_fraction, 3) AS dead, round(b.nmse / k.nmse, 3) AS over_topk, "
+                          "s.tide_better || ' of ' || s.n AS steps_tide_better FROM best b JOIN (SELECT layer, nmse "
+                          "FROM best WHERE variant = 'topk') k USING (layer) LEFT JOIN steps s ON s.layer = b.layer "
+                          "AND b.variant = 'tide' AND b.sweep = 'sweep-digits' ORDER BY b.layer, b.sweep DESC, "
+                          "b.variant DESC")
+
     def by_phase(self) -> str:
         return self.table(f"SELECT layer, variant, {PHASES} AS steps, round(sum(class_selectivity * fire_rate) / "
                           "sum(fire_rate), 3) AS weighted_selectivity, round(avg(count_live), 0) AS live_per_step FROM "
@@ -283,6 +314,7 @@ def blocks(results: Results | None) -> list[Block]:
         ("neighbors", r.neighbors))]
     out += [Block(FINDINGS, name, fn) for name, fn in (
         ("model-quality", r.model_quality), ("sae-table", r.sae_table), ("tide-vs-topk", r.tide_vs_topk),
+        ("sweep", r.sweep), ("sweep-best", r.sweep_best),
         ("figures", r.figures), ("by-phase", r.by_phase), ("peak-steps", r.peak_steps),
         ("heatmap-spread", r.heatmap_spread), ("gallery", r.gallery), ("edits", r.edits))]
     return out
