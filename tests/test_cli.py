@@ -83,3 +83,23 @@ def test_ui_serves_the_asset_graph_of_its_warehouse_and_stops_on_term(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+@pytest.mark.parametrize("content, names", [
+    (bytes(range(256)), ["must be a UTF-8 TOML file"]),
+    (b"[sae.spec]\nk = true\n", ["sae.spec.k", "true/false where a number is expected"]),
+    (b"[sae]\nvariants = []\n", ["sae.variants", "is empty"]),
+    (b"[capture]\nlayers = []\nsites = []\n", ["capture.layers", "capture.sites", "is empty"]),
+])
+def test_a_bad_config_file_exits_2_with_one_message(tmp_path, monkeypatch, capsys, content, names):
+    from pipelines.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("TIDE_CONFIG", "")  # the CLI sets it from --config; monkeypatch restores it
+    path = tmp_path / "tide.toml"
+    path.write_bytes(content)
+    assert main(["config", "--config", str(path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("[tide]") == 1 and str(path) in out.err, out.err
+    assert all(n in out.err for n in names), out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tide.toml"]  # nothing written

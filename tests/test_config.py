@@ -21,8 +21,14 @@ def test_repo_config_is_valid_and_defaults_match():
 @pytest.mark.parametrize("data, field, hint", [
     ({"model": {"source": " "}}, "model.source", "is empty"),
     ({"capture": {"layers": [0, -1]}}, "capture.layers", "start at 0"),
-    ({"capture": {"layers": []}}, "capture.layers", "at least 1 item"),
-    ({"sae": {"variants": []}}, "sae.variants", "at least 1 item"),
+    ({"capture": {"layers": []}}, "capture.layers", "is empty, so its stage would do nothing"),
+    ({"capture": {"sites": []}}, "capture.sites", "is empty"),
+    ({"capture": {"steps": []}}, "capture.steps", "is empty"),
+    ({"sae": {"variants": []}}, "sae.variants", "is empty"),
+    ({"sampling": {"classes": []}}, "sampling.classes", "is empty"),
+    ({"edit": {"strengths": []}}, "edit.strengths", "is empty"),
+    ({"sweep": {"lrs": []}}, "sweep.lrs", "is empty"),
+    ({"sae": {"spec": {"k": True}}}, "sae.spec.k", "true/false where a number is expected"),
     ({"sampling": {"batch_size": -4}}, "sampling.batch_size", "greater than or equal to 1"),
     ({"sampling": {"num_steps": "fifty"}}, "sampling.num_steps", "valid integer"),
     ({"sampling": {"nums_steps": 10}}, "sampling.nums_steps", "unknown key"),
@@ -81,10 +87,63 @@ def test_invalid_toml_binary_and_missing_files(tmp_path):
         load_config(bad)
     binary = tmp_path / "model.safetensors"
     binary.write_bytes(bytes(range(256)))
-    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+    with pytest.raises(ConfigError, match="is not text .* must be a UTF-8 TOML file") as err:
         load_config(binary)
+    assert str(binary) in str(err.value)
+    nul = tmp_path / "weights.bin"
+    nul.write_bytes(b"\x00\x01" * 64)  # valid UTF-8, but binary
+    with pytest.raises(ConfigError, match="is not text"):
+        load_config(nul)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def _numeric_fields(model, prefix=""):
+    """Dotted names of the fields whose default is an int or a float (not a bool), nested models included."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        ann, default = field.annotation, field.get_default(call_default_factory=True)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _numeric_fields(ann, f"{prefix}{name}.")
+        elif isinstance(default, int | float) and not isinstance(default, bool):
+            yield f"{prefix}{name}"
+
+
+def _nested(dotted: str, value) -> dict:
+    *parents, leaf = dotted.split(".")
+    data = {leaf: value}
+    for part in reversed(parents):
+        data = {part: data}
+    return data
+
+
+def test_booleans_are_rejected_by_every_numeric_field():
+    from tide_core.config import SweepConfig
+
+    fields = list(_numeric_fields(TideConfig)) + [f"sweep.{f}" for f in _numeric_fields(SweepConfig)]
+    assert {"sae.spec.k", "sae.train.lr", "sampling.guidance_scale", "model.digits.num_layers",
+            "sweep.total_tokens"} <= set(fields)
+    for dotted in fields:
+        with pytest.raises(ConfigError) as err:
+            parse_config(_nested(dotted, True))
+        assert f"{dotted}: true/false where a number is expected" in str(err.value), dotted
+    # optional numbers, list items, tuple items and dict values too
+    for data, where in [({"sae": {"spec": {"aux_k": True}}}, "sae.spec.aux_k"),
+                        ({"model": {"height": False}}, "model.height"),
+                        ({"capture": {"layers": [0, True]}}, "capture.layers.1"),
+                        ({"sae": {"train": {"betas": [0.9, True]}}}, "sae.train.betas.1"),
+                        ({"sae": {"train": {"variant_lr_scale": {"tide": True}}}}, "sae.train.variant_lr_scale.tide"),
+                        ({"sweep": {"lrs": [True]}}, "sweep.lrs.0")]:
+        with pytest.raises(ConfigError, match=f"{where}: true/false"):
+            parse_config(data)
+
+
+def test_numbers_stay_lax_where_toml_needs_it():
+    cfg = parse_config({"sae": {"train": {"lr": 1, "betas": [0.9, 0.99]}}, "edit": {"spatial": False},
+                        "sampling": {"guidance_scale": 3}})
+    assert cfg.sae.train.lr == 1.0 and cfg.sae.train.betas == (0.9, 0.99) and cfg.edit.spatial is False
+    assert cfg.sampling.guidance_scale == 3.0
 
 
 def test_sae_settings_are_the_libraries_own_with_one_set_of_defaults():

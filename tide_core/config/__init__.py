@@ -9,7 +9,7 @@ validators.
 
 Modules: ``base`` (the section base class and shared names), ``model`` (``[model]`` and its families'
 sections), ``run`` (the stages' sections and ``TideConfig``), ``load`` (reading, path resolution,
-``explain``). The SAE settings are the SAE library's own models (``tide_core.sae.spec``), embedded as they
+``explain``), ``numbers`` (true/false refused where a number is declared). The SAE settings are the SAE library's own models (``tide_core.sae.spec``), embedded as they
 are.
 """
 

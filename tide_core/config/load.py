@@ -10,27 +10,41 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from tide_core.config.base import BUILT_HERE, CONFIG_ENV, DEFAULT_CONFIG_NAME, ConfigError
+from tide_core.config.numbers import bools_for_numbers
 from tide_core.config.run import TideConfig
 
+# Every list of the config names work to do (layers, sites, variants, steps, ...): an empty one would make its
+# stage do nothing, so the fields declare min_length=1 and this says so in the user's words.
+_EMPTY = "is empty, so its stage would do nothing: list at least one value, or remove the key for the default"
 
-def _format_error(err: ValidationError, origin: str) -> str:
+
+def _error_lines(err: ValidationError, skip: set[str]) -> list[str]:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if where in skip:
+            continue
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `tide config --explain` lists every field)"
-        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
+        elif e["type"] == "too_short":
+            msg = _EMPTY
+        got = "" if e["type"] in ("extra_forbidden", "value_error", "too_short") else f" (got {e.get('input')!r})"
         lines.append(f"  {where}: {msg}{got}")
-    return f"invalid config {origin}:\n" + "\n".join(lines)
+    return lines
 
 
 def parse_config(data: dict, origin: str = "<dict>") -> TideConfig:
     """Validate a config mapping; raise ConfigError naming each bad field. Paths stay as given."""
+    bools = bools_for_numbers(data, TideConfig)
+    lines = [f"  {where}: true/false where a number is expected (write a number, e.g. 1 or 0.5)" for where in bools]
     try:
-        return TideConfig.model_validate(data)
+        cfg = TideConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        lines += _error_lines(err, skip=set(bools))
+    if lines:
+        raise ConfigError(f"invalid config {origin}:\n" + "\n".join(lines))
+    return cfg
 
 
 def resolve_config_path(path: str | os.PathLike | None = None) -> Path | None:
@@ -84,9 +98,13 @@ def load_config(path: str | os.PathLike | None = None) -> TideConfig:
         raise ConfigError(f"config file {resolved} does not exist (set --config or ${CONFIG_ENV})")
     try:
         text = resolved.read_bytes().decode("utf-8")
-        data = tomllib.loads(text)
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {resolved} is not UTF-8 text: point --config at a TOML file") from None
+        text = None
+    if text is None or "\x00" in text:  # NUL is valid UTF-8, but no text file holds it: a binary given by mistake
+        raise ConfigError(f"config file {resolved} is not text (not UTF-8): a config must be a UTF-8 TOML file; "
+                          "point --config at one (e.g. tide.toml)")
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {resolved} is not valid TOML: {err}") from None
     return resolve_paths(parse_config(data, origin=str(resolved)), resolved.resolve().parent)
