@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.preflight import preflight
+from pipelines.preflight import check
 from pipelines.project import REPO_ROOT, Project
 from tide_core.config import CONFIG_ENV, ConfigError
 
@@ -24,16 +24,18 @@ def _load_project(args) -> Project:
     return Project.load(args.config)
 
 
-def _preflight(project: Project) -> None:
-    """Stop with exit code 2 before any work when the environment cannot run this config."""
-    problems = preflight(project)
-    if problems:
-        raise ConfigError("preflight failed:\n" + "\n".join(f"  {p}" for p in problems))
+def _preflight(project: Project) -> str:
+    """Stop with exit code 2 before any work when the environment cannot run this config; else the line
+    that says what passed (with the activation store's estimated size)."""
+    report = check(project)
+    if report.problems:
+        raise ConfigError("preflight failed:\n" + "\n".join(f"  {p}" for p in report.problems))
+    return f"[tide] preflight passed: model, device and warehouse root usable; {report.summary()}"
 
 
 def cmd_run(args) -> int:
     project = _load_project(args)  # a bad config fails here, before anything runs
-    _preflight(project)
+    print(_preflight(project), flush=True)
     from pipelines.definitions import definitions_for
     from pipelines.instance import warehouse_instance
     from pipelines.runner import materialize
@@ -205,8 +207,7 @@ def cmd_config(args) -> int:
     project = _load_project(args)
     print(f"[tide] config {project.config_path or '(defaults)'} is valid")
     if args.check:
-        _preflight(project)
-        print("[tide] preflight passed: the model, device and warehouse root are usable")
+        print(_preflight(project))
     if args.show:
         print(project.config.model_dump_json(indent=2))
     return 0

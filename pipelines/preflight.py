@@ -1,33 +1,69 @@
 """Preflight: what the config cannot say about the environment, checked in seconds before any work.
 
 Config loading is pure (``tide_core.config``); this step looks at the machine: the model's files (and from
-them its depth and sites, against ``capture``), the prompt file of a text-conditional model, the device, and
-a writable warehouse root. Every problem
-is one line naming what to change; nothing is written.
+them its depth and sites, against ``capture``), the prompt file of a text-conditional model, the device, a
+writable warehouse root with room for the activation store, and a warehouse file no other process holds.
+Every problem is one line naming what to change; nothing is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.project import Project
+from pipelines.store_size import StoreEstimate, estimate_store, free_space, human_bytes
 from tide_core.models.registry import ModelError, family_entry, family_of
 from tide_core.prompts import PromptError, read_prompt_file
+
+# A writer holds the file for one transaction (seconds); a process that keeps it longer is not this run's.
+LOCK_PROBE_S = 3.0
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """What the preflight found: the problems (empty when the run can start) and the store's estimate."""
+
+    problems: list[str] = field(default_factory=list)
+    store: StoreEstimate | None = None  # None when the token grid needs the model's files
+    free: tuple[Path, int] | None = None  # (folder, free bytes) where the store goes; None when remote
+
+    def summary(self) -> str:
+        """One line for the CLI: the store's size against the free space."""
+        if self.store is None:
+            return "the activation store's size is unknown until the model's files are here"
+        s = self.store
+        need = f"about {human_bytes(s.total_bytes)} ({s.formula()})"
+        if s.done_fraction:
+            need += f", {human_bytes(s.remaining_bytes)} of it still to write"
+        room = f"; {human_bytes(self.free[1])} free at {self.free[0]}" if self.free else ""
+        return f"the activation store takes {need}{room}"
 
 
 def preflight(project: Project) -> list[str]:
     """Problems that would make `tide run` fail later; empty when the run can start."""
+    return check(project).problems
+
+
+def check(project: Project) -> PreflightReport:
+    """The preflight with its store estimate (``tide run`` prints it)."""
     from tide_core.models.base import resolve_device  # torch: only when a preflight runs, not at CLI start
 
     cfg = project.config
     problems: list[str] = []
+    store = None
+    free = free_space(project) if not _unwritable(project.root) else None
     problems += _prompts(project)
     try:
         info = family_of(cfg.model).describe(cfg.model)
     except ModelError as err:
         problems.append(str(err))
     else:
+        store = estimate_store(project, info)
+        if store is not None and free is not None and store.remaining_bytes > free[1]:
+            problems.append(_short_of_space(project, store, free))
         bad = [layer for layer in cfg.capture.layers if not 0 <= layer < info.num_layers]
         if bad:
             problems.append(f"capture.layers contains {bad}: model {cfg.model.source!r} has {info.num_layers} "
@@ -42,7 +78,39 @@ def preflight(project: Project) -> list[str]:
         problems.append(str(err))
     if problem := _unwritable(project.root):
         problems.append(problem)
-    return problems
+    if problem := _warehouse_held(project.duckdb_path):
+        problems.append(problem)
+    return PreflightReport(problems, store, free)
+
+
+def _short_of_space(project: Project, store: StoreEstimate, free: tuple[Path, int]) -> str:
+    c = project.config.capture
+    return (f"the activation store needs about {human_bytes(store.remaining_bytes)} ({store.formula()}) but "
+            f"{free[0]} has {human_bytes(free[1])} free: capture fewer samples (sampling.num_samples), steps "
+            f"(capture.steps), layers (capture.layers) or sites (capture.sites), keep fewer tokens "
+            f"(capture.token_fraction = {c.token_fraction:g}; TIDE trains on 1/16), or point warehouse.root "
+            "(or warehouse.store_url) at a disk with room")
+
+
+def _warehouse_held(path: Path) -> str | None:
+    """Why the warehouse file cannot be opened: another process holds it (DuckDB admits nobody else while a
+    process has it open read-write, readers included), or it is not a DuckDB database."""
+    if not path.exists():
+        return None
+    from storage import WarehouseError, WarehouseLockedError, connect  # duckdb: only when a preflight runs
+
+    try:
+        connect(path, read_only=True, timeout_s=LOCK_PROBE_S).close()
+    except WarehouseLockedError as err:
+        holder = re.search(r"held in (.+?) \(PID (\d+)\)", str(err))
+        who = f"process {holder[2]} ({holder[1]})" if holder else "another process"
+        return (f"the warehouse {path} is held by {who}: while a process has it open read-write, DuckDB lets no "
+                "other open it. Stop that process (another `tide run` on this warehouse, or a DuckDB shell or "
+                f"notebook that opened it without -readonly{f'; kill {holder[2]}' if holder else ''}), or wait "
+                "for it to finish, then run again")
+    except WarehouseError as err:
+        return str(err)
+    return None
 
 
 def _prompts(project: Project) -> list[str]:
