@@ -244,6 +244,22 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Every warehouse table as DIR/<table>.parquet, grain and description in the file's metadata."""
+    from storage import StorageError, Warehouse, export_tables
+
+    project = _load_project(args)
+    try:
+        written = export_tables(Warehouse(project.duckdb_path), args.dir)
+    except (StorageError, OSError) as err:
+        print(f"[tide] {err}", file=sys.stderr)
+        return 1
+    for t in written:
+        print(f"[tide] {t.path}: {t.rows} rows")
+    print(f"[tide] read with: duckdb -c \"SELECT * FROM '{Path(args.dir) / 'features.parquet'}' LIMIT 5\"")
+    return 0
+
+
 def cmd_export_sae(args) -> int:
     """Write a trained SAE as SAELens checkpoints (tide: one per timestep, default the run's captured ones)."""
     import json
@@ -354,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample with the null class and no guidance: the features, not the label, decide the digit "
                         "(--no-unconditional: the run's class labels and guidance)")
     e.add_argument("--no-publish", action="store_true", help="do not write `edits` rows (grid PNG only)")
+    o = add("export", cmd_export, "Write every warehouse table as DIR/<table>.parquet, with the table's grain and "
+            "description in the Parquet schema metadata (README, Open formats).")
+    o.add_argument("dir", help="output directory (created if missing; files of the same name are replaced)")
+    o.add_argument("--format", default="parquet", choices=["parquet"], help="file format (default parquet)")
     x = add("export-sae", cmd_export_sae, "Write a trained SAE as a SAELens checkpoint directory (cfg.json + "
             "sae_weights.safetensors) that sae_lens.SAE.load_from_disk loads; input scaling and, for tide, the "
             "timestep modulation are folded into the weights, so latents and reconstructions equal the SAE's own.")

@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SAE_CONTEXT",
     ),
     "storage.export": ("write_table", "csv_bytes", "json_lines"),
+    "storage.table_export": ("export_tables", "ExportedTable"),
     "storage.errors": (
         "StorageError", "StoreError", "StoreMismatchError", "WarehouseError", "WarehouseLockedError",
         "WarehouseMissingError", "WarehouseSchemaError", "WarehouseWriteError", "WarehouseQueryError",

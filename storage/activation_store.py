@@ -7,7 +7,9 @@ Layout (see docs/STORE.md):
     <store>/acts/<site>/layer_<LL>   [S,N,P,D] float16, chunks (1, shard_size, P, D)
     <store>/acts/token_index         [S,N,P]   int16, only when tokens are subsampled; shared by
                                                 every site and layer (one token draw per sample and step)
-    <store>/shards/<kkkkk>.done                completion marker (JSON), written last
+    <store>/acts/<site>/{step,timestep,sample_id,row,col}   coordinates for xarray (storage.store_coords)
+    <store>/shards/<kkkkk>/zarr.json           completion marker (a group; attrs = the shard's stats), written
+                                                last (storage.shard_markers)
 S counts captured steps (attrs["steps"] maps axis 0 to schedule steps), N samples, P stored tokens,
 D channels. Shard writes never share a chunk, so parallel writers need no locks; a shard without its
 marker is incomplete: it is redone, never read.
@@ -26,6 +28,8 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import StoreError, StoreMismatchError
+from storage.shard_markers import ShardMarkers
+from storage.store_coords import write_coordinates
 from storage.token_batches import StoreTokenBatch, shuffled_token_batches
 
 SCHEMA_VERSION = 1
@@ -109,6 +113,7 @@ class ActivationStore:
         self._local = isinstance(self.fs, LocalFileSystem)
         self._arrays: dict[str, zarr.Array] = {}  # zarr re-reads zarr.json on every group lookup
         self._made_dirs: set[str] = set()
+        self.markers = ShardMarkers(self.fs, self._root)
 
     # ---- creation and identity -------------------------------------------------------------
 
@@ -127,6 +132,7 @@ class ActivationStore:
             else:
                 store = cls.open(url)
                 store.check_matches(layout, provenance)
+                store._upgrade()
                 return store
         _check_writable(fs, root)
         group = zarr.open_group(url, mode="w")
@@ -160,7 +166,17 @@ class ActivationStore:
             "layout": asdict(lay),
             "provenance": {**provenance, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         })
-        return cls(url, group)
+        store = cls(url, group)
+        store._upgrade()
+        return store
+
+    def _upgrade(self) -> None:
+        """Bring a store to this code's layout without touching its data: the shards group and coordinate
+        arrays of stores written before they existed. Runs where one process has the store (its creation, or
+        its reopening upstream of the shard writers)."""
+        self.markers.migrate(self.layout.num_shards)
+        acts = [act_path(site, layer) for site in self.layout.sites for layer in self.layout.layers]
+        write_coordinates(self.group, self.layout, self.provenance.get("capture_timesteps"), acts)
 
     @classmethod
     def open(cls, url: str, mode: str = "r+") -> ActivationStore:
@@ -194,10 +210,10 @@ class ActivationStore:
     # ---- shard lifecycle --------------------------------------------------------------------
 
     def _marker(self, shard: int) -> str:
-        return f"{self._root}/shards/{shard:05d}.done"
+        return self.markers.path(shard)
 
     def is_done(self, shard: int) -> bool:
-        return self.fs.exists(self._marker(shard))
+        return self.markers.is_done(shard)
 
     def done_shards(self) -> list[int]:
         return [s for s in range(self.layout.num_shards) if self.is_done(s)]
@@ -208,18 +224,14 @@ class ActivationStore:
     def begin_shard(self, shard: int) -> range:
         """Invalidate a shard before (re)writing it: readers skip it until mark_done."""
         rng = self.layout.shard_range(shard)
-        if self.is_done(shard):
-            self.fs.rm(self._marker(shard))
+        self.markers.clear(shard)
         return rng
 
     def mark_done(self, shard: int, stats: ShardStats) -> None:
-        self.fs.makedirs(f"{self._root}/shards", exist_ok=True)
-        tmp = self._marker(shard) + ".tmp"
-        self.fs.pipe(tmp, json.dumps(asdict(stats)).encode())
-        self.fs.mv(tmp, self._marker(shard))
+        self.markers.mark(shard, asdict(stats))
 
     def shard_stats(self, shard: int) -> dict:
-        return json.loads(self.fs.cat(self._marker(shard)))
+        return self.markers.read(shard)
 
     # ---- writing ----------------------------------------------------------------------------
 

@@ -197,7 +197,7 @@ def test_killed_run_resumes_bit_identical(tiny_project):
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--config"]
     proc = subprocess.Popen(cmd + [str(killed.config_path)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = killed.root / "activations.zarr" / "shards" / "00000.done"
+    marker = killed.root / "activations.zarr" / "shards" / "00000" / "zarr.json"
     deadline = time.time() + 240
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
