@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import StoreError, StoreMismatchError
 from storage.shard_markers import ShardMarkers
+from storage.store_checks import damaged_chunks, repair_hint
 from storage.store_coords import write_coordinates
 from storage.token_batches import StoreTokenBatch, shuffled_token_batches
 
@@ -300,6 +301,18 @@ class ActivationStore:
                 raise StoreError(f"shard {shard} of {self.url} is not complete (no done marker): "
                                  "materialize its `activations` partition")
 
+    def _require_chunks(self, arr: zarr.Array, step_axes, sample_range: range) -> None:
+        """Every chunk a read needs is there and whole: zarr would read a missing one as zeros."""
+        sh = self.layout.shard_size
+        shards = range(sample_range.start // sh, -(-sample_range.stop // sh))
+        bad = damaged_chunks(self.fs, self._root, arr, step_axes, shards)
+        if bad:
+            path, what = bad[0]
+            shard = int(path.rsplit("/", 1)[-1].split(".")[2])
+            more = f" ({len(bad) - 1} more chunks too)" if len(bad) > 1 else ""
+            raise StoreError(f"chunk {path} {what}{more}: shard {shard} of {self.url} is marked done but its data "
+                             f"is not all there. To repair it, {repair_hint(self.markers.found(shard))}")
+
     def _array(self, key: str) -> zarr.Array:
         if key not in self._arrays:
             self._arrays[key] = self.group[key]
@@ -315,7 +328,9 @@ class ActivationStore:
         """Activations of one (layer, step): [n, P, D] over completed samples (default all)."""
         samples = samples or range(self.layout.num_samples)
         self._require_done(samples)
-        return self.array(site, layer)[self.layout.step_axis(step), samples.start:samples.stop]
+        arr, a = self.array(site, layer), self.layout.step_axis(step)
+        self._require_chunks(arr, [a], samples)
+        return arr[a, samples.start:samples.stop]
 
     def read_block(self, site: str, layer: int, step: int, shard: int) -> np.ndarray:
         """One whole chunk, the feature pass's unit: [shard samples, P, D] of one shard at one step.
@@ -328,16 +343,20 @@ class ActivationStore:
         shape = (len(samples), lay.tokens_stored, lay.d_model)
         key = self._plain_chunk_key(arr, (a, shard, 0, 0), shape)
         if key is None:
+            self._require_chunks(arr, [a], samples)
             return arr[a, samples.start:samples.stop]
         dtype = np.dtype(lay.dtype).newbyteorder("<")
-        if self._local:  # one read straight into the array: ~0.2 ms a MB, against ~0.8 through fsspec
-            block = np.fromfile(key, dtype=dtype)
-        else:
-            block = np.frombuffer(bytearray(self.fs.cat_file(key)), dtype=dtype)  # writable: torch wraps it
+        try:
+            if self._local:  # one read straight into the array: ~0.2 ms a MB, against ~0.8 through fsspec
+                block = np.fromfile(key, dtype=dtype)
+            else:
+                block = np.frombuffer(bytearray(self.fs.cat_file(key)), dtype=dtype)  # writable: torch wraps it
+        except FileNotFoundError:
+            block = np.empty(0, dtype)
         if block.size != np.prod(shape):
-            raise StoreError(f"chunk {key} holds {block.size} values, not {shape}: the file is damaged. "
-                             f"Re-materialize `activations` partition {shard} to rewrite the shard (or delete "
-                             f"{self._marker(shard)} and `tide run` again)")
+            what = "is missing" if block.size == 0 else f"holds {block.size} values, not {shape}"
+            raise StoreError(f"chunk {key} {what}: shard {shard} of {self.url} is marked done but its data is "
+                             f"damaged. To repair it, {repair_hint(self.markers.found(shard))}")
         return block.reshape(shape)
 
     def __reduce__(self):
@@ -347,7 +366,9 @@ class ActivationStore:
     def read_samples(self, site: str, layer: int, start: int, stop: int) -> np.ndarray:
         """Activations of a sample range over all captured steps: [S, n, P, D]."""
         self._require_done(range(start, stop))
-        return self.array(site, layer)[:, start:stop]
+        arr = self.array(site, layer)
+        self._require_chunks(arr, range(len(self.layout.steps)), range(start, stop))
+        return arr[:, start:stop]
 
     def token_index(self, start: int, stop: int) -> np.ndarray:
         """Stored token positions [S, n, P] (identity grid when not subsampled)."""
@@ -394,8 +415,10 @@ class ActivationStore:
         sample_ids = np.arange(lay.num_samples) if sample_ids is None else np.asarray(sample_ids)
         if len(sample_ids) == 0:
             raise StoreError("iter_token_batches got no sample ids")
-        self._require_done(range(int(sample_ids.min()), int(sample_ids.max()) + 1))
+        span = range(int(sample_ids.min()), int(sample_ids.max()) + 1)
+        self._require_done(span)
         axes = np.arange(len(lay.steps)) if steps is None else np.array([lay.step_axis(s) for s in steps])
+        self._require_chunks(arr, axes, span)
         yield from shuffled_token_batches(
             arr, axes, sample_ids, steps=np.asarray(lay.steps, np.int64),
             timesteps=np.asarray(self.provenance["capture_timesteps"], np.int64), batch_size=batch_size,

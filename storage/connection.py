@@ -19,6 +19,9 @@ from storage.errors import WarehouseError, WarehouseLockedError, WarehouseMissin
 
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 _MAX_BACKOFF_S = 1.0
+# Every asset that writes tables: forcing them rebuilds a warehouse file from the store and the checkpoints.
+REBUILD = ("tide run --force prompts --force samples --force sae --force feature_stats --force top_images "
+           "--force edits")
 
 
 def _is_lock_error(exc: duckdb.Error) -> bool:
@@ -55,6 +58,11 @@ def connect(
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.Error as exc:
+            if "not a valid DuckDB database" in str(exc):
+                raise WarehouseError(
+                    f"{path} is not a DuckDB database (a file torn by a crash or a full disk, or another kind of "
+                    f"file under that name): move it away (mv {path} {path}.broken) and rebuild the tables "
+                    f"with `{REBUILD}`") from exc
             if not _is_lock_error(exc):
                 raise WarehouseError(f"could not open {path}: {exc}") from exc
             last = str(exc)

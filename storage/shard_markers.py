@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from storage.errors import StoreError
+
 GROUP = "shards"
 
 
@@ -51,16 +53,27 @@ class ShardMarkers:
         self.fs.mv(tmp, self.path(shard))
 
     def clear(self, shard: int) -> None:
-        """Invalidate a shard before it is written again (both places)."""
-        for p in (self.path(shard), self.legacy_path(shard)):
+        """Invalidate a shard before it is written again (both places; the whole folder, since a folder
+        without its zarr.json is a stray object to zarr)."""
+        for p in (f"{self.root}/{GROUP}/{shard:05d}", self.legacy_path(shard)):
             if self.fs.exists(p):
-                self.fs.rm(p)
+                self.fs.rm(p, recursive=True)
+
+    def found(self, shard: int) -> str:
+        """What to delete to drop a shard's marker: its folder, or an old store's ``.done`` file."""
+        legacy = self.legacy_path(shard)
+        return legacy if self.fs.exists(legacy) else f"{self.root}/{GROUP}/{shard:05d}"
 
     def read(self, shard: int) -> dict:
-        """The stats recorded by the marker (``json.JSONDecodeError`` / ``FileNotFoundError`` if torn)."""
-        if self.fs.exists(self.path(shard)):
-            return json.loads(self.fs.cat(self.path(shard)))["attributes"]
-        return json.loads(self.fs.cat(self.legacy_path(shard)))
+        """The stats the marker records; StoreError naming the file when it is torn."""
+        path = self.legacy_path(shard) if self.fs.exists(self.legacy_path(shard)) else self.path(shard)
+        try:
+            data = json.loads(self.fs.cat(path))
+            return data if path.endswith(".done") else data["attributes"]
+        except (json.JSONDecodeError, KeyError, TypeError, FileNotFoundError):
+            raise StoreError(f"the done marker {path} of shard {shard} is torn (not the JSON it should be): "
+                             f"delete {self.found(shard)} and run `tide run --force activations`; shards with "
+                             "their marker are kept, this one is sampled again") from None
 
     def migrate(self, num_shards: int) -> int:
         """Rewrite a pre-2026-11-30 store's ``.done`` files as marker groups; returns how many. Run where one

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import duckdb
 import pyarrow as pa
 
-from storage.connection import DEFAULT_LOCK_TIMEOUT_S, connect, count_of
+from storage.connection import DEFAULT_LOCK_TIMEOUT_S, REBUILD, connect, count_of
 from storage.errors import (
     UnknownSaeError,
     WarehouseError,
@@ -133,6 +133,7 @@ class Warehouse:
     def init_schema(self) -> None:
         """Create every table (IF NOT EXISTS) and (re)create every view; safe to call repeatedly."""
         with self._connection(read_only=False) as con:
+            self._refuse_foreign(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 for table in TABLES.values():
@@ -232,7 +233,23 @@ class Warehouse:
         """Several ``query`` calls on one read-only connection (opening one costs ~16 ms); a writer waits
         for the block to end, so keep it short."""
         with self._connection(read_only=True) as con:
-            yield Reads(con)
+            try:
+                yield Reads(con)
+            except WarehouseQueryError as err:
+                if "does not exist" in err.duckdb_message:  # no such table: maybe no table of ours at all
+                    self._refuse_foreign(con)
+                raise
+
+    def _refuse_foreign(self, con: duckdb.DuckDBPyConnection) -> None:
+        """A DuckDB file with tables, none of them the warehouse's, is someone else's database: writing our
+        tables into it or reading it as ours would mix the two."""
+        names = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main' AND NOT internal").fetchall()]
+        if names and not set(names) & set(TABLES):
+            raise WarehouseSchemaError(
+                f"{self.path} is a DuckDB database but not a TIDE warehouse: it holds {', '.join(sorted(names)[:8])} "
+                f"and none of the warehouse's tables ({', '.join(TABLES)}). Point warehouse.root at another "
+                f"folder, or move the file away and build the warehouse with `{REBUILD}`")
 
     # The CLI's name for the same thing: `query` never writes.
     readonly_query = query

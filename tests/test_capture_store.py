@@ -114,7 +114,7 @@ def test_damaged_chunk_is_a_clear_error(full_store):
     key = full_store._plain_chunk_key(full_store.array("resid", 0), (lay.step_axis(2), 1, 0, 0), shape)
     with open(key, "r+b") as f:  # cut short, as by a full disk
         f.truncate(100)
-    with pytest.raises(StoreError, match="damaged. Re-materialize `activations` partition 1"):
+    with pytest.raises(StoreError, match="shard 1 .* its data is damaged. To repair it, delete the shard.s done marker"):
         full_store.read_block("resid", 0, 2, 1)
 
 

@@ -133,4 +133,4 @@ def test_a_file_that_is_not_a_duckdb_database_is_named(tmp_path):
     project.root.mkdir()
     Path(project.duckdb_path).write_bytes(b"not a database" * 500)
     [problem] = preflight(project)
-    assert str(project.duckdb_path) in problem and "not a valid DuckDB database" in problem
+    assert f"{project.duckdb_path} is not a DuckDB database" in problem and ".broken" in problem
