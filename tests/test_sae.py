@@ -180,7 +180,7 @@ def test_tide_without_timesteps_is_a_clear_error():
     with pytest.raises(ValueError, match="needs the diffusion timestep"):
         sae(b.acts)
     with pytest.raises(ValueError, match="num_train_timesteps"):
-        sae(b.acts, torch.full((64,), 1000))
+        sae(b.acts, torch.full((64,), 1001))
 
 
 def test_timestep_embedding_is_schedule_length_invariant():

@@ -97,7 +97,7 @@ def test_export_refuses_what_it_cannot_write_exactly(tmp_path):
     with pytest.raises(ValueError, match="no timestep modulation"):
         export_saelens(make_sae("topk"), tmp_path / "a", [999])
     with pytest.raises(ValueError, match="num_train_timesteps"):  # folded before anything is written
-        export_saelens(make_sae("tide"), tmp_path / "a", [999, 1000])
+        export_saelens(make_sae("tide"), tmp_path / "a", [999, 1001])
     assert not (tmp_path / "a").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tide_core.models.base import DiTAdapter
+from tide_core.models.registry import ModelError
 
 
 class StepObserver(Protocol):
@@ -55,6 +56,10 @@ class Sampler:
 
     def __init__(self, model: DiTAdapter, scheduler: str = "ddim", num_steps: int = 50,
                  guidance_scale: float = 4.0, seed: int = 0, cfg_renorm: float | None = None):
+        if model.guidance == "none" and guidance_scale != 1.0:
+            raise ModelError(f"sampling.guidance_scale={guidance_scale}: the model takes no guidance (e.g. "
+                             "FLUX-schnell); set sampling.guidance_scale = 1")
+        model.guidance_scale = guidance_scale  # an "embedded" guidance mode reads it as a model input
         self.model = model
         self.scheduler_name = scheduler
         self.num_steps = num_steps
@@ -64,12 +69,18 @@ class Sampler:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0
+        """Classifier-free guidance: two forward passes a step (not for a model that embeds the scale)."""
+        return self.guidance_scale != 1.0 and self.model.guidance == "cfg"
 
     def timesteps(self) -> np.ndarray:
-        """Scheduler timestep value of each step (step 0 = noisiest)."""
+        """The stored integer timestep of each step (step 0 = noisiest)."""
         sched = self.model.make_scheduler(self.scheduler_name, self.num_steps)
-        return sched.timesteps.cpu().numpy().astype(np.int64)
+        return np.array([self.model.time.label(t) for t in sched.timesteps.cpu()], np.int64)
+
+    def sigmas(self) -> list[float]:
+        """Flow matching: the model's own time value (sigma) of each step, exactly."""
+        sched = self.model.make_scheduler(self.scheduler_name, self.num_steps)
+        return [float(s) for s in sched.sigmas[: self.num_steps].cpu()]
 
     def provenance(self) -> dict:
         return {
@@ -79,6 +90,7 @@ class Sampler:
                                  .config.items() if not k.startswith("_")},
             "num_steps": self.num_steps,
             "timesteps": self.timesteps().tolist(),
+            **({"sigmas": self.sigmas()} if self.model.time.kind == "flow" else {}),
             "guidance_scale": self.guidance_scale,
             "seed": self.seed,
             "seed_rule": "blake2b('{seed}:{sample_id}') -> torch.Generator per sample",
@@ -95,15 +107,16 @@ class Sampler:
         x = torch.stack([torch.randn(m.latent_shape, generator=g) for g in gens]).to(dev, torch.float32)  # [B,C,h,w]
         cond = torch.as_tensor(list(conditions), device=dev, dtype=torch.long)  # [B]
         sched = m.make_scheduler(self.scheduler_name, self.num_steps)
-        x = x * sched.init_noise_sigma
+        x = x * getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts from unit noise
         n = len(sample_ids)
         both = torch.cat([cond, torch.full_like(cond, m.null_condition)]) if self.guided else cond  # [2B or B]
         for step, t in enumerate(sched.timesteps):
             if observer is not None:
-                observer.begin_step(step, int(t), n, self.guided)
+                observer.begin_step(step, m.time.label(t), n, self.guided)
             model_in = torch.cat([x, x]) if self.guided else x  # [2B or B, C, h, w]
-            model_in = sched.scale_model_input(model_in, t)
-            tt = torch.full((model_in.shape[0],), int(t), device=dev, dtype=torch.long)
+            if hasattr(sched, "scale_model_input"):  # DDPM-family schedulers; flow matching has none
+                model_in = sched.scale_model_input(model_in, t)
+            tt = m.time.model_time(torch.full((model_in.shape[0],), float(t), device=dev))  # [2B or B]
             eps = m.predict_noise(model_in, tt, both)  # [2B or B, C, h, w]
             if self.guided:
                 c, u = eps.chunk(2)
@@ -119,7 +132,7 @@ class Sampler:
                 # Re-derive eps from the clipped x0 estimate: with guidance the raw eps overshoots, and a
                 # clipped x0 paired with the unclipped eps drives DDIM to saturated images.
                 x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
-            else:  # dpm: deterministic multistep, no noise to draw
+            else:  # dpm, euler (flow matching): deterministic, no noise to draw
                 x = sched.step(eps, t, x).prev_sample
         images = m.decode(x).cpu().numpy()
         return SampleBatch(images=images, conditions=np.asarray(conditions, np.int64),

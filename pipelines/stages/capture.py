@@ -86,6 +86,9 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler, prompts: Prom
         "capture_timesteps": [int(timesteps[i]) for i in steps],
         "code_version": code_version(),
     }
+    if model.time.kind == "flow":  # the model's own time value of each captured step, exactly
+        sigmas = sampler.sigmas()
+        provenance["capture_sigmas"] = [sigmas[i] for i in steps]
     if prompts is not None:
         provenance["prompts"] = [{"prompt_id": p.prompt_id, "text": p.text, "tags": list(p.tags)}
                                  for p in prompts.prompts]

@@ -88,24 +88,25 @@ def make_splice_bench(ctx: RunContext, store: ActivationStore, layer: int, site:
 
 @torch.no_grad()
 def denoiser_loss(bench: SpliceBench, hook: SAESplice | None, batch_size: int = 64) -> float:
-    """Mean noise-prediction MSE over the bench's images and timesteps, with ``hook`` installed (None: the
-    clean model). The noise is seeded, so every hook sees the same noised inputs."""
+    """Mean MSE of the denoiser's training objective (noise, or velocity for flow matching) over the bench's
+    images and timesteps, with ``hook`` installed (None: the clean model). The noise is seeded, so every hook
+    sees the same noised inputs."""
     model = bench.sampler.model
-    sched = model.training_scheduler()
     x0 = model.encode(torch.from_numpy(from_uint8(bench.original)).to(model.device))  # [n, C, h, w]
     gen = torch.Generator("cpu").manual_seed(LOSS_SEED)
     total, count = 0.0, 0
     for t in bench.timesteps:
         noise = torch.randn(x0.shape, generator=gen).to(model.device)
         tt = torch.full((len(x0),), t, dtype=torch.long, device=model.device)
-        xt = sched.add_noise(x0, noise, tt)
+        xt, target = model.training_pair(x0, noise, tt)  # noised [n, C, h, w]; eps or velocity [n, C, h, w]
+        tt = model.time.model_time(tt)
         if hook is not None:
             hook.set_timestep(t)
         for i in range(0, len(x0), batch_size):
             cond = torch.as_tensor(bench.conditions[i:i + batch_size], device=model.device)
-            eps = model.predict_noise(xt[i:i + batch_size], tt[i:i + batch_size], cond)
-            total += float((eps - noise[i:i + batch_size]).pow(2).sum())
-            count += eps.numel()
+            out = model.predict_noise(xt[i:i + batch_size], tt[i:i + batch_size], cond)
+            total += float((out - target[i:i + batch_size]).pow(2).sum())
+            count += out.numel()
     return total / max(count, 1)
 
 

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
 Log = Callable[[str], None]
+# How a family takes sampling.guidance_scale: "cfg" = classifier-free guidance against the null condition
+# (two forward passes a step); "embedded" = the model reads the scale as an input (FLUX-dev's distilled
+# guidance; one pass); "none" = the model takes no guidance (FLUX-schnell), so the scale must be 1.
+GuidanceMode = Literal["cfg", "embedded", "none"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,26 @@ class TokenGrid:
 class TimeConvention:
     """What the denoiser reads as time, and what TIDE's modulation and the tables store per step.
 
-    discrete: DDPM-family integer timesteps 0..num_train_timesteps-1 (DiT, PixArt). The SAE embeds
+    discrete: DDPM-family integer timesteps 0..num_train_timesteps-1 (DiT, PixArt); the model reads them as
+    they are. flow: flow matching on continuous time (SD3, FLUX): the model's own time value is sigma in
+    (0, 1] (x_t = (1 - sigma) x_0 + sigma noise), scheduled as t = 1000 sigma; the store, the tables and TIDE's
+    modulation keep the integer round(t), and the provenance keeps every captured sigma exactly.
+
+    The one time input of TIDE's modulation, for every family: the stored integer timestep, embedded as
     timestep * 1000 / num_train_timesteps, so its frequencies mean the same whatever the schedule length.
     """
 
-    kind: Literal["discrete"]
-    num_train_timesteps: int
+    kind: Literal["discrete", "flow"]
+    num_train_timesteps: int  # flow: 1000, and the stored timestep lies in [0, 1000] (sigma = 1 is 1000)
+
+    def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser's ``timesteps`` argument carries for scheduler timesteps: int64 for discrete
+        families, float32 for flow matching (whose timesteps are fractional)."""
+        return timesteps.round().long() if self.kind == "discrete" else timesteps.float()
+
+    def label(self, timestep) -> int:
+        """The integer timestep the store and the tables keep for a scheduler timestep."""
+        return int(round(float(timestep)))
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,7 @@ class DiTAdapter(ABC):
     family: ClassVar[str]
     sites: ClassVar[tuple[str, ...]]
     judge_class: ClassVar[type[Judge] | None] = None
+    schedulers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "dpm")  # what sampling.scheduler may name
 
     # --- without weights -------------------------------------------------------------------------
 
@@ -143,6 +162,11 @@ class DiTAdapter(ABC):
         again when ``force``)."""
         info = cls.describe(cfg)
         return ModelStatus(path=info.source, trained_now=False, fingerprint=cls.fingerprint_of(cfg))
+
+    @classmethod
+    def guidance_mode(cls, cfg: ModelConfig) -> GuidanceMode:
+        """How sampling.guidance_scale reaches the model (read from config files, no weights)."""
+        return "cfg"
 
     @classmethod
     @abstractmethod
@@ -163,6 +187,8 @@ class DiTAdapter(ABC):
     condition_names: list[str]  # one name per condition index (class names); null_condition excluded
     time: TimeConvention
     token_grid: TokenGrid
+    guidance: GuidanceMode = "cfg"  # set at load from guidance_mode(cfg)
+    guidance_scale: float = 1.0  # what an "embedded" guidance mode feeds the model (the sampler sets it)
 
     @property
     def device(self) -> torch.device:
@@ -213,8 +239,19 @@ class DiTAdapter(ABC):
 
     @abstractmethod
     def predict_noise(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """The denoiser's noise prediction eps [B, C, H, W] (float32) for x [B, C, H, W] at integer timesteps
-        [B] under condition indices [B]."""
+        """The denoiser's output [B, C, H, W] (float32) for x [B, C, H, W] at timesteps [B] (as
+        ``time.model_time`` gives them) under condition indices [B]: the noise eps for DDPM-family models, the
+        velocity noise - x_0 for flow matching; either way what the scheduler's step takes, and what guidance
+        mixes linearly."""
+
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noised input, target of predict_noise) for clean x0 [B, C, H, W] at integer timesteps [B]: how the
+        denoiser loss of a splice is measured, as the model was trained."""
+        if self.time.kind == "flow":
+            sigma = (timesteps.float() / self.time.num_train_timesteps)[:, None, None, None]  # [B, 1, 1, 1]
+            return (1 - sigma) * x0 + sigma * noise, noise - x0
+        return self.training_scheduler().add_noise(x0, noise, timesteps.long()), noise
 
     @abstractmethod
     def make_scheduler(self, name: str, num_steps: int) -> SchedulerMixin:

@@ -194,7 +194,8 @@ class SparseAutoencoder(nn.Module):
         t = torch.as_tensor(t, device=self.W_dec.device)
         if t.shape != (n_tokens,):
             raise ValueError(f"timesteps must have shape [{n_tokens}] (one per token); got {tuple(t.shape)}")
-        if n_tokens and (int(t.min()) < 0 or int(t.max()) >= self.spec.num_train_timesteps):
+        # [0, num_train_timesteps]: flow matching's first step (sigma = 1) is the end point itself
+        if n_tokens and (int(t.min()) < 0 or int(t.max()) > self.spec.num_train_timesteps):
             raise ValueError(
                 f"timesteps span [{int(t.min())}, {int(t.max())}] but the SAE was built for "
                 f"num_train_timesteps={self.spec.num_train_timesteps}: set SAESpec.num_train_timesteps to the "

@@ -79,7 +79,8 @@ class SAESpec(SAEDesign):
     variant: Variant = "tide"
     """tide = TopK with timestep modulation of the input; topk = plain TopK; relu = ReLU + L1 baseline."""
     num_train_timesteps: int = Field(1000, ge=1)
-    """tide only: length of the DiT's diffusion schedule; timesteps must lie in [0, num_train_timesteps)."""
+    """tide only: length of the DiT's diffusion schedule; timesteps must lie in [0, num_train_timesteps] (the
+    end point is flow matching's sigma = 1)."""
 
     @model_validator(mode="after")
     def _resolve_aux_k(self) -> SAESpec:
