@@ -35,6 +35,7 @@ class RunImages:
     written: int
     timesteps: list[int] | None
     error: str = ""  # why the store could not be read ("" when it could)
+    sigmas: list[float] | None = None  # flow matching: the model's own time of each captured step
 
     @property
     def available(self) -> bool:
@@ -47,16 +48,17 @@ class RunImages:
 
 def write_run_images(w: SiteWriter, slug: str, samples: pa.Table, store_url: str | None) -> RunImages:
     """One PNG per sample of the run that the store holds, under img/<slug>/."""
-    timesteps = None
+    timesteps = sigmas = None
     try:
         store = _open_store(store_url)
         provenance = store.provenance
         timesteps = [int(t) for t in provenance.get("capture_timesteps")
                      or provenance.get("sampling", {}).get("timesteps") or []] or None
+        sigmas = provenance.get("capture_sigmas")
         written = _write_images(w, store, slug, samples.column("sample_id").to_numpy())
     except Exception as exc:  # the site is still useful without images; say why they are missing
-        return RunImages(written=0, timesteps=timesteps, error=f"images unavailable: {exc}")
-    return RunImages(written=written, timesteps=timesteps)
+        return RunImages(written=0, timesteps=timesteps, error=f"images unavailable: {exc}", sigmas=sigmas)
+    return RunImages(written=written, timesteps=timesteps, sigmas=sigmas)
 
 
 def run_doc(run: RunInfo, slug: str, samples: pa.Table, images: RunImages) -> dict[str, Any]:
@@ -70,7 +72,8 @@ def run_doc(run: RunInfo, slug: str, samples: pa.Table, images: RunImages) -> di
         "classes": [{"class_id": c.class_id, "class_name": c.class_name, "n_samples": c.n_samples}
                     for c in run.classes],
         "model": cfg.get("model", {}), "sampling": cfg.get("sampling", {}), "capture": cfg.get("capture", {}),
-        "sae": cfg.get("sae", {}), "config": cfg, "timesteps": images.timesteps, "image": images.doc(),
+        "sae": cfg.get("sae", {}), "config": cfg, "timesteps": images.timesteps, "sigmas": images.sigmas,
+        "image": images.doc(),
         "grid": _sample_grid(samples, GRID_SAMPLES) if images.available else [],
     }
 

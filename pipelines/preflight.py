@@ -57,7 +57,9 @@ def check(project: Project) -> PreflightReport:
     free = free_space(project) if not _unwritable(project.root) else None
     problems += _prompts(project)
     try:
-        info = family_of(cfg.model).describe(cfg.model)
+        family = family_of(cfg.model)
+        info = family.describe(cfg.model)
+        problems += _sampling(family, cfg)
     except ModelError as err:
         problems.append(str(err))
     else:
@@ -111,6 +113,20 @@ def _warehouse_held(path: Path) -> str | None:
     except WarehouseError as err:
         return str(err)
     return None
+
+
+def _sampling(family, cfg) -> list[str]:
+    """The scheduler and the guidance the family takes (flow-matching models sample with euler alone; FLUX-
+    schnell takes no guidance)."""
+    problems = []
+    s = cfg.sampling
+    if s.scheduler not in family.schedulers:
+        problems.append(f"sampling.scheduler={s.scheduler!r}: the {family.family} family samples with "
+                        f"{' or '.join(repr(x) for x in family.schedulers)}; set sampling.scheduler to one of them")
+    if family.guidance_mode(cfg.model) == "none" and s.guidance_scale != 1.0:
+        problems.append(f"sampling.guidance_scale={s.guidance_scale}: model {cfg.model.source!r} takes no guidance "
+                        "(e.g. FLUX-schnell); set sampling.guidance_scale = 1")
+    return problems
 
 
 def _prompts(project: Project) -> list[str]:

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.project import Project
-from tide_core.config import DIGITS_SOURCE, TINY_PIXART_SOURCE, TideConfig
+from tide_core.config import DIGITS_SOURCE, TINY_FLUX_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TideConfig
 
 if TYPE_CHECKING:
     from tide_core.models.base import ModelInfo  # imports torch: the CLI starts without it
+
+TINY_SECTIONS = {TINY_PIXART_SOURCE: "tiny_pixart", TINY_SD3_SOURCE: "tiny_sd3", TINY_FLUX_SOURCE: "tiny_flux"}
+FLUX_NATIVE_SIDE = 1024  # pixels; FLUX's transformer config records no size
+
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,12 @@ def token_count(cfg: TideConfig, info: ModelInfo) -> int | None:
         vae_path = directory / "vae" / "config.json"  # each VAE block but the last halves the side
         blocks = json.loads(vae_path.read_text()).get("block_out_channels", [0]) if vae_path.is_file() else [0]
         vae = 2 ** (len(blocks) - 1)
+        if tc.get("_class_name") == "FluxTransformer2DModel":  # no sample_size; 2x2 latents a token
+            side, patch = FLUX_NATIVE_SIDE // vae, 2
     elif cfg.model.source == DIGITS_SOURCE:
         side, patch, vae = cfg.model.digits.image_size, cfg.model.digits.patch_size, 1
-    elif cfg.model.source == TINY_PIXART_SOURCE:
-        side, patch, vae = cfg.model.tiny_pixart.sample_size, 2, 2  # tiny_pixart.py: patches of 2, a 2x VAE
+    elif cfg.model.source in TINY_SECTIONS:  # tiny_pixart.py, tiny_flow.py: patches of 2, a 2x VAE
+        side, patch, vae = getattr(cfg.model, TINY_SECTIONS[cfg.model.source]).sample_size, 2, 2
     else:
         return None
     if side < patch:

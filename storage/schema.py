@@ -105,6 +105,20 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
+            "steps",
+            ("run_id", "step"),
+            "one captured diffusion step of a run, with its time",
+            (
+                Col("run_id", "VARCHAR"),
+                Col("step", "INTEGER", "captured step (0 = noisiest), as every per-step table numbers it"),
+                Col("timestep", "INTEGER", "the scheduler's timestep: DDPM-family 0..999; flow matching "
+                    "round(1000 sigma)", "NOT NULL"),
+                Col("model_time", "DOUBLE", "what the denoiser reads: the timestep (DDPM family) or sigma in (0, 1] "
+                    "(flow matching, x_t = (1 - sigma) x_0 + sigma noise)", "NOT NULL"),
+                Col("time_kind", "VARCHAR", "discrete (DDPM family) or flow (flow matching)", "NOT NULL"),
+            ),
+        ),
+        Table(
             "prompts",
             ("prompt_id",),
             "one prompt (a hash of its text: the same prompt has the same id in every run)",
@@ -331,8 +345,9 @@ VIEWS: dict[str, View] = {
         ),
         View(
             "v_feature_stats",
-            "feature_stats with their SAE (layer, site, variant)",
-            f"SELECT {_SAE_COLS}, fs.* FROM feature_stats fs LEFT JOIN saes s USING (sae_id)",
+            "feature_stats with their SAE (layer, site, variant) and the step's timestep and model time",
+            f"SELECT {_SAE_COLS}, t.timestep, t.model_time, fs.* FROM feature_stats fs LEFT JOIN saes s USING "
+            "(sae_id) LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = fs.step",
         ),
         View(
             "v_feature_concepts",
@@ -341,8 +356,10 @@ VIEWS: dict[str, View] = {
         ),
         View(
             "v_sae_metrics",
-            f"sae_metrics with their SAE; step = {OVERALL_STEP} is the aggregate over all steps",
-            f"SELECT {_SAE_COLS}, s.k, s.tokens_seen, m.* FROM sae_metrics m LEFT JOIN saes s USING (sae_id)",
+            f"sae_metrics with their SAE and the step's timestep and model time; step = {OVERALL_STEP} is the "
+            "aggregate over all steps",
+            f"SELECT {_SAE_COLS}, s.k, s.tokens_seen, t.timestep, t.model_time, m.* FROM sae_metrics m LEFT JOIN saes s "
+            "USING (sae_id) LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = m.step",
         ),
         View(
             "v_sae_sweep_best",

@@ -85,8 +85,11 @@ function variantColor(variant, i) {
   return PALETTE[variant] || EXTRA_COLORS[i % EXTRA_COLORS.length];
 }
 
+// flow-matching runs (SD3, FLUX) label a step with the model's own time, sigma; the others with t
 function stepLabel(run, step) {
   if (step === null || step === undefined) return "–";
+  const sigma = run && run.sigmas ? run.sigmas[step] : undefined;
+  if (sigma !== undefined) return `step ${step} (σ=${sigma.toFixed(3)})`;
   const t = run && run.timesteps ? run.timesteps[step] : undefined;
   return t === undefined ? `step ${step}` : `step ${step} (t=${t})`;
 }

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from tide_core.config import SWEEP_GRID_FIELDS, TideConfig
 
-CAPTURE_FIELDS = ("model.source", "model.dtype", "model.digits", "model.tiny_pixart", "model.height",
-                  "model.width", "model.max_prompt_tokens", "sampling.scheduler", "sampling.num_steps",
+BUILT_MODELS = ("model.digits", "model.tiny_pixart", "model.tiny_sd3", "model.tiny_flux")
+CAPTURE_FIELDS = ("model.source", "model.dtype", *BUILT_MODELS, "model.height", "model.width",
+                  "model.max_prompt_tokens", "model.use_t5", "sampling.scheduler", "sampling.num_steps",
                   "sampling.guidance_scale", "sampling.num_samples", "sampling.shard_size", "sampling.seed",
                   "sampling.classes", "sampling.prompts", "sampling.negative_prompt", "capture")
 
@@ -26,11 +27,11 @@ class Version:
     revision: int
     config: tuple[str, ...] = ()
     # where a result is kept is not what it is
-    exclude: tuple[str, ...] = ("model.digits.checkpoint_dir", "model.tiny_pixart.checkpoint_dir")
+    exclude: tuple[str, ...] = tuple(f"{m}.checkpoint_dir" for m in BUILT_MODELS)
 
 
 VERSIONS: dict[str, Version] = {
-    "dit_model": Version(1, ("model.source", "model.digits", "model.tiny_pixart")),
+    "dit_model": Version(1, ("model.source", *BUILT_MODELS)),
     "prompts": Version(1, ("sampling.prompts", "model.max_prompt_tokens")),
     "judge": Version(1, ("model.judge.epochs", "model.judge.test_fraction", "model.judge.seed",
                          "model.digits.image_size")),
@@ -38,7 +39,7 @@ VERSIONS: dict[str, Version] = {
                                   "sampling.seed", "model.judge.quality_samples")),
     "activation_store": Version(1, CAPTURE_FIELDS),
     "activations": Version(1, CAPTURE_FIELDS),
-    "samples": Version(1),
+    "samples": Version(2),  # 2: the steps table
     "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens",)),  # resume granularity only
     "sae_metrics": Version(1),
     # the grid's own settings are partitions, not versions: adding a point or adopting a point's values as

@@ -58,7 +58,19 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
                       code_version=prov.get("code_version", ""), model_source=prov["model"]["source"],
                       model_hash=prov["model"]["config_hash"])
         tx.replace_partition("samples", {"run_id": run_id}, rows)
+        tx.replace_partition("steps", {"run_id": run_id}, step_rows(prov, store.layout.steps))
     return PublishedSamples(rows=n, run_id=run_id, judge_accuracy=accuracy, store_version=store_version(store))
+
+
+def step_rows(prov: dict, steps: list[int]) -> pa.Table:
+    """The `steps` rows of a store: each captured step's timestep and the model's own time value."""
+    timesteps = prov["capture_timesteps"]  # one per captured step, in the order of steps
+    kind = prov["model"].get("time", {}).get("kind", "discrete")
+    model_time = prov["capture_sigmas"] if kind == "flow" else [float(t) for t in timesteps]
+    n = len(timesteps)
+    return pa.table({"run_id": pa.array([prov["run_id"]] * n), "step": pa.array(steps, pa.int32()),
+                     "timestep": pa.array(timesteps, pa.int32()), "model_time": pa.array(model_time, pa.float64()),
+                     "time_kind": pa.array([kind] * n)})
 
 
 def count_nonfinite(ctx: RunContext) -> dict[str, int]:

@@ -19,7 +19,9 @@ from tide_core.config.base import (
     DEFAULT_CONFIG_NAME,
     DIGITS_SOURCE,
     SITES,
+    TINY_FLUX_SOURCE,
     TINY_PIXART_SOURCE,
+    TINY_SD3_SOURCE,
     ConfigError,
     Section,
     Site,
@@ -33,7 +35,14 @@ from tide_core.config.load import (
     resolve_config_path,
     resolve_paths,
 )
-from tide_core.config.model import DigitsDiTConfig, JudgeConfig, ModelConfig, TinyPixArtConfig
+from tide_core.config.model import (
+    DigitsDiTConfig,
+    JudgeConfig,
+    ModelConfig,
+    TinyFluxConfig,
+    TinyPixArtConfig,
+    TinySD3Config,
+)
 from tide_core.config.run import (
     SWEEP_GRID_FIELDS,
     CaptureConfig,
@@ -51,7 +60,8 @@ __all__ = [
     "BUILT_HERE", "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "DIGITS_SOURCE", "SITES", "CaptureConfig", "ConfigError",
     "DigitsDiTConfig", "EditConfig", "FeaturesConfig", "JudgeConfig", "ModelConfig", "SAEConfig",
     "SamplingConfig", "Section", "Site", "SWEEP_GRID_FIELDS", "SweepConfig", "SweepPoint", "TINY_PIXART_SOURCE",
-    "TideConfig", "TinyPixArtConfig", "Variant",
+    "TINY_FLUX_SOURCE", "TINY_SD3_SOURCE", "TideConfig", "TinyFluxConfig", "TinyPixArtConfig", "TinySD3Config",
+    "Variant",
     "WarehouseConfig", "explain",
     "is_local_source", "load_config", "parse_config", "resolve_config_path", "resolve_paths",
 ]

@@ -13,7 +13,10 @@ CONFIG_ENV = "TIDE_CONFIG"
 DEFAULT_CONFIG_NAME = "tide.toml"
 DIGITS_SOURCE = "digits"
 TINY_PIXART_SOURCE = "tiny-pixart"
-BUILT_HERE = (DIGITS_SOURCE, TINY_PIXART_SOURCE)  # sources that name a model built or trained locally
+TINY_SD3_SOURCE = "tiny-sd3"
+TINY_FLUX_SOURCE = "tiny-flux"
+# sources that name a model built or trained locally
+BUILT_HERE = (DIGITS_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TINY_FLUX_SOURCE)
 SITES = ("resid", "attn", "mlp", "cross")
 Site = Literal[SITES]  # a tuple subscript spells every member, so the names live in one place
 Variant = Literal[VARIANTS]

@@ -99,14 +99,57 @@ class TinyPixArtConfig(Section):
     """Where it is built (diffusers layout), relative to the config file's folder or absolute."""
 
 
+class TinyFlowConfig(Section):
+    """A tiny random-weight flow-matching DiT with two token streams (SD3's MMDiT, FLUX), built on first use
+    and then loaded like a downloaded directory of its family."""
+
+    num_layers: int = Field(4, ge=1, le=24)
+    """Joint blocks (SD3) or double-stream blocks (FLUX): image and text tokens in two streams."""
+    num_heads: int = Field(4, ge=1, le=16)
+    """Attention heads per block."""
+    head_dim: int = Field(16, ge=4, le=128, multiple_of=2)
+    """Channels per head, even (FLUX's rotary embedding splits them into even parts); the residual width is
+    num_heads * head_dim."""
+    sample_size: int = Field(32, ge=4, le=64)
+    """Latent side in VAE latents (images are 2x larger: the tiny VAE has two blocks)."""
+    text_layers: int = Field(2, ge=1, le=12)
+    """Blocks of each tiny text encoder (CLIP and T5)."""
+    text_width: int = Field(32, ge=8, le=512)
+    """Width of each tiny text encoder."""
+    seed: int = 0
+    """Seed of every random weight: the same seed builds the same directory."""
+
+
+class TinySD3Config(TinyFlowConfig):
+    """A tiny random SD3 (``model.source = "tiny-sd3"``): MMDiT joint blocks, two CLIP encoders and T5."""
+
+    checkpoint_dir: str = "models/tiny-sd3"
+    """Where it is built (diffusers layout), relative to the config file's folder or absolute."""
+
+
+class TinyFluxConfig(TinyFlowConfig):
+    """A tiny random FLUX (``model.source = "tiny-flux"``): double-stream blocks, then single-stream blocks
+    over the concatenated tokens; CLIP for the pooled vector, T5 for the sequence."""
+
+    num_single_layers: int = Field(4, ge=0, le=48)
+    """Single-stream blocks after the double-stream ones (their layers follow: num_layers, num_layers + 1,
+    ...)."""
+    guidance_embeds: bool = True
+    """FLUX-dev's guidance embedding (sampling.guidance_scale is a model input, one pass a step); false is
+    FLUX-schnell's, which takes no guidance."""
+    checkpoint_dir: str = "models/tiny-flux"
+    """Where it is built (diffusers layout), relative to the config file's folder or absolute."""
+
+
 class ModelConfig(Section):
     """Which DiT to run."""
 
     source: str = DIGITS_SOURCE
-    """"digits" (the embedded default, trained locally), "tiny-pixart" (a tiny random text-conditional
-    PixArt, built locally), a hub id (e.g. "facebook/DiT-XL-2-256", "PixArt-alpha/PixArt-XL-2-512x512") or a
-    local diffusers directory with transformer/ (and vae/, scheduler/, text_encoder/, tokenizer/), relative
-    to the config file."""
+    """"digits" (the embedded default, trained locally), "tiny-pixart" / "tiny-sd3" / "tiny-flux" (tiny random
+    text-conditional models, built locally), a hub id (e.g. "facebook/DiT-XL-2-256",
+    "PixArt-alpha/PixArt-XL-2-512x512", "stabilityai/stable-diffusion-3-medium-diffusers",
+    "black-forest-labs/FLUX.1-schnell") or a local diffusers directory with transformer/ (and vae/, scheduler/,
+    text_encoder/, tokenizer/, ...), relative to the config file."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run: auto picks CUDA when present."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -117,8 +160,13 @@ class ModelConfig(Section):
     width: int | None = Field(None, ge=8)
     """Image width in pixels (text-conditional families); default the model's native size."""
     max_prompt_tokens: int = Field(120, ge=1, le=4096)
-    """Text tokens a prompt is padded or truncated to (PixArt-α trains with 120, PixArt-Σ with 300);
-    truncated prompts are counted in the `prompts` table."""
+    """T5 tokens a prompt is padded or truncated to (PixArt-α trains with 120, PixArt-Σ with 300, SD3 with 256,
+    FLUX-schnell 256 and FLUX-dev 512); truncated prompts are counted in the `prompts` table. CLIP encoders
+    (SD3, FLUX) always take their own 77."""
+    use_t5: bool = True
+    """SD3: embed prompts with its T5 encoder too (text_encoder_3). false runs on the two CLIP encoders alone,
+    as diffusers allows (T5's part of the text sequence is zeros): saves T5-XXL's ~9 GB at some cost in
+    prompt following. Also false when the directory has no text_encoder_3/."""
     text_encoder_device: Literal["auto", "cpu"] = "auto"
     """Where the text encoder embeds the prompts (auto = model.device; cpu keeps it off the GPU). It embeds
     every prompt once, when the model loads, and is freed right after."""
@@ -126,6 +174,10 @@ class ModelConfig(Section):
     """The embedded default DiT."""
     tiny_pixart: TinyPixArtConfig = Field(default_factory=TinyPixArtConfig)
     """The tiny random PixArt of model.source = "tiny-pixart"."""
+    tiny_sd3: TinySD3Config = Field(default_factory=TinySD3Config)
+    """The tiny random SD3 of model.source = "tiny-sd3"."""
+    tiny_flux: TinyFluxConfig = Field(default_factory=TinyFluxConfig)
+    """The tiny random FLUX of model.source = "tiny-flux"."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     """The judge of generated images."""
 

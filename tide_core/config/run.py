@@ -21,9 +21,10 @@ from tide_core.sae.spec import SAEDesign, SAETrainConfig
 class SamplingConfig(Section):
     """How images are sampled (and activations captured along the way)."""
 
-    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpm", "euler"] = "ddim"
     """Sampler: deterministic DDIM (eta=0), ancestral DDPM, or DPM-Solver++ (multistep, deterministic: what
-    PixArt samples with, about 20 steps)."""
+    PixArt samples with, about 20 steps) for DDPM-family models; euler (flow-matching Euler, with the
+    model's own time shift) for SD3 and FLUX, which take no other."""
     num_steps: int = Field(50, ge=1, le=1000)
     """Denoising steps; step 0 is the noisiest."""
     guidance_scale: float = Field(2.0, ge=1.0, le=50.0)

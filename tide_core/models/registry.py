@@ -42,13 +42,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("dit", "tide_core.models.dit", "ClassDiT", has_judge=False),
     Family("pixart", "tide_core.models.pixart", "PixArt", has_judge=False, text=True),
     Family("tiny-pixart", "tide_core.models.tiny_pixart", "TinyPixArt", has_judge=False, text=True),
+    Family("sd3", "tide_core.models.sd3", "SD3", has_judge=False, text=True),
+    Family("flux", "tide_core.models.flux", "Flux", has_judge=False, text=True),
+    Family("tiny-sd3", "tide_core.models.tiny_flow", "TinySD3", has_judge=False, text=True),
+    Family("tiny-flux", "tide_core.models.tiny_flow", "TinyFlux", has_judge=False, text=True),
 )}
 # transformer/config.json "_class_name" -> family
-TRANSFORMER_CLASSES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
+TRANSFORMER_CLASSES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
+                       "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 HUB_IDS = {  # shapes known offline
     "facebook/DiT-XL-2-256": "dit", "facebook/DiT-XL-2-512": "dit",
     "PixArt-alpha/PixArt-XL-2-512x512": "pixart", "PixArt-alpha/PixArt-XL-2-1024-MS": "pixart",
     "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "black-forest-labs/FLUX.1-schnell": "flux", "black-forest-labs/FLUX.1-dev": "flux",
 }
 
 

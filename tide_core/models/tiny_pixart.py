@@ -88,30 +88,44 @@ class TinyPixArt(PixArt):
         return super().load(cls._built(cfg), prompts, negative_prompt)
 
 
+T5_PIECES = 3 + len(VOCABULARY)  # <pad>, </s>, <unk>, then a piece per word
+
+
+def save_t5_tokenizer(path: Path) -> None:
+    """A T5 fast tokenizer over VOCABULARY: Unigram pieces with the sentencepiece word-start marker, the T5
+    tokenizer's own model type (a WordLevel tokenizer saves, but transformers cannot load it again)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(VOCABULARY)]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                    model_max_length=512).save_pretrained(path)
+
+
+def tiny_t5(width: int, layers: int):
+    """A random T5 encoder over save_t5_tokenizer's pieces (seed torch before calling)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=T5_PIECES, d_model=width, d_kv=8, d_ff=2 * width, num_layers=layers,
+                                   num_heads=4, relative_attention_num_buckets=8))
+
+
 def build(cfg: TinyPixArtConfig, out: Path) -> Path:
     """Every component from a config, seeded, saved in the diffusers pipeline layout (atomically)."""
     from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a "writing shards" bar per build in every asset's log
     with atomic_directory(out) as tmp:
-        # Unigram pieces with the sentencepiece word-start marker: the T5 tokenizer's own model type (a
-        # WordLevel tokenizer saves, but transformers cannot load it again).
-        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-        pieces += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(VOCABULARY)]
-        tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                           special_tokens=[("</s>", 1)])
-        T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
-                        model_max_length=512).save_pretrained(tmp / "tokenizer")
+        save_t5_tokenizer(tmp / "tokenizer")
         torch.manual_seed(cfg.seed)
-        T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=cfg.text_width, d_kv=8, d_ff=2 * cfg.text_width,
-                                num_layers=cfg.text_layers, num_heads=4, relative_attention_num_buckets=8)
-                       ).save_pretrained(tmp / "text_encoder")
+        tiny_t5(cfg.text_width, cfg.text_layers).save_pretrained(tmp / "text_encoder")
         torch.manual_seed(cfg.seed + 1)
         PixArtTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=4,
                                  out_channels=8, num_layers=cfg.num_layers, cross_attention_dim=cfg.num_heads *
