@@ -281,6 +281,27 @@ def test_checkpoint_without_time_init_still_loads(tmp_path):
     assert torch.equal(loaded(b.acts, b.timesteps).x_hat, sae(b.acts, b.timesteps).x_hat)
 
 
+def test_a_damaged_checkpoint_names_its_file_and_the_repair(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tide_core.sae.checkpoint import WEIGHTS_FILE, CheckpointError
+
+    sae = _sae("tide")
+    sae.save(tmp_path / "sae")
+    weights = tmp_path / "sae" / WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    tensors["W_dec"] = tensors["W_dec"][:-1]  # one latent short: another spec's weights
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"W_dec: \(255, 32\) \(the spec makes \(256, 32\)\).*--force sae"):
+        SparseAutoencoder.load(tmp_path / "sae")
+    weights.write_bytes(weights.read_bytes()[:100])  # torn
+    with pytest.raises(CheckpointError, match=rf"{weights} cannot be read"):
+        SparseAutoencoder.load(tmp_path / "sae")
+    (tmp_path / "sae" / CONFIG_FILE).write_text('{"format": 1, "spec": {"d_in": ')  # torn config
+    with pytest.raises(CheckpointError, match="is not a readable SAE config"):
+        SparseAutoencoder.load(tmp_path / "sae")
+
+
 # --- trainer ----------------------------------------------------------------------------------------------
 
 
