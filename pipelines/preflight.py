@@ -15,11 +15,12 @@ from pathlib import Path
 
 from pipelines.project import Project
 from pipelines.store_size import StoreEstimate, estimate_store, free_space, human_bytes
-from tide_core.models.registry import ModelError, family_entry, family_of
+from tide_core.models.registry import HUB_IDS, ModelError, family_entry, family_of
 from tide_core.prompts import PromptError, read_prompt_file
 
 # A writer holds the file for one transaction (seconds); a process that keeps it longer is not this run's.
 LOCK_PROBE_S = 3.0
+HUB_PROBE_S = 5.0  # seconds to wait for the Hugging Face hub before calling it unreachable
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def check(project: Project) -> PreflightReport:
         family = family_of(cfg.model)
         info = family.describe(cfg.model)
         problems += _sampling(family, cfg)
+        if problem := _hub_unavailable(cfg.model.source):
+            problems.append(problem)
     except ModelError as err:
         problems.append(str(err))
     else:
@@ -83,6 +86,30 @@ def check(project: Project) -> PreflightReport:
     if problem := _warehouse_held(project.duckdb_path):
         problems.append(problem)
     return PreflightReport(problems, store, free)
+
+
+def _hub_unavailable(source: str) -> str | None:
+    """Why a hub id cannot be loaded here: not in the local Hugging Face cache, and the hub not reachable
+    (HF_HUB_OFFLINE set, or no answer within HUB_PROBE_S). Asked before sampling, so a machine without network
+    is told at once, not after the stages before the model's first load."""
+    if source not in HUB_IDS or Path(source).expanduser().is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, "transformer/config.json"), str):
+        return None
+    fix = (f"download it where the hub is reachable (`huggingface-cli download {source} --local-dir DIR`), copy "
+           "DIR here and set model.source to DIR (or fill this machine's Hugging Face cache)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return f"model.source={source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}"
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(source, timeout=HUB_PROBE_S)
+    except Exception as err:  # any failure to reach it: no route, DNS, proxy, timeout, a gated repo
+        return (f"model.source={source!r} is not in the local Hugging Face cache and the hub did not answer "
+                f"({type(err).__name__}): {fix}")
+    return None
 
 
 def _short_of_space(project: Project, store: StoreEstimate, free: tuple[Path, int]) -> str:

@@ -134,3 +134,25 @@ def test_a_file_that_is_not_a_duckdb_database_is_named(tmp_path):
     Path(project.duckdb_path).write_bytes(b"not a database" * 500)
     [problem] = preflight(project)
     assert f"{project.duckdb_path} is not a DuckDB database" in problem and ".broken" in problem
+
+
+def test_a_hub_model_not_cached_is_named_before_any_work(tmp_path, monkeypatch):
+    from pipelines.preflight import _hub_unavailable
+
+    source = "facebook/DiT-XL-2-256"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    problem = _hub_unavailable(source)
+    assert problem is not None and "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in problem
+    assert f"huggingface-cli download {source} --local-dir DIR" in problem
+    # once the cache holds it (the layout huggingface_hub writes), nothing is asked of the network
+    snapshot = tmp_path / "hub" / "models--facebook--DiT-XL-2-256" / "snapshots" / ("0" * 40)
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "transformer" / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--facebook--DiT-XL-2-256" / "refs").mkdir()
+    (tmp_path / "hub" / "models--facebook--DiT-XL-2-256" / "refs" / "main").write_text("0" * 40)
+    assert _hub_unavailable(source) is None
+    assert _hub_unavailable("digits") is None and _hub_unavailable(str(tmp_path)) is None
