@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from storage.schema import TABLES, Table, quote_ident
 
@@ -30,22 +32,29 @@ TABLE_KEY, GRAIN_KEY, DESCRIPTION_KEY = b"tide.table", b"tide.grain", b"tide.des
 @dataclass(frozen=True)
 class ExportedTable:
     name: str
-    path: Path
+    path: Path | str  # a local path, or the object's URL
     rows: int
 
 
 def export_tables(wh: Warehouse, directory: str | Path) -> list[ExportedTable]:
-    """Write ``<directory>/<table>.parquet`` for every table of ``storage.schema.TABLES``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``<directory>/<table>.parquet`` for every table of ``storage.schema.TABLES``; ``directory`` is a
+    local folder or any fsspec URL (``s3://bucket/tables``: one object per table)."""
+    fs, root = fsspec.core.url_to_fs(str(directory))
+    fs.makedirs(root, exist_ok=True)
+    local = isinstance(fs, LocalFileSystem)
     written = []
     with wh.reading() as reads:
         present = {r["name"] for r in reads.query(
             "SELECT table_name AS name FROM duckdb_tables() WHERE schema_name = 'main'").to_pylist()}
         for table in TABLES.values():
-            data = reads.query(_select(table, exists=table.name in present))
-            path = directory / f"{table.name}.parquet"
-            _write_atomic(with_table_metadata(data, table), path)
+            data = with_table_metadata(reads.query(_select(table, exists=table.name in present)), table)
+            if local:
+                path = Path(root) / f"{table.name}.parquet"
+                _write_atomic(data, path)
+            else:  # an object store puts a whole object at once: no half file to hide
+                path = f"{str(directory).rstrip('/')}/{table.name}.parquet"
+                with fs.open(f"{root}/{table.name}.parquet", "wb") as f:
+                    pq.write_table(data, f)
             written.append(ExportedTable(table.name, path, data.num_rows))
     return written
 

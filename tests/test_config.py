@@ -38,6 +38,8 @@ def test_repo_config_is_valid_and_defaults_match():
     ({"sae": {"spec": {"k": 64, "n_latents": 32}}}, "sae.spec", "n_latents"),
     ({"sae": {"train": {"total_tokens": 1000, "warmup_tokens": 5000}}}, "sae.train", "warmup_tokens"),
     ({"model": {"digits": {"patch_size": 3}}}, "patch_size", "must divide"),
+    ({"warehouse": {"root": "s3://bucket/wh"}}, "warehouse.root", 'store_url = "s3://bucket/wh/activations.zarr"'),
+    ({"model": {"tiny_flux": {"head_dim": 15}}}, "model.tiny_flux.head_dim", "multiple of 2"),
 ])
 def test_bad_values_name_the_field(data, field, hint):
     with pytest.raises(ConfigError) as err:

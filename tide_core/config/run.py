@@ -249,8 +249,18 @@ class WarehouseConfig(Section):
     """Local directory for the DuckDB file, the Dagster instance (.dagster), the judge, SAEs, plots and
     dashboards (relative paths are relative to the config file's folder)."""
     store_url: str | None = None
-    """Where the Zarr activation store goes: a local path or any fsspec URL (s3://..., memory://...).
+    """Where the Zarr activation store goes: a local path or any fsspec URL (s3://..., gs://..., memory://...;
+    the filesystem's package installed, e.g. s3fs; endpoint and credentials as that package reads them).
     Default: <root>/activations.zarr."""
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, v: str) -> str:
+        if "://" in v and not v.startswith("file://"):
+            raise ValueError(f"warehouse.root={v!r} must be a local folder: DuckDB and the Dagster instance need "
+                             "local files with locks. Put the activation store (the bulk) at that URL with "
+                             f"warehouse.store_url = \"{v.rstrip('/')}/activations.zarr\" and keep root local")
+        return v
 
 
 class TideConfig(Section):
