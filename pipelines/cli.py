@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from pipelines.preflight import check
@@ -51,8 +52,19 @@ def cmd_run(args) -> int:
         force.append("activation_store")  # a new store: its new data version makes everything after it stale
     t0 = time.perf_counter()
     quiet = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
-    report = materialize(definitions_for(project), warehouse_instance(project), select=args.select, force=force,
-                         run_config=quiet, log=lambda m: print(m, flush=True))
+    run = partial(materialize, definitions_for(project), warehouse_instance(project), select=args.select,
+                  force=force, run_config=quiet, log=lambda m: print(m, flush=True))
+    if args.workers > 1 or args.scheduler:
+        from pipelines.parallel import Workers
+
+        if project.config_path is None:
+            print("[tide] --workers needs a config file (--config FILE): the workers load it", file=sys.stderr)
+            return 2
+        with Workers(project.config_path, args.workers, args.scheduler) as workers:
+            print(f"[tide] {workers.n} workers, {workers.threads} torch threads each", flush=True)
+            report = run(workers=workers)
+    else:
+        report = run()
     if not report.success:
         return 1
     print(_summary(project, time.perf_counter() - t0, len(report.executed()), len(report.reused())))
@@ -315,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="append", metavar="ASSET",
                    help="repeatable; materialize every partition of this asset even if it is up to date")
     r.add_argument("--overwrite", action="store_true", help="delete the activation store and capture again")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the partitions of each asset (capture shards, SAE layers, ...) on N worker processes "
+                        "of a local dask.distributed cluster (default 1: one after another)")
+    r.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running dask scheduler (e.g. tcp://host:8786) whose workers run the partitions")
     r.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="Dagster console log level (default INFO)")
     u = add("ui", cmd_ui, "Start the Dagster UI (and daemon) on 127.0.0.1 on the warehouse's own instance.")
@@ -393,11 +410,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started = time.time()
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except ConfigError as err:
         print(f"[tide] {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # on a full disk Dagster's own records fail too, outside any asset
+        if args.command != "run" or not (why := _disk_full(args, started, err)):
+            raise
+        print(f"[tide] {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n[tide] {why}",
+              file=sys.stderr)
+        return 1
+    if code == 1 and args.command == "run" and (why := _disk_full(args, started)):
+        print(f"[tide] {why}", file=sys.stderr)
+    return code
+
+
+def _disk_full(args, started: float, err: BaseException | None = None) -> str | None:
+    """The message for a `tide run` that stopped on a full disk (``pipelines.disk_full``), else None."""
+    import traceback
+
+    from pipelines import disk_full
+
+    project = Project.load(args.config)
+    text = "".join(traceback.format_exception(err)) if err else disk_full.failed_runs_text(project, started)
+    return disk_full.message(project, text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import dagster as dg
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContext
 
+from pipelines.parallel import Workers
+
 Log = Callable[[str], None]
 Status = Literal["missing", "stale", "fresh", "forced"]
 SESSION_TAG = "tide/session"  # every run of one `tide run` carries its start time: how long a run took is queryable
@@ -97,9 +99,12 @@ def stale_status(defs: dg.Definitions, instance: dg.DagsterInstance, key: dg.Ass
 
 
 def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: str | None = None,
-                force: Iterable[str] = (), run_config: dict | None = None, log: Log = print) -> RunReport:
+                force: Iterable[str] = (), run_config: dict | None = None, log: Log = print,
+                workers: Workers | None = None) -> RunReport:
     """Materialize the selected assets (default all) in dependency order, each partition that is missing
-    or stale, plus every partition of the assets named in ``force``. Stops at the first failure."""
+    or stale, plus every partition of the assets named in ``force``. Stops at the first failure (with
+    ``workers``, after the asset's partitions in flight finish). ``workers``: the partitions of one asset run
+    at the same time on those worker processes (``pipelines.parallel``); assets still run one after another."""
     graph = defs.resolve_asset_graph()
     selected = (dg.AssetSelection.from_string(select).resolve(graph) if select
                 else set(graph.materializable_asset_keys))
@@ -113,6 +118,7 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
         node = graph.get(key)
         partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
         job = defs.resolve_implicit_job_def_def_for_assets([key])
+        todo: dict[str, tuple[Status, tuple[str, ...]]] = {}
         for partition in partitions:
             status, causes = ("forced", ()) if key in forced else stale_status(defs, instance, key, partition)
             name = _label(key.to_user_string(), partition)
@@ -122,6 +128,9 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
                 continue
             why = f" ({'; '.join(causes)})" if causes else ""
             log(f"[tide] {time.perf_counter() - t0:6.0f}s  {name}: {status}{why}, materializing")
+            if workers is not None and partition is not None:
+                todo[partition] = (status, causes)
+                continue
             started = time.perf_counter()
             result = job.execute_in_process(instance=instance, partition_key=partition, asset_selection=[key],
                                             run_config=run_config, raise_on_error=False,
@@ -133,4 +142,21 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
             if not result.success:
                 log(f"[tide] {name} failed; see the error above (run id {result.run_id})")
                 return report
+        if todo and not _on_workers(workers, key.to_user_string(), todo, run_config, tags, report, log, t0):
+            return report
     return report
+
+
+def _on_workers(workers: Workers, asset: str, todo: dict[str, tuple[Status, tuple[str, ...]]],
+                run_config: dict | None, tags: dict, report: RunReport, log: Log, t0: float) -> bool:
+    """Run an asset's partitions on the workers; False when one failed."""
+    ok = True
+    for r in workers.run(asset, list(todo), run_config, tags):
+        status, causes = todo[r.partition]
+        report.steps.append(Step(asset, r.partition, status, causes, executed=True, seconds=r.seconds,
+                                 run_id=r.run_id, success=r.success))
+        done = "done" if r.success else f"failed; see the run's logs (run id {r.run_id})"
+        log(f"[tide] {time.perf_counter() - t0:6.0f}s  {_label(asset, r.partition)}: {done} in {r.seconds:.0f}s "
+            f"on worker {r.worker_pid}")
+        ok &= r.success
+    return ok

@@ -35,7 +35,9 @@ def build(project: Project, samples: dg.AssetsDefinition) -> tuple[list, list]:
                                 description=f"dead latents of the {v} SAE < {MAX_DEAD_FRACTION:.0%}") for v in variants]
 
     @dg.asset(group_name=GROUP, deps=[samples], partitions_def=layer_sites(project), check_specs=specs,
-              kinds={"pytorch", "safetensors"}, pool="tide_duckdb", code_version=code_version("sae", cfg),
+              # no pool: layers train in parallel (tide run --workers); their DuckDB writes are short
+              # transactions that retry while another writer holds the file
+              kinds={"pytorch", "safetensors"}, code_version=code_version("sae", cfg),
               automation_condition=up_to_date())
     def sae(context: dg.AssetExecutionContext, tide: TideResource):
         """Every configured SAE variant of one (layer, site), trained from one pass over the store, evaluated
