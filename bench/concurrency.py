@@ -1,6 +1,7 @@
 """Concurrent readers while a run writes the warehouse: what they see and how long anyone waits.
 
     .venv/bin/python bench/concurrency.py [--seconds 15] [--readers 3] [--cli-readers 1] [--partitions 4]
+                                          [--pause 0.1] [--compare]
 
 One writer process replaces SAE partitions through the Warehouse API for ``--seconds``: each transaction
 rewrites an SAE's ``saes`` row and its ``feature_stats`` rows (a new generation ``g``: a new row count,
@@ -15,7 +16,8 @@ DuckDB (``dashboards/server.py``); only ``tide dashboard --build`` reads, like a
 Each process counts its lock retries (``duckdb.connect`` refused because another process holds the file,
 or a reader held at the turnstile while a writer waits: ``storage/connection.py``) and times every open (the retry waits plus the ~16 ms of opening). Printed: per role, operations done,
 retries, mean and max wait; whole partitions only (yes/no); whether the writer stayed within its lock
-budget (``Warehouse.lock_timeout_s``). tests/test_concurrency.py runs the same load for a few seconds
+budget (``Warehouse.lock_timeout_s``). ``--compare`` first runs the same load as the code did before
+writers went first. tests/test_concurrency.py runs the same load for a few seconds
 and asserts the correctness half; timings are only printed.
 """
 
@@ -61,6 +63,7 @@ class LoadReport:
     seconds: float
     partitions: int
     pause_s: float
+    writer_first: bool
     roles: list[RoleStats]
 
     @property
@@ -116,17 +119,21 @@ class _Meter:
     """Counts this process's lock retries and times its opens, by wrapping the two functions the
     warehouse opens through (the production code is unchanged)."""
 
-    def __init__(self, stats: RoleStats):
+    def __init__(self, stats: RoleStats, writer_first: bool = True):
         import duckdb
 
         import storage.connection as connection
         import storage.warehouse as warehouse
 
         real_duckdb_connect, real_connect = duckdb.connect, connection.connect
-        real_admits = connection._Turnstile.admits
+        # writer_first=False: the code before the turnstile, where every open races and readers back off
+        # to 1 s like writers
+        passes = connection._Turnstile.admits if writer_first else (lambda turnstile: True)
+        if not writer_first:
+            connection._MAX_READER_BACKOFF_S = connection._MAX_BACKOFF_S
 
         def admits(turnstile):  # a reader held back while a writer waits is a retry too
-            ok = real_admits(turnstile)
+            ok = passes(turnstile)
             stats.retries += not ok
             return ok
 
@@ -153,11 +160,12 @@ class _Meter:
         connection._Turnstile.admits = admits
 
 
-def _writer(path: str, seconds: float, partitions: int, pause_s: float, out: mp.Queue) -> None:
+def _writer(path: str, seconds: float, partitions: int, pause_s: float, writer_first: bool,
+            out: mp.Queue) -> None:
     from storage import Warehouse
 
     stats = RoleStats("writer")
-    _Meter(stats)
+    _Meter(stats, writer_first)
     wh = Warehouse(path)
     stats.lock_budget_s = wh.lock_timeout_s
     end, gen = time.monotonic() + seconds, 0
@@ -175,11 +183,12 @@ def _writer(path: str, seconds: float, partitions: int, pause_s: float, out: mp.
     out.put(asdict(stats))
 
 
-def _reader(role: str, path: str, config: str, partitions: int, stop, out: mp.Queue) -> None:
+def _reader(role: str, path: str, config: str, partitions: int, writer_first: bool, stop,
+            out: mp.Queue) -> None:
     import json
 
     stats = RoleStats(role)
-    _Meter(stats)
+    _Meter(stats, writer_first)
     if role == "cli":
         from pipelines.cli import main
     else:
@@ -207,7 +216,7 @@ def _reader(role: str, path: str, config: str, partitions: int, stop, out: mp.Qu
 
 
 def run_load(root: Path, seconds: float = 15.0, readers: int = 3, cli_readers: int = 1,
-             partitions: int = 4, pause_s: float = 0.1) -> LoadReport:
+             partitions: int = 4, pause_s: float = 0.1, writer_first: bool = True) -> LoadReport:
     """Build a warehouse under ``root`` with every partition at generation 0, then run the writer and the
     readers for ``seconds``; readers stop once the writer is done."""
     from storage import Warehouse
@@ -223,9 +232,9 @@ def run_load(root: Path, seconds: float = 15.0, readers: int = 3, cli_readers: i
 
     ctx = mp.get_context("spawn")  # fresh interpreters: no DuckDB handle inherited from this process
     out, stop = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_reader, args=(role, str(path), str(config), partitions, stop, out))
+    procs = [ctx.Process(target=_reader, args=(role, str(path), str(config), partitions, writer_first, stop, out))
              for role in ["python"] * readers + ["cli"] * cli_readers]
-    writer = ctx.Process(target=_writer, args=(str(path), seconds, partitions, pause_s, out))
+    writer = ctx.Process(target=_writer, args=(str(path), seconds, partitions, pause_s, writer_first, out))
     for p in procs:
         p.start()
     writer.start()
@@ -240,11 +249,12 @@ def run_load(root: Path, seconds: float = 15.0, readers: int = 3, cli_readers: i
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return LoadReport(seconds, partitions, pause_s, [RoleStats(**r) for r in results])
+    return LoadReport(seconds, partitions, pause_s, writer_first, [RoleStats(**r) for r in results])
 
 
 def print_report(report: LoadReport) -> None:
-    print(f"{report.seconds:g} s of writes, {report.partitions} partitions, "
+    print(f"{'writers first' if report.writer_first else 'before the turnstile (no writer preference)'}: "
+          f"{report.seconds:g} s of writes, {report.partitions} partitions, "
           f"{len(report.readers)} reader processes, writer pausing {report.pause_s:g} s between transactions")
     print(f"| {'role':8} | {'ops':>6} | {'opens':>6} | {'retries':>7} | {'mean wait':>9} | {'max wait':>8} |")
     print(f"|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 10}|")
@@ -274,10 +284,14 @@ def main() -> None:
     p.add_argument("--cli-readers", type=int, default=1, help="processes reading through `tide sql`")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--pause", type=float, default=0.1, help="seconds the writer waits between transactions")
+    p.add_argument("--compare", action="store_true",
+                   help="first run the same load without writer preference (the code before the turnstile)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tide-concurrency-") as tmp:
-        print_report(run_load(Path(tmp), args.seconds, args.readers, args.cli_readers, args.partitions,
-                              args.pause))
+    for writer_first in ([False, True] if args.compare else [True]):
+        with tempfile.TemporaryDirectory(prefix="tide-concurrency-") as tmp:
+            print_report(run_load(Path(tmp), args.seconds, args.readers, args.cli_readers, args.partitions,
+                                  args.pause, writer_first))
+        print()
 
 
 if __name__ == "__main__":
