@@ -21,6 +21,7 @@ import dagster as dg
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContext
 
+from pipelines.killed_runs import owner_tag, release_killed_runs
 from pipelines.parallel import Workers
 
 Log = Callable[[str], None]
@@ -111,7 +112,8 @@ def materialize(defs: dg.Definitions, instance: dg.DagsterInstance, *, select: s
     forced = {dg.AssetKey.from_user_string(k) for k in force}
     report = RunReport()
     t0 = time.perf_counter()
-    tags = {"tide/runner": "tide run", SESSION_TAG: time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tags = {"tide/runner": "tide run", SESSION_TAG: time.strftime("%Y-%m-%dT%H:%M:%S"), **owner_tag()}
+    release_killed_runs(instance, log)  # or a pool slot a killed run held is waited for forever
     for key in graph.toposorted_asset_keys:
         if key not in selected:
             continue
