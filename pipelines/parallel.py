@@ -36,15 +36,21 @@ class PartitionRun:
     worker_pid: int
 
 
+def _unshadow(local_directory: str) -> None:
+    """A dask worker puts its scratch folder on sys.path (for uploaded files); the folder holds a `storage`
+    spill folder, which would shadow this project's `storage` package as an empty namespace package."""
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p) != os.path.abspath(local_directory)]
+
+
+def warm(config_path: str, dask_worker=None) -> None:
+    """Load the definitions on a worker ahead of its first task (``Client.run`` passes ``dask_worker``)."""
+    _unshadow(dask_worker.local_directory)
+    _definitions(config_path)
+
+
 @cache
 def _definitions(config_path: str):
     """The project's definitions and instance, built once per worker process."""
-    from distributed import get_worker
-
-    # A dask worker puts its scratch folder on sys.path (for uploaded files); the folder holds a `storage`
-    # spill folder, which would shadow this project's `storage` package as an empty namespace package.
-    local = get_worker().local_directory
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p) != os.path.abspath(local)]
     from pipelines.definitions import definitions_for
     from pipelines.instance import warehouse_instance
     from pipelines.project import Project
@@ -58,8 +64,10 @@ def run_partition(config_path: str, asset: str, partition: str, run_config: dict
     """One Dagster run of one asset partition, in this (worker) process."""
     import dagster as dg
     import torch
+    from distributed import get_worker
 
     torch.set_num_threads(threads)
+    _unshadow(get_worker().local_directory)
     defs, instance = _definitions(config_path)
     job = defs.resolve_implicit_job_def_def_for_assets([dg.AssetKey.from_user_string(asset)])
     started = time.perf_counter()
@@ -97,6 +105,10 @@ class Workers:
                                       key=f"{asset}[{p}]-{time.time_ns()}", pure=False) for p in partitions]
         for future in as_completed(futures):
             yield future.result()
+
+    def warm(self) -> None:
+        """Every worker loads the definitions now (a task pays for it otherwise: seconds)."""
+        self.client.run(warm, self.config_path)
 
     def close(self) -> None:
         self.client.close()

@@ -2,9 +2,9 @@
 turned on materialize every stage of a tiny warehouse without `tide run`.
 
 What test_pipelines.py checks tick by tick in-process, here the daemon does on its own: the sensor ticks
-(every 30 s, Dagster's default), the run queue launches each requested run in its own process through
-the code server, and the warehouse's instance records them. Takes minutes: a wave per 30-s tick, and each
-run is a process that imports torch."""
+(every 5 s here, through TIDE_AUTOMATION_INTERVAL_S; Dagster's default is 30 s), the run queue launches
+each requested run in its own process through the code server, and the warehouse's instance records them.
+Takes a few minutes: a wave per tick, and each run is a process that imports torch."""
 
 import os
 import signal
@@ -17,7 +17,7 @@ import dagster as dg
 import pytest
 
 from pipelines.definitions import definitions_for
-from pipelines.defs.automation import SENSOR
+from pipelines.defs.automation import INTERVAL_ENV, SENSOR
 from pipelines.instance import ensure_home
 from tests.test_pipelines import EDIT
 
@@ -71,7 +71,7 @@ def test_the_daemon_materializes_every_stage_with_the_automation_sensor_on(tiny_
     project = tiny_project(EDIT)
     defs = definitions_for(project)
     home = ensure_home(project)  # the warehouse's own instance, as `tide ui` would use
-    env = {**os.environ, "DAGSTER_HOME": home, "TIDE_CONFIG": str(project.config_path)}
+    env = {**os.environ, "DAGSTER_HOME": home, "TIDE_CONFIG": str(project.config_path), INTERVAL_ENV: "5"}
     code = ["-m", "pipelines.definitions"]
 
     # The sensor is off by default (it must not race a `tide run`); turn it on in this instance.

@@ -11,10 +11,13 @@ follows; the same checkpoint gives the same version and nothing else runs.
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 DAILY = "0 3 * * *"
 SENSOR = "tide_automation"
+INTERVAL_ENV = "TIDE_AUTOMATION_INTERVAL_S"
 
 
 def up_to_date() -> dg.AutomationCondition:
@@ -33,7 +36,11 @@ def daily_or_up_to_date() -> dg.AutomationCondition:
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:
+    # Seconds between evaluations: Dagster's 30 unless TIDE_AUTOMATION_INTERVAL_S says otherwise (a test
+    # waits for every wave of a tiny warehouse; a user rarely needs it)
+    interval = int(os.environ.get(INTERVAL_ENV, "30"))
     return dg.AutomationConditionSensorDefinition(
         SENSOR, target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=interval,
         description="Keeps the warehouse up to date (missing, changed code or config, new upstream data); "
                     "re-reads the model daily. Off by default so it never races a `tide run`.")
