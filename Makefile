@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone: `make run` and `make test`. Both install into .venv first.
-.PHONY: run test install lint ui clean
+.PHONY: run test kill-matrix install lint ui clean
 
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+## SIGKILL `tide run` inside every asset partition and resume (~20 min; make test runs a reduced set).
+kill-matrix: $(STAMP)
+	$(VENV)/bin/python -m pytest -m killmatrix -q tests/test_kill_matrix.py
 
 ui: $(STAMP)
 	$(VENV)/bin/tide ui
