@@ -152,3 +152,39 @@ def test_frechet_distance_matches_the_closed_form_and_survives_dead_features():
         warnings.simplefilter("error")
         assert abs(frechet_distance(dead, dead)) < 1e-9
         assert np.isfinite(frechet_distance(dead, np.concatenate([b, np.zeros((4000, 2))], 1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_on_cuda_copies_through_pinned_memory_and_matches_cpu():
+    from tide_core.capture import ActivationCapture, CaptureSpec
+
+    def captured(device):
+        m = _model()
+        m.transformer.to(device)
+        got = []
+        with ActivationCapture(m, CaptureSpec(layers=(0, 1), dtype="float32"), got.append) as cap:
+            cap.set_samples([0, 1])
+            Sampler(m, "ddim", 3, 2.0).sample([0, 1], [1, 2], observer=cap)
+        return got
+
+    cpu, gpu = captured("cpu"), captured("cuda")
+    assert [c.step for c in gpu] == [c.step for c in cpu]
+    for a, b in zip(cpu, gpu, strict=True):
+        for key in a.acts:
+            assert isinstance(b.acts[key], np.ndarray)
+            np.testing.assert_allclose(b.acts[key], a.acts[key], rtol=1e-3, atol=1e-3)
+
+
+def test_the_gpu_check_runs_its_code_paths_at_toy_sizes_on_the_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "bench" / "gpu_check.py"), "--tiny", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=600, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert any(line.startswith("dit-xl:") for line in lines) and any(line.startswith("pixart-xl:") for line in lines)
+    assert sum(line.startswith("sae d=") for line in lines) == 2 and lines[-1].startswith("gpu_capture_overhead=")

@@ -100,6 +100,28 @@ def token_draw(seed: int, sample_id: int, step: int, total: int, keep: int) -> n
     return np.sort(rng.choice(total, size=keep, replace=False)).astype(np.int16)
 
 
+class HostCopies:
+    """Device-to-host copies on their own CUDA stream into pinned host memory, so a block's activations travel
+    to the host while the next blocks compute; ``finish`` waits for all of them (once a step).
+
+    Pinned buffers come from torch's caching host allocator (freed ones are reused, not re-pinned); the
+    source tensor is recorded on the copy stream, so the model may free it before the copy has run."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device=device)
+
+    def start(self, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete on the compute stream
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            t.record_stream(self.stream)
+        return host
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+
+
 class ActivationCapture:
     """Hooks that collect activations per step and hand them to ``sink`` (a StepObserver).
 
@@ -120,6 +142,7 @@ class ActivationCapture:
         self._timestep = 0
         self._sample_ids: Sequence[int] = ()
         self._index: torch.Tensor | None = None  # [B, P] token positions of the current step
+        self._copies: HostCopies | None = None  # CUDA models only
 
     # -- hook management --
     def install(self) -> ActivationCapture:
@@ -158,6 +181,9 @@ class ActivationCapture:
     def end_step(self, step: int) -> None:
         if not self._active:
             return
+        if self._copies is not None:  # the step's device-to-host copies, overlapped with its later blocks
+            self._copies.finish()
+            self._buffer = {k: v.numpy() for k, v in self._buffer.items()}
         index = None if self._index is None else self._index.numpy().astype(np.int16)
         self.sink(CapturedStep(step=step, timestep=self._timestep, acts=self._buffer, token_index=index))
         self._active = False
@@ -182,4 +208,8 @@ class ActivationCapture:
                 self._index = torch.from_numpy(np.stack(draws).astype(np.int64))  # [B, P]
             idx = self._index.to(out.device)
             out = torch.gather(out, 1, idx[:, :, None].expand(-1, -1, out.shape[2]))  # [B, P, D]
-        return out.detach().to(getattr(torch, self.spec.dtype)).cpu().numpy()
+        out = out.detach().to(getattr(torch, self.spec.dtype))
+        if out.is_cuda:
+            self._copies = self._copies or HostCopies(out.device)
+            return self._copies.start(out)  # pinned host tensor, filled asynchronously; numpy at end_step
+        return out.cpu().numpy()
