@@ -8,8 +8,10 @@ serially in this process (torch on every core) and with `tide run --workers N` (
 at cores/N threads a worker; the workers start and load the definitions before the clock starts, as a
 long-lived cluster would). Checks that both stores are equal bit for bit. Prints each worker's peak RSS
 after all shards (run it with twice the samples to see it flat: a worker holds one shard at a time), and
-the cold ratio with the cluster's start-up included. Last line: capture_scaling=<serial s / parallel s>.
-Measure on an otherwise idle machine: the serial run uses every core through torch's threads.
+the cold ratio with the cluster's start-up included. Two baselines: the default serial run (torch on every
+core) and one process at one worker's share of the cores (cores / N torch threads), which is what the
+workers multiply; the last lines (sae_scaling=, capture_scaling=) are against the second, and the line
+before them against the first. Measure on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -48,18 +50,25 @@ def project_at(config: Path, root: Path, samples: int) -> Project:
     return Project.load(path)
 
 
-def timed(project: Project, select: str, workers=None) -> float:
+def timed(project: Project, select: str, workers=None, threads: int | None = None) -> float:
+    """Seconds to materialize ``select``; ``threads``: torch's intra-op threads for an in-process run."""
+    import torch
+
     from pipelines.definitions import definitions_for
     from pipelines.instance import warehouse_instance
     from pipelines.runner import materialize
 
     defs, instance = definitions_for(project), warehouse_instance(project)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     t0 = time.perf_counter()
     report = materialize(defs, instance, select=select, workers=workers, log=lambda m: None,
                          run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(before)
     if not report.success:
         raise SystemExit(f"{select} failed in {project.root}")
-    return time.perf_counter() - t0
+    return seconds
 
 
 def worker_peak_rss(workers) -> list[float]:
@@ -76,13 +85,18 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tide-scale-"))
-    serial, parallel = (project_at(Path(args.config), tmp / name, args.samples) for name in ("serial", "parallel"))
-    for project in (serial, parallel):  # the model, prompts and the store's layout: not what is measured
+    serial, single, parallel = (project_at(Path(args.config), tmp / name, args.samples)
+                                for name in ("serial", "single", "parallel"))
+    for project in (serial, single, parallel):  # the model, prompts and the store's layout: not measured
         timed(project, "+key:activation_store")
     print(f"config {args.config}: {args.samples} samples in {serial.num_shards} shards of 16, "
           f"layers {serial.config.capture.layers}, sites {serial.config.capture.sites}")
 
+    import torch
+
+    per_worker = max(1, torch.get_num_threads() // args.workers)
     t_serial = timed(serial, CAPTURE)
+    t_single = timed(single, CAPTURE, threads=per_worker)  # one process with one worker's share of the cores
     t_cold = time.perf_counter()
     with Workers(parallel.config_path, args.workers) as workers:
         workers.warm()  # each worker loads the definitions once
@@ -96,16 +110,21 @@ def main() -> None:
               f"({args.samples / t_serial:.1f} vs {args.samples / t_parallel:.1f} samples/s); cluster start "
               f"{started:.1f} s; stores equal bit for bit: {same}")
         print(f"cold (cluster start included): {t_serial / (t_parallel + started):.2f}")
+        print(f"one process at {per_worker} torch thread(s), a worker's share: {t_single:.1f} s; "
+              f"{args.workers} workers against it: {t_single / t_parallel:.2f}")
         print(f"worker peak RSS after all {serial.num_shards} shards: {', '.join(f'{r:.0f} MB' for r in rss)}")
-        timed(serial, "+key:samples")
-        timed(parallel, "+key:samples")
+        for project in (serial, single, parallel):
+            timed(project, "+key:samples")
         s_serial = timed(serial, SAE)
+        s_single = timed(single, SAE, threads=per_worker)
         s_parallel = timed(parallel, SAE, workers)
     layers = len(serial.config.capture.layers) * len(serial.config.capture.sites)
-    print(f"sae ({layers} layer x site partitions): serial {s_serial:.1f} s, {args.workers} workers "
-          f"{s_parallel:.1f} s")
-    print(f"sae_scaling={s_serial / s_parallel:.2f}")
-    print(f"capture_scaling={t_serial / t_parallel:.2f}")
+    print(f"sae ({layers} layer x site partitions): serial {s_serial:.1f} s, at {per_worker} thread(s) "
+          f"{s_single:.1f} s, {args.workers} workers {s_parallel:.1f} s")
+    print(f"against the default serial run (torch on every core): capture {t_serial / t_parallel:.2f}, "
+          f"sae {s_serial / s_parallel:.2f}")
+    print(f"sae_scaling={s_single / s_parallel:.2f}")
+    print(f"capture_scaling={t_single / t_parallel:.2f}")
 
 
 if __name__ == "__main__":

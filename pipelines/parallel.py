@@ -43,9 +43,14 @@ def _unshadow(local_directory: str) -> None:
 
 
 def warm(config_path: str, dask_worker=None) -> None:
-    """Load the definitions on a worker ahead of its first task (``Client.run`` passes ``dask_worker``)."""
+    """Ahead of a worker's first task (``Client.run`` passes ``dask_worker``): load the definitions, and load
+    the model once, so the imports (torch, diffusers, transformers) and first-call costs are paid now."""
+    from pipelines.context import RunContext
+    from pipelines.project import Project
+
     _unshadow(dask_worker.local_directory)
     _definitions(config_path)
+    _ = RunContext(Project.load(config_path), log=lambda m: None).model  # loads it
 
 
 @cache
@@ -113,7 +118,8 @@ class Workers:
             yield future.result()
 
     def warm(self) -> None:
-        """Every worker loads the definitions now (a task pays for it otherwise: seconds)."""
+        """Every worker loads the definitions and the model now (a first task pays for them otherwise: 5 s
+        for the tiny PixArt, mostly imports)."""
         self.client.run(warm, self.config_path)
 
     def close(self) -> None:
