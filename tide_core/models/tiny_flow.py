@@ -19,27 +19,18 @@ from typing import ClassVar
 import torch
 
 from tide_core.config import ModelConfig
-from tide_core.config.model import TinyFlowConfig
+from tide_core.config.model import TinyFlowConfig, TinyFluxConfig
 from tide_core.files import atomic_directory
-from tide_core.models.base import GuidanceMode, Log, ModelInfo, ModelStatus
-from tide_core.models.dit import TIDE_MODEL_FILE, directory_fingerprint, read_meta
-from tide_core.models.flow import SITES, FlowDiT
+from tide_core.models.base import GuidanceMode
+from tide_core.models.built import VOCABULARY, BuiltHere
+from tide_core.models.dit import TIDE_MODEL_FILE
 from tide_core.models.flux import Flux
-from tide_core.models.registry import ModelError
 from tide_core.models.sd3 import SD3
-from tide_core.models.tiny_pixart import VOCABULARY, save_t5_tokenizer, tiny_t5
-from tide_core.prompts import PromptSet
+from tide_core.models.tiny_pixart import save_t5_tokenizer, tiny_t5
 
-TINY_VAE_FACTOR = 2  # two VAE blocks: one halving
 LATENT_CHANNELS = 4
 CLIP_MAX_TOKENS = 77
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def fingerprint(family: str, cfg: TinyFlowConfig) -> str:
-    """What the built weights depend on (not where they are written)."""
-    payload = {"family": family, **cfg.model_dump(exclude={"checkpoint_dir"}), "vocabulary": VOCABULARY}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_clip_tokenizer(path: Path) -> None:
@@ -134,81 +125,44 @@ def build(family: str, cfg: TinyFlowConfig, out: Path) -> Path:
         weights = hashlib.sha256()  # the identity the DiT family's fingerprint reads (not a file time)
         for f in sorted((tmp / "transformer").glob("*.safetensors")):
             weights.update(f.read_bytes())
-        meta = {"tiny_fingerprint": fingerprint(family, cfg), "weights_sha256": weights.hexdigest(),
+        cls = TinySD3 if family == "sd3" else TinyFlux
+        meta = {cls.meta_key: cls.built_fingerprint(cfg), "weights_sha256": weights.hexdigest(),
                 "tiny_config": cfg.model_dump(exclude={"checkpoint_dir"})}
         (tmp / TIDE_MODEL_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
 
-class BuiltFlow(FlowDiT):
-    """A tiny flow model: built by ``prepare``; every other method is its family's, on the built directory."""
+class BuiltFlow(BuiltHere):
+    """A tiny flow model: its family's build and the family in the fingerprint (two families, one section
+    shape)."""
 
-    section: ClassVar[str]  # its [model.<section>]
     base_family: ClassVar[str]
 
     @classmethod
-    def settings(cls, cfg: ModelConfig) -> TinyFlowConfig:
-        return getattr(cfg, cls.section)
+    def fingerprint_payload(cls, settings) -> dict:
+        return {"family": cls.base_family, **super().fingerprint_payload(settings)}
 
     @classmethod
-    def _built(cls, cfg: ModelConfig) -> ModelConfig:
-        """The config as the family sees it: model.source = the built directory, and the native image size
-        (FLUX's config does not record one)."""
-        t = cls.settings(cfg)
-        side = t.sample_size * TINY_VAE_FACTOR
-        return cfg.model_copy(update={"source": t.checkpoint_dir, "height": cfg.height or side,
-                                      "width": cfg.width or side})
-
-    @classmethod
-    def describe(cls, cfg: ModelConfig) -> ModelInfo:
-        t = cls.settings(cfg)
-        multiple = TINY_VAE_FACTOR * 2
-        for name in ("height", "width"):
-            value = getattr(cfg, name)
-            if value is not None and value % multiple:
-                raise ModelError(f"model.{name}={value} is not a multiple of {multiple} (the tiny VAE's factor "
-                                 f"times the patch size); the native size is {t.sample_size * TINY_VAE_FACTOR}")
-        depth = t.num_layers + getattr(t, "num_single_layers", 0)
-        return ModelInfo(family=cls.family, source=t.checkpoint_dir, num_layers=depth,
-                         hidden_size=t.num_heads * t.head_dim, sites=SITES)
-
-    @classmethod
-    def fingerprint_of(cls, cfg: ModelConfig) -> str:
-        return directory_fingerprint(cls.settings(cfg).checkpoint_dir)
-
-    @classmethod
-    def prepare(cls, cfg: ModelConfig, log: Log, force: bool = False) -> ModelStatus:
-        """Build the directory unless it records this config's fingerprint (seconds; deterministic)."""
-        t = cls.settings(cfg)
-        out = Path(t.checkpoint_dir)
-        if force or read_meta(out).get("tiny_fingerprint") != fingerprint(cls.base_family, t):
-            log(f"building the tiny random {cls.base_family} model in {out} (seed {t.seed})")
-            build(cls.base_family, t, out)
-        return ModelStatus(str(out), trained_now=False, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(out))
-
-    @classmethod
-    def count_tokens(cls, cfg: ModelConfig, texts: list[str]):
-        return super().count_tokens(cls._built(cfg), texts)
-
-    @classmethod
-    def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> FlowDiT:
-        t = cls.settings(cfg)
-        if read_meta(t.checkpoint_dir).get("tiny_fingerprint") != fingerprint(cls.base_family, t):
-            raise ModelError(f"no tiny {cls.base_family} model built with this [model.{cls.section}] config at "
-                             f"{t.checkpoint_dir}: materialize `dit_model` first")
-        return super().load(cls._built(cfg), prompts, negative_prompt)
+    def build(cls, settings: TinyFlowConfig, out: Path) -> Path:
+        return build(cls.base_family, settings, out)
 
 
 class TinySD3(BuiltFlow, SD3):
     family: ClassVar[str] = "tiny-sd3"
     section: ClassVar[str] = "tiny_sd3"
+    label: ClassVar[str] = "SD3"
     base_family: ClassVar[str] = "sd3"
 
 
 class TinyFlux(BuiltFlow, Flux):
     family: ClassVar[str] = "tiny-flux"
     section: ClassVar[str] = "tiny_flux"
+    label: ClassVar[str] = "FLUX"
     base_family: ClassVar[str] = "flux"
+
+    @classmethod
+    def depth_of(cls, settings: TinyFluxConfig) -> int:
+        return settings.num_layers + settings.num_single_layers
 
     @classmethod
     def guidance_mode(cls, cfg: ModelConfig) -> GuidanceMode:

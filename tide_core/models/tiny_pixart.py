@@ -17,75 +17,24 @@ from typing import ClassVar
 
 import torch
 
-from tide_core.config import ModelConfig, TinyPixArtConfig
+from tide_core.config import TinyPixArtConfig
 from tide_core.files import atomic_directory
-from tide_core.models.base import Log, ModelInfo, ModelStatus
-from tide_core.models.dit import TIDE_MODEL_FILE, directory_fingerprint, read_meta
-from tide_core.models.pixart import SITES, PixArt
-from tide_core.models.registry import ModelError
-from tide_core.prompts import PromptSet
-
-TINY_VAE_FACTOR = 2  # two VAE blocks: one halving
-# The tokenizer's words: what prompts of digits, colours, styles and a few objects are made of; any other
-# word maps to <unk>, which is still a valid prompt.
-VOCABULARY = tuple("""a an the of on in with and photo picture drawing image sketch painting style digit
-number zero one two three four five six seven eight nine red green blue yellow orange purple pink brown black
-white grey gray bold thin regular thick small large big background cat dog house tree car bird flower sky city
-night day watercolor""".split())
+from tide_core.models.built import VOCABULARY, BuiltHere
+from tide_core.models.dit import TIDE_MODEL_FILE
+from tide_core.models.pixart import PixArt
 
 
-def fingerprint(cfg: TinyPixArtConfig) -> str:
-    """What the built weights depend on (not where they are written)."""
-    payload = {**cfg.model_dump(exclude={"checkpoint_dir"}), "vocabulary": VOCABULARY}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class TinyPixArt(PixArt):
+class TinyPixArt(BuiltHere, PixArt):
     """The tiny PixArt: built by ``prepare``; every other method is PixArt's, on the built directory."""
 
     family: ClassVar[str] = "tiny-pixart"
+    section: ClassVar[str] = "tiny_pixart"
+    label: ClassVar[str] = "PixArt"
+    meta_key: ClassVar[str] = "tiny_pixart_fingerprint"  # what directories built before BuiltHere record
 
     @classmethod
-    def _built(cls, cfg: ModelConfig) -> ModelConfig:
-        """The config as PixArt sees it: model.source = the built directory."""
-        return cfg.model_copy(update={"source": cfg.tiny_pixart.checkpoint_dir})
-
-    @classmethod
-    def describe(cls, cfg: ModelConfig) -> ModelInfo:
-        t = cfg.tiny_pixart
-        multiple = TINY_VAE_FACTOR * 2
-        for name in ("height", "width"):
-            value = getattr(cfg, name)
-            if value is not None and value % multiple:
-                raise ModelError(f"model.{name}={value} is not a multiple of {multiple} (the tiny VAE's factor "
-                                 f"times the patch size); the native size is {t.sample_size * TINY_VAE_FACTOR}")
-        return ModelInfo(family=cls.family, source=t.checkpoint_dir, num_layers=t.num_layers,
-                         hidden_size=t.num_heads * t.head_dim, sites=SITES)
-
-    @classmethod
-    def fingerprint_of(cls, cfg: ModelConfig) -> str:
-        return directory_fingerprint(cfg.tiny_pixart.checkpoint_dir)
-
-    @classmethod
-    def prepare(cls, cfg: ModelConfig, log: Log, force: bool = False) -> ModelStatus:
-        """Build the directory unless it records this config's fingerprint (seconds; deterministic)."""
-        t = cfg.tiny_pixart
-        out = Path(t.checkpoint_dir)
-        if force or read_meta(out).get("tiny_pixart_fingerprint") != fingerprint(t):
-            log(f"building the tiny random PixArt in {out} (seed {t.seed})")
-            build(t, out)
-        return ModelStatus(str(out), trained_now=False, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(out))
-
-    @classmethod
-    def count_tokens(cls, cfg: ModelConfig, texts: list[str]):
-        return super().count_tokens(cls._built(cfg), texts)
-
-    @classmethod
-    def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> TinyPixArt:
-        if read_meta(cfg.tiny_pixart.checkpoint_dir).get("tiny_pixart_fingerprint") != fingerprint(cfg.tiny_pixart):
-            raise ModelError(f"no tiny PixArt built with this [model.tiny_pixart] config at "
-                             f"{cfg.tiny_pixart.checkpoint_dir}: materialize `dit_model` first")
-        return super().load(cls._built(cfg), prompts, negative_prompt)
+    def build(cls, settings: TinyPixArtConfig, out: Path) -> Path:
+        return build(settings, out)
 
 
 T5_PIECES = 3 + len(VOCABULARY)  # <pad>, </s>, <unk>, then a piece per word
@@ -144,7 +93,7 @@ def build(cfg: TinyPixArtConfig, out: Path) -> Path:
         weights = hashlib.sha256()  # the identity the DiT family's fingerprint reads (not a file time)
         for f in sorted((tmp / "transformer").glob("*.safetensors")):
             weights.update(f.read_bytes())
-        meta = {"tiny_pixart_fingerprint": fingerprint(cfg), "weights_sha256": weights.hexdigest(),
+        meta = {TinyPixArt.meta_key: TinyPixArt.built_fingerprint(cfg), "weights_sha256": weights.hexdigest(),
                 "tiny_pixart_config": cfg.model_dump(exclude={"checkpoint_dir"})}
         (tmp / TIDE_MODEL_FILE).write_text(json.dumps(meta, indent=2))
     return out
