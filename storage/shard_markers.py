@@ -2,7 +2,7 @@
 are the shard's stats, written last.
 
 Zarr sees every object under a store as part of its hierarchy: the plain ``shards/<kkkkk>.done`` files of
-stores written before 2026-11-30 made zarr-python warn ("Object at shards is not recognized as a component
+older stores made zarr-python warn ("Object at shards is not recognized as a component
 of a Zarr hierarchy") whenever the store's members were listed. As groups they are ordinary members. A
 marker is one ``zarr.json`` written to a temporary name and renamed, so it is there whole or not at all; each
 shard writes only its own, so parallel shard writers still share nothing. Old stores stay readable (both
@@ -76,7 +76,7 @@ class ShardMarkers:
                              "their marker are kept, this one is sampled again") from None
 
     def migrate(self, num_shards: int) -> int:
-        """Rewrite a pre-2026-11-30 store's ``.done`` files as marker groups; returns how many. Run where one
+        """Rewrite an older store's ``.done`` files as marker groups; returns how many. Run where one
         process has the store (its creation or reopening upstream of the shard writers)."""
         if self.fs.exists(f"{self.root}/{GROUP}/zarr.json"):
             return 0

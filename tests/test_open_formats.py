@@ -72,7 +72,7 @@ def test_a_subsampled_store_has_no_row_col_but_still_timesteps(tmp_path):
 
 
 def make_legacy(url) -> None:
-    """Turn a store into one written before 2026-11-30: `.done` files, no shards group, no coordinates."""
+    """Turn a store into an older one: `.done` files, no shards group, no coordinates."""
     import zarr
 
     root = url
