@@ -199,17 +199,18 @@ class DiTAdapter(ABC):
         return next(self.transformer.parameters()).dtype
 
     @property
-    @abstractmethod
-    def num_layers(self) -> int: ...
+    def num_layers(self) -> int:
+        return len(self.blocks())
 
     @property
-    @abstractmethod
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        return int(self.transformer.inner_dim)  # every diffusers DiT transformer names its width so
 
     @property
-    @abstractmethod
     def null_condition(self) -> int:
-        """The condition index classifier-free guidance contrasts with (the null class, the empty prompt)."""
+        """The condition index classifier-free guidance contrasts with: the row after the conditions (the null
+        class diffusers' LabelEmbedding appends; the negative prompt's embedding)."""
+        return len(self.condition_names)
 
     @property
     @abstractmethod

@@ -163,18 +163,6 @@ class ClassDiT(DiTAdapter):
     # --- the loaded model ------------------------------------------------------------------------
 
     @property
-    def num_layers(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.transformer.inner_dim)
-
-    @property
-    def null_condition(self) -> int:
-        return len(self.condition_names)  # diffusers' LabelEmbedding appends the "no class" row
-
-    @property
     def in_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 

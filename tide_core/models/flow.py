@@ -201,18 +201,6 @@ class FlowDiT(DiTAdapter):
     # --- the loaded model ------------------------------------------------------------------------
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.transformer.inner_dim)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.blocks())
-
-    @property
-    def null_condition(self) -> int:
-        return len(self.condition_names)  # the negative prompt's row
-
-    @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
 

@@ -156,18 +156,6 @@ class PixArt(DiTAdapter):
     # --- the loaded model ------------------------------------------------------------------------
 
     @property
-    def num_layers(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.transformer.inner_dim)
-
-    @property
-    def null_condition(self) -> int:
-        return len(self.condition_names)  # the negative prompt's row of embeds
-
-    @property
     def in_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
