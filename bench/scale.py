@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -71,20 +72,36 @@ def timed(project: Project, select: str, workers=None, threads: int | None = Non
     return seconds
 
 
+def heldout_nmse(project: Project) -> list[float]:
+    """Each SAE's held-out NMSE over all steps, in a fixed order: the quality the timed training bought."""
+    from storage import Warehouse
+
+    rows = Warehouse(project.duckdb_path).query(
+        "SELECT nmse FROM v_sae_metrics WHERE split = 'heldout' AND step = -1 ORDER BY layer, site, variant")
+    return rows.column(0).to_pylist()
+
+
 def worker_peak_rss(workers) -> list[float]:
     return [v / 1024 for v in workers.client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss).values()]
 
 
 def main() -> None:
-    from pipelines.parallel import Workers
-    from storage import ActivationStore
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny-pixart.toml"))
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tide-scale-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path) -> None:
+    from pipelines.parallel import Workers
+    from storage import ActivationStore
+
     serial, single, parallel = (project_at(Path(args.config), tmp / name, args.samples)
                                 for name in ("serial", "single", "parallel"))
     for project in (serial, single, parallel):  # the model, prompts and the store's layout: not measured
@@ -121,6 +138,10 @@ def main() -> None:
     layers = len(serial.config.capture.layers) * len(serial.config.capture.sites)
     print(f"sae ({layers} layer x site partitions): serial {s_serial:.1f} s, at {per_worker} thread(s) "
           f"{s_single:.1f} s, {args.workers} workers {s_parallel:.1f} s")
+    nmse = {p.root.parent.name: heldout_nmse(p) for p in (serial, single, parallel)}
+    gap = max(abs(a - b) for a, b in zip(nmse["serial"], nmse["parallel"], strict=True))
+    print(f"quality at the same budget: held-out NMSE of the {len(nmse['serial'])} SAEs, serial "
+          f"{', '.join(f'{v:.4f}' for v in nmse['serial'])}; largest difference on the workers {gap:.1e}")
     print(f"against the default serial run (torch on every core): capture {t_serial / t_parallel:.2f}, "
           f"sae {s_serial / s_parallel:.2f}")
     print(f"sae_scaling={s_single / s_parallel:.2f}")
