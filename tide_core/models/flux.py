@@ -34,6 +34,8 @@ HUB_GUIDANCE: dict[str, GuidanceMode] = {"black-forest-labs/FLUX.1-dev": "embedd
                                          "black-forest-labs/FLUX.1-schnell": "none"}
 
 
+# pack, unpack and image_ids are FluxPipeline's `_pack_latents`, `_unpack_latents` and
+# `_prepare_latent_image_ids`, written here because those are private static methods (docs/DECISIONS.md).
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: 2x2 latent patches as tokens, row-major (FluxPipeline's packing)."""
     b, c, h, w = latents.shape
@@ -95,12 +97,13 @@ class Flux(FlowDiT):
         return nn.ModuleList([*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks])
 
     def set_timesteps(self, sched, num_steps: int) -> None:
-        """FluxPipeline's schedule: sigmas evenly from 1 to 1/n, shifted by mu, which grows linearly with the
-        image's token count between the scheduler's base and max sequence lengths."""
+        """FluxPipeline's schedule: sigmas evenly from 1 to 1/n, shifted by mu, which diffusers' own
+        ``calculate_shift`` grows linearly with the image's token count."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
         c = sched.config
-        seq = self.token_grid.tokens
-        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
-        mu = c.base_shift + slope * (seq - c.base_image_seq_len)
+        mu = calculate_shift(self.token_grid.tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                             c.max_shift)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
 
     def predict_noise(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
