@@ -17,6 +17,7 @@ from pathlib import Path
 from pipelines.preflight import check
 from pipelines.project import REPO_ROOT, Project
 from tide_core.config import CONFIG_ENV, ConfigError
+from tide_core.sae.spec import VARIANTS
 
 
 def _load_project(args) -> Project:
@@ -291,7 +292,7 @@ def cmd_export_sae(args) -> int:
         runs = wh.query("SELECT model_source, config_json FROM runs WHERE run_id = ?", [rec.run_id]).to_pylist()
         run = runs[0] if runs else {"model_source": None, "config_json": "{}"}
         timesteps = args.timestep
-        if rec.variant == "tide" and not timesteps:
+        if sae.spec.modulated and not timesteps:
             # The timesteps the SAE was trained on: those its run captured, from that run's activation store.
             store_url = json.loads(run["config_json"]).get("store_url") or project.store_url
             prov = ActivationStore.open(store_url, mode="r").provenance
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
             "options come from [edit] in the config (`tide config --explain`); the README (Editing) explains the ops.")
     e.add_argument("--sae", help="SAE id to edit with (default: the [edit] layer's SAE of the current run)")
     e.add_argument("--layer", type=int, help="block whose SAE is used (one of capture.layers)")
-    e.add_argument("--variant", choices=["tide", "topk", "relu"], help="which SAE variant of that layer")
+    e.add_argument("--variant", choices=VARIANTS, help="which SAE variant of that layer")
     e.add_argument("--op", choices=["add", "scale", "clamp", "zero", "style"],
                    help="add / clamp: raise / set the features at every token; scale: multiply where they fire; "
                         "zero: ablate; style: move latents towards a reference image's")

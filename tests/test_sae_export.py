@@ -20,8 +20,9 @@ TIMESTEPS = [999, 500, 20]
 
 
 def make_sae(variant: str, seed: int = 1) -> SparseAutoencoder:
-    """A tiny SAE whose every folded term matters: an input scale far from 1, b_dec off zero, a nonzero b_enc
-    and (tide) a modulation that differs from the identity and between timesteps."""
+    """A tiny SAE whose every folded term matters: an input scale far from 1, b_dec off zero, a nonzero b_enc,
+    (tide) a modulation that differs from the identity and between timesteps and (batch variants) a trained
+    threshold that drops some positive pre-activations."""
     spec = SAESpec(d_in=D, n_latents=N, k=K, variant=variant, time_embed_dim=8, time_hidden=16)
     sae = SparseAutoencoder(spec, seed=seed, meta={"sae_id": f"L01-resid-{variant}", "layer": 1, "site": "resid"})
     gen = torch.Generator().manual_seed(seed + 100)
@@ -31,6 +32,8 @@ def make_sae(variant: str, seed: int = 1) -> SparseAutoencoder:
         if sae.time_mlp is not None:
             sae.time_mlp[2].weight.normal_(0, 0.3, generator=gen)
             sae.time_mlp[2].bias.normal_(0, 0.3, generator=gen)
+        if sae.spec.selection == "batchtopk":
+            sae.threshold.fill_(0.4)
     return sae
 
 
@@ -45,16 +48,18 @@ def ours(sae: SparseAutoencoder, x: torch.Tensor, timestep: int | None) -> tuple
 
 
 def saelens_forward(ckpt: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAELens 6.x topk / standard encode and decode, from the files alone."""
+    """SAELens 6.x topk / standard / jumprelu encode and decode, from the files alone."""
     cfg = json.loads((ckpt / SAELENS_CONFIG_FILE).read_text())
     w = load_file(str(ckpt / SAELENS_WEIGHTS_FILE))
-    assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if cfg["architecture"] == "jumprelu" else set())
     assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
     assert cfg["normalize_activations"] == "none" and not cfg.get("rescale_acts_by_decoder_norm", False)
     pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]  # [B, d_sae]
     if cfg["architecture"] == "topk":  # top k pre-activations, ReLU'd, the rest zero
         val, idx = pre.topk(cfg["k"], dim=-1)
         z = torch.zeros_like(pre).scatter_(-1, idx, val.relu())
+    elif cfg["architecture"] == "jumprelu":  # ReLU, then zero at or below each latent's threshold
+        z = pre.relu() * (pre > w["threshold"])
     else:
         assert cfg["architecture"] == "standard"
         z = pre.relu()
@@ -66,8 +71,9 @@ def assert_same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("variant", "architecture"), [("topk", "topk"), ("relu", "standard")])
-def test_topk_and_relu_export_as_one_exact_checkpoint(tmp_path, variant, architecture):
+@pytest.mark.parametrize(("variant", "architecture"), [("topk", "topk"), ("relu", "standard"),
+                                                     ("batchtopk", "jumprelu"), ("matryoshka", "jumprelu")])
+def test_unmodulated_variants_export_as_one_exact_checkpoint(tmp_path, variant, architecture):
     sae, x = make_sae(variant), acts()
     [ck] = export_saelens(sae, tmp_path / "out")
     assert ck.path == tmp_path / "out" and ck.architecture == architecture and ck.timestep is None
@@ -75,6 +81,19 @@ def test_topk_and_relu_export_as_one_exact_checkpoint(tmp_path, variant, archite
     cfg = json.loads((ck.path / SAELENS_CONFIG_FILE).read_text())
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D, N, "float32")
     assert cfg["metadata"]["tide_sae_id"] == f"L01-resid-{variant}" and cfg["metadata"]["tide_layer"] == 1
+    if architecture == "jumprelu":  # the threshold matters: some positive pre-activations are dropped
+        pre = sae.encoder_input(x) @ sae.W_enc.detach().t() + sae.b_enc.detach()  # [B, n]
+        assert ((pre > 0) & (pre <= sae.threshold)).any() and (ours(sae, x, None)[0] > 0).any()
+
+
+def test_modulated_batch_variants_export_per_timestep(tmp_path):
+    x = acts()
+    for variant in ("tide_batchtopk", "tide_matryoshka"):
+        sae = make_sae(variant)
+        written = export_saelens(sae, tmp_path / variant, TIMESTEPS)
+        assert {c.architecture for c in written} == {"jumprelu"}
+        for ck in written:
+            assert_same(saelens_forward(ck.path, x), ours(sae, x, ck.timestep))
 
 
 def test_tide_exports_one_checkpoint_per_timestep_that_matches_only_there(tmp_path):
@@ -111,9 +130,9 @@ def test_export_refuses_what_it_cannot_write_exactly(tmp_path):
 def test_saelens_loads_the_export_with_its_own_loader(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     x = acts()
-    for variant in ("topk", "relu", "tide"):
+    for variant in ("topk", "relu", "tide", "batchtopk", "tide_matryoshka"):
         sae = make_sae(variant)
-        for ck in export_saelens(sae, tmp_path / variant, TIMESTEPS if variant == "tide" else None):
+        for ck in export_saelens(sae, tmp_path / variant, TIMESTEPS if sae.spec.modulated else None):
             loaded = sae_lens.SAE.load_from_disk(str(ck.path), device="cpu")
             assert loaded.cfg.architecture() == ck.architecture
             with torch.no_grad():

@@ -148,7 +148,7 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
 def new_saes(ctx: RunContext, store: ActivationStore, layer: int, site: str, design: SAEDesign,
              variants: list[str], seed: int) -> dict[str, SparseAutoencoder]:
     """Fresh SAEs of every variant for the stored (layer, site): bound to its width and the model's time
-    convention; the tide variant's modulation fitted to the DiT's adaLN when the design asks for it."""
+    convention; the modulated (tide) variants' modulation fitted to the DiT's adaLN when the design asks."""
     num_train_timesteps = int(store.provenance["model"]["time"]["num_train_timesteps"])
     if design.time_init == "adaln" and site != "resid":
         # what block L+1 applies to block L's output: only the resid site has such a target
@@ -157,8 +157,10 @@ def new_saes(ctx: RunContext, store: ActivationStore, layer: int, site: str, des
     saes = {v: SparseAutoencoder(design.bind(d_in=store.layout.d_model, variant=v,
                                              num_train_timesteps=num_train_timesteps), seed=seed)
             for v in variants}
-    if design.time_init == "adaln" and "tide" in saes:
-        _init_from_adaln(ctx, saes["tide"], layer, num_train_timesteps)
+    if design.time_init == "adaln":
+        for sae in saes.values():
+            if sae.spec.modulated:
+                _init_from_adaln(ctx, sae, layer, num_train_timesteps)
     return saes
 
 

@@ -32,7 +32,7 @@ class Fired:
 @torch.no_grad()
 def fired_latents(sae, x: torch.Tensor, timestep: int | None) -> Fired:
     """Encode tokens x [T, d] at one diffusion timestep: every pair that may fire (value > 0 if it does)."""
-    t = torch.full((x.shape[0],), int(timestep), dtype=torch.long) if sae.spec.variant == "tide" else None
+    t = torch.full((x.shape[0],), int(timestep), dtype=torch.long) if sae.spec.modulated else None
     if sae.spec.is_topk:
         lat = sae.encode_sparse(x, t)  # idx, val [T, k]
         rows = torch.arange(x.shape[0]).repeat_interleave(lat.idx.shape[1])  # [T*k]

@@ -26,7 +26,7 @@ from typing import Any
 # The public names, by the module that defines them: the one list of the package's API.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "tide_core.sae.spec": ("SAEDesign", "SAESpec", "SAETrainConfig", "VARIANTS", "TOPK_VARIANTS", "Variant",
-                           "TimeInit"),
+                           "BATCH_VARIANTS", "MODULATED_VARIANTS", "TimeInit"),
     "tide_core.sae.batches": ("TokenBatch", "rebatch", "skip_tokens"),
     "tide_core.sae.checkpoint": ("CHECKPOINT_FORMAT", "CONFIG_FILE", "WEIGHTS_FILE"),
     "tide_core.sae.export": ("ExportedCheckpoint", "SAELensWeights", "export_saelens", "fold_weights"),

@@ -6,7 +6,8 @@ SAELens' ``topk`` and ``standard`` SAEs compute, on activations x [B, d_in] in t
     z     = act((x - b_dec) @ W_enc + b_enc)     with apply_b_dec_to_input = True
     x_hat = z @ W_dec + b_dec
 
-where act is "top k pre-activations, then ReLU" (topk) or ReLU (standard). Ours (model.py) scales by
+where act is "top k pre-activations, then ReLU" (topk), ReLU (standard) or "pre-activations above the
+latent's threshold" (jumprelu, with a ``threshold`` [d_sae]). Ours (model.py) scales by
 s = input_scale, modulates (tide: gain g = 1 + scale(t) and shift h = shift(t); g = 1, h = 0 otherwise),
 centres by b_dec and un-scales the reconstruction:
 
@@ -19,8 +20,10 @@ The two agree exactly, latents and reconstructions alike, with (primes are the e
     W_enc' = (s * g)[:, None] * W_enc.T
     b_enc' = b_enc + (h + (g - 1) * b_dec) @ W_enc.T
 
-because (x - b_dec / s) * s * g = g * s * x - g * b_dec. For topk and relu (g = 1, h = 0) b_enc' = b_enc.
-SAELens has no timestep-conditioned architecture, so a tide SAE exports one checkpoint per timestep.
+because (x - b_dec / s) * s * g = g * s * x - g * b_dec. For the unmodulated variants (g = 1, h = 0)
+b_enc' = b_enc. The fold leaves the pre-activations' values as they are, so a batch variant's inference
+threshold exports unchanged (as SAELens' JumpReLU, one value for every latent). SAELens has no
+timestep-conditioned architecture, so a modulated (tide) SAE exports one checkpoint per timestep.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 # The loader reads a cfg.json whose metadata.sae_lens_version is below 6.0.0 through its pre-6 path, which
 # keeps only its own metadata keys; declaring the 6.x layout keeps ours.
 SAELENS_FORMAT_VERSION = "6.0.0"
-# Our variant -> SAELens architecture that computes the same thing once the weights are folded.
-ARCHITECTURES: dict[str, str] = {"tide": "topk", "topk": "topk", "relu": "standard"}
+# Our selection rule -> SAELens architecture that computes the same thing once the weights are folded.
+ARCHITECTURES: dict[str, str] = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class SAELensWeights:
     b_enc: Tensor  # [d_sae]
     W_dec: Tensor  # [d_sae, d_in]
     b_dec: Tensor  # [d_in]
+    threshold: Tensor | None = None  # [d_sae] jumprelu only
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return tensors if self.threshold is None else {**tensors, "threshold": self.threshold}
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ class ExportedCheckpoint:
     """One written SAELens checkpoint directory."""
 
     path: Path
-    architecture: str  # "topk" or "standard"
-    timestep: int | None  # the tide modulation folded in; None for topk and relu
+    architecture: str  # "topk", "standard" or "jumprelu"
+    timestep: int | None  # the modulation folded in (tide variants); None for the others
 
 
 def timestep_dirname(timestep: int) -> str:
@@ -79,9 +84,9 @@ def timestep_dirname(timestep: int) -> str:
 def fold_weights(sae: SparseAutoencoder, timestep: int | None = None) -> SAELensWeights:
     """The exported tensors (see the module docstring): input scale, and for tide the modulation at
     ``timestep``, folded into the encoder; the decoder rescaled to the original activation scale."""
-    variant = sae.spec.variant
-    if (variant == "tide") != (timestep is not None):
-        need = "needs a timestep" if variant == "tide" else "takes no timestep (it has no modulation)"
+    variant, modulated = sae.spec.variant, sae.spec.modulated
+    if modulated != (timestep is not None):
+        need = "needs a timestep" if modulated else "takes no timestep (it has no modulation)"
         raise ValueError(f"variant {variant!r} {need}")
     # Fold in float64 and round once at the end, so the export is as close to ours as float32 allows.
     f64 = {name: p.detach().to("cpu", torch.float64)
@@ -97,6 +102,9 @@ def fold_weights(sae: SparseAutoencoder, timestep: int | None = None) -> SAELens
         b_enc=f64["b_enc"] + (shift + (gain - 1) * b_dec) @ w_enc.t(),  # [n]
         W_dec=f64["W_dec"] / s,  # [n, d]
         b_dec=b_dec / s,  # [d]
+        # -inf (never trained) fires every positive pre-activation, as a threshold of 0 does
+        threshold=None if sae.spec.selection != "batchtopk"
+        else sae.threshold.detach().to("cpu", torch.float64).clamp_min(0.0).expand(sae.spec.n_latents),  # [n]
     )
     return SAELensWeights(**{k: v.to(torch.float32).contiguous() for k, v in out.state_dict().items()})
 
@@ -107,7 +115,7 @@ def saelens_config(sae: SparseAutoencoder, timestep: int | None = None,
     ``metadata``, so our provenance goes there, prefixed ``tide_``; ``metadata`` (e.g. ``model_name``, the
     DiT it reads) is merged last."""
     spec = sae.spec
-    architecture = ARCHITECTURES[spec.variant]
+    architecture = ARCHITECTURES[spec.selection]
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "tide_variant": spec.variant,
             "tide_input_scale": float(sae.input_scale)}
     for key in ("sae_id", "run_id", "layer", "site"):
@@ -139,14 +147,14 @@ def _check_replaceable(path: Path) -> None:
 
 def export_saelens(sae: SparseAutoencoder, out_dir: str | Path, timesteps: Iterable[int] | None = None,
                    metadata: Mapping[str, Any] | None = None) -> list[ExportedCheckpoint]:
-    """Write ``sae`` as SAELens checkpoints: ``out_dir`` itself for topk and relu; ``out_dir/tNNNN/`` for
-    each of ``timesteps`` for tide. Every checkpoint is folded (so every timestep validated) before any is
+    """Write ``sae`` as SAELens checkpoints: ``out_dir`` itself for the unmodulated variants;
+    ``out_dir/tNNNN/`` for each of ``timesteps`` for the tide variants. Every checkpoint is folded (so every timestep validated) before any is
     written, and each is written atomically."""
     out_dir = Path(out_dir)
     steps = list(dict.fromkeys(int(t) for t in timesteps or ()))  # distinct, in the given order
-    if sae.spec.variant == "tide":
+    if sae.spec.modulated:
         if not steps:
-            raise ValueError("a tide SAE exports one SAELens checkpoint per diffusion timestep (SAELens has no "
+            raise ValueError(f"a {sae.spec.variant} SAE exports one SAELens checkpoint per diffusion timestep (SAELens has no "
                              "timestep-conditioned SAE): give the timesteps to export")
         targets: list[tuple[Path, int | None]] = [(out_dir / timestep_dirname(t), t) for t in steps]
     elif steps:

@@ -1,4 +1,5 @@
-"""The sparse autoencoder: TIDE (timestep-modulated TopK), plain TopK and ReLU + L1, one module.
+"""The sparse autoencoder: TIDE (timestep-modulated TopK), plain TopK, BatchTopK, Matryoshka (each of those
+two also with TIDE's modulation) and ReLU + L1, one module.
 
 Recipe (OpenAI, "Scaling and evaluating sparse autoencoders", plus TIDE, arXiv 2503.07050):
 
@@ -18,8 +19,11 @@ Recipe (OpenAI, "Scaling and evaluating sparse autoencoders", plus TIDE, arXiv 2
   with ``time_init="adaln"`` the caller then fits it to the DiT's own adaLN (``fit_time_mlp``). Only the
   encoder sees x'; the reconstruction target is the unmodulated x.
 
-TopK variants select with ``tide_core.kernels.topk`` and train through the sparse autograd functions of
-``sparse.py``. Measured on two CPU threads, d_in=128, n_latents=1024, k=32, B=1024 (training step incl.
+* BatchTopK and Matryoshka (``selection.py``): the batch's B * k largest pre-activations during training,
+  a running threshold at inference; Matryoshka's loss averages the MSEs of its nested prefixes.
+
+Every variant but relu selects without autograd (``tide_core.kernels.topk``) and trains through the sparse
+autograd functions of ``sparse.py``. Measured on two CPU threads, d_in=128, n_latents=1024, k=32, B=1024 (training step incl.
 AdamW, against the dense reference in bench/references.py): 2.4-3.4x depending on the machine
 (``bench/sae_train.py``, numbers in bench/RESULTS.md).
 """
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from tide_core.kernels import TopKSelection, topk
 from tide_core.sae.checkpoint import load_checkpoint, save_checkpoint
 from tide_core.sae.outputs import SAELoss, SAEOutput
+from tide_core.sae.selection import BatchSelection, batch_topk, nested_decodes, threshold_mask
 from tide_core.sae.sparse import SparseLatents, select, sparse_decode
 from tide_core.sae.spec import SAESpec
 
@@ -87,11 +92,13 @@ class _Pass:
     xs: Tensor  # [B, d] scaled input: the reconstruction target
     xs_hat: Tensor  # [B, d] reconstruction of xs
     xc: Tensor  # [B, d] encoder input: modulated (tide), scaled, minus b_dec
-    pre: Tensor | None  # [B, n] no-grad pre-activations (TopK variants), for AuxK
+    pre: Tensor | None  # [B, n] no-grad pre-activations (sparse variants), for AuxK
+    nested: list[Tensor] | None = None  # Matryoshka: each prefix's reconstruction of xs [B, d], the last = xs_hat
+    threshold: Tensor | None = None  # [] BatchTopK's selection threshold of this batch
 
 
 class SparseAutoencoder(nn.Module):
-    """A TIDE / TopK / ReLU sparse autoencoder (see the module docstring for the recipe).
+    """A TIDE / TopK / BatchTopK / Matryoshka / ReLU sparse autoencoder (see the module docstring for the recipe).
 
     Build with ``SparseAutoencoder(spec, seed=...)``, then ``init_from_sample(x)`` (the trainer does this
     from the first tokens it sees) before training. ``meta`` is free-form provenance saved in cfg.json.
@@ -109,8 +116,10 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_dec.clone())  # [n, d]: encoder row j reads latent j
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        self.time_mlp = self._build_time_mlp(gen) if spec.variant == "tide" else None
+        self.time_mlp = self._build_time_mlp(gen) if spec.modulated else None
         self.register_buffer("input_scale", torch.ones(()))
+        if spec.selection == "batchtopk":  # -inf until the first training batch: every positive latent fires
+            self.register_buffer("threshold", torch.full((), -math.inf))
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
@@ -157,7 +166,7 @@ class SparseAutoencoder(nn.Module):
     def fit_time_mlp(self, timesteps: Tensor, target: Tensor, steps: int = 400, lr: float = 3e-3) -> float:
         """Initialise TIDE's modulation from a given (scale, shift) per timestep (e.g. the DiT's adaLN,
         ``tide_core.adaln``): fit the MLP to ``target`` [T, 2 * d_in] (scale first) at ``timesteps`` [T].
-        Returns the final mean squared error of the fit. Only for the ``tide`` variant."""
+        Returns the final mean squared error of the fit. Only for the modulated (tide) variants."""
         if self.time_mlp is None:
             raise ValueError(f"variant {self.spec.variant!r} has no timestep modulation to initialise")
         if target.shape != (len(timesteps), 2 * self.spec.d_in):
@@ -184,12 +193,12 @@ class SparseAutoencoder(nn.Module):
         return x.to(device=self.W_dec.device, dtype=self.W_dec.dtype)
 
     def _as_timesteps(self, t: Tensor | None, n_tokens: int) -> Tensor | None:
-        if self.spec.variant != "tide":
+        if not self.spec.modulated:
             return None
         if t is None:
             raise ValueError(
-                "variant 'tide' needs the diffusion timestep of every token: pass t as an int tensor [B] "
-                "(TokenBatch.timesteps), or use a 'topk' SAE"
+                f"variant {self.spec.variant!r} needs the diffusion timestep of every token: pass t as an int "
+                "tensor [B] (TokenBatch.timesteps), or use a variant without TIDE's modulation"
             )
         t = torch.as_tensor(t, device=self.W_dec.device)
         if t.shape != (n_tokens,):
@@ -237,26 +246,36 @@ class SparseAutoencoder(nn.Module):
             # mm then add_: addmm first copies the broadcast bias into the output, ~15% slower on CPU
             return torch.mm(xc, self.W_enc.t()).add_(self.b_enc)  # [B, n]
 
-    def _run(self, x: Tensor, t: Tensor | None) -> _Pass:
+    def _run(self, x: Tensor, t: Tensor | None, training: bool = False) -> _Pass:
+        """One pass; ``training`` selects a batch variant's latents over the batch (else by its threshold)."""
         x = self._as_acts(x)
         t = self._as_timesteps(t, x.shape[0])
         xs = x * self.input_scale  # [B, d] scaled target
         xc = self._modulate(xs, t) - self.b_dec  # [B, d] encoder input
-        if not self.spec.is_topk:
-            z = F.relu(F.linear(xc, self.W_enc, self.b_enc))  # [B, n]
+        selection = self.spec.selection
+        if selection == "relu" or (selection == "batchtopk" and not training):
+            z = self._dense_latents(F.linear(xc, self.W_enc, self.b_enc))  # [B, n]
             xs_hat = z @ self.W_dec + self.b_dec
             out = SAEOutput(xs_hat / self.input_scale, self.spec.n_latents, z=z)
             return _Pass(out=out, xs=xs, xs_hat=xs_hat, xc=xc, pre=None)
         pre = self._pre_acts(xc)
-        sel = select(xc, self.W_enc, self.b_enc, topk(pre, self.spec.k))  # [B, k]
-        xs_hat = sparse_decode(sel.idx, sel.val, self.W_dec, sel.pairs) + self.b_dec  # [B, d]
-        out = SAEOutput(xs_hat / self.input_scale, self.spec.n_latents, idx=sel.idx, val=sel.val)
-        return _Pass(out=out, xs=xs, xs_hat=xs_hat, xc=xc, pre=pre)
+        batch: BatchSelection | None = batch_topk(pre, self.spec.k) if selection == "batchtopk" else None
+        sel = select(xc, self.W_enc, self.b_enc, batch.top if batch else topk(pre, self.spec.k))  # [B, m]
+        nested = [h + self.b_dec for h in nested_decodes(sel.idx, sel.val, self.W_dec, sel.pairs,
+                                                         self.spec.nested_widths)]  # each [B, d]
+        out = SAEOutput(nested[-1] / self.input_scale, self.spec.n_latents, idx=sel.idx, val=sel.val)
+        return _Pass(out=out, xs=xs, xs_hat=nested[-1], xc=xc, pre=pre, nested=nested,
+                     threshold=batch.threshold if batch else None)
+
+    def _dense_latents(self, pre: Tensor) -> Tensor:
+        """Inference latents [B, n] from pre-activations [B, n]: ReLU, or a batch variant's threshold."""
+        return threshold_mask(pre, self.threshold) if self.spec.selection == "batchtopk" else F.relu(pre)
 
     def encode_sparse(self, x: Tensor, t: Tensor | None = None) -> SparseLatents:
         """TopK latents (idx, val) of activations x [B, d_in]; t [B] int timesteps (required for tide)."""
         if not self.spec.is_topk:
-            raise ValueError("encode_sparse() is for the TopK variants; use encode() for a relu SAE")
+            raise ValueError(f"encode_sparse() is for the per-token TopK variants (tide, topk); a "
+                             f"{self.spec.variant} SAE fires a varying number of latents: use encode()")
         xc = self.encoder_input(x, t)
         sel = select(xc, self.W_enc, self.b_enc, topk(self._pre_acts(xc), self.spec.k))
         return SparseLatents(sel.idx, sel.val)
@@ -276,8 +295,7 @@ class SparseAutoencoder(nn.Module):
         if self.spec.is_topk:
             lat = self.encode_sparse(x, t)
             return lat.val.new_zeros(lat.val.shape[0], self.spec.n_latents).scatter_(1, lat.idx, lat.val)
-        x = self._as_acts(x)
-        return F.relu(F.linear(x * self.input_scale - self.b_dec, self.W_enc, self.b_enc))  # [B, n]
+        return self._dense_latents(F.linear(self.encoder_input(x, t), self.W_enc, self.b_enc))  # [B, n]
 
     def decode(self, z: Tensor) -> Tensor:
         """Activations [B, d_in] (original scale) from dense latents z [B, n_latents]."""
@@ -301,6 +319,16 @@ class SparseAutoencoder(nn.Module):
         """Advance the dead-latent counters by one training batch of ``n_tokens`` tokens."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fire_counts > 0] = 0
+
+    @torch.no_grad()
+    def record_threshold(self, batch_threshold: Tensor | None) -> None:
+        """Batch variants: move the inference threshold towards a training batch's (a running average)."""
+        if batch_threshold is None:
+            return
+        if torch.isfinite(self.threshold):
+            self.threshold.lerp_(batch_threshold.to(self.threshold), self.spec.threshold_rate)
+        else:
+            self.threshold.copy_(batch_threshold)
 
     def _aux_loss(self, xc: Tensor, pre: Tensor, residual: Tensor) -> Tensor:
         """AuxK: the top aux_k dead latents reconstruct the residual; normalised by its variance."""
@@ -337,14 +365,17 @@ class SparseAutoencoder(nn.Module):
 
     def loss(self, x: Tensor, t: Tensor | None = None) -> SAELoss:
         """Training loss of a batch x [B, d_in] with timesteps t [B] (tide only), in the scaled space."""
-        p = self._run(x, t)
+        p = self._run(x, t, training=True)
         mse = (p.xs_hat - p.xs).pow(2).mean()
         aux = l1 = mse.new_zeros(())
-        if self.spec.is_topk:
+        recon = mse
+        if self.spec.sparse:
             aux = self._aux_loss(p.xc, p.pre, (p.xs - p.xs_hat).detach())
+            if len(p.nested) > 1:  # Matryoshka: every prefix reconstructs; the last is the whole dictionary
+                recon = torch.stack([(h - p.xs).pow(2).mean() for h in p.nested]).mean()
         else:
             l1 = self.spec.l1_coeff * (p.out.z * self.W_dec.norm(dim=1)).sum(1).mean()
-        return SAELoss(total=mse + aux + l1, mse=mse, aux=aux, l1=l1, output=p.out)
+        return SAELoss(total=recon + aux + l1, mse=mse, aux=aux, l1=l1, output=p.out, threshold=p.threshold)
 
     # --- decoder norm recipe ---------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from torch import Tensor
 class SAEOutput:
     """One forward pass.
 
-    TopK variants fill ``idx``/``val`` (sparse, k per token), relu fills ``z`` (dense). ``dense_latents()``,
+    TopK variants fill ``idx``/``val`` (sparse, k per token; batch variants in training m per token, zeros
+    where fewer fire), relu and the batch variants at inference fill ``z`` (dense). ``dense_latents()``,
     ``l0()`` and ``fire_counts()`` work for both. Latent values are in the SAE's scaled units.
     """
 
@@ -49,3 +50,4 @@ class SAELoss:
     aux: Tensor  # AuxK term, already multiplied by aux_coeff (0 for relu or when nothing is dead)
     l1: Tensor  # L1 term, already multiplied by l1_coeff (0 for TopK variants)
     output: SAEOutput
+    threshold: Tensor | None = None  # [] batch variants: the batch's selection threshold (no grad)

@@ -13,9 +13,14 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Variant = Literal["tide", "topk", "relu"]
+# A variant is a selection rule, optionally with TIDE's timestep modulation of the encoder input ("tide" is
+# TopK with it, as in the paper; "tide_<rule>" the other rules with it).
+Variant = Literal["tide", "topk", "relu", "batchtopk", "matryoshka", "tide_batchtopk", "tide_matryoshka"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
-TOPK_VARIANTS: tuple[str, ...] = ("tide", "topk")
+TOPK_VARIANTS: tuple[str, ...] = ("tide", "topk")  # k latents per token, the same at training and inference
+BATCH_VARIANTS: tuple[str, ...] = ("batchtopk", "matryoshka", "tide_batchtopk", "tide_matryoshka")
+MODULATED_VARIANTS: tuple[str, ...] = ("tide", "tide_batchtopk", "tide_matryoshka")
+Selection = Literal["topk", "batchtopk", "relu"]
 TimeInit = Literal["identity", "adaln"]
 
 
@@ -27,8 +32,8 @@ class SAEDesign(BaseModel):
     n_latents: int = Field(1024, ge=1)
     """Dictionary size: number of latents (features)."""
     k: int = Field(32, ge=1)
-    """Active latents per token for the TopK variants (tide, topk); relu ignores it (tune l1_coeff
-    towards the same L0 instead)."""
+    """Active latents per token: exactly k for tide and topk; k on average over a training batch for the
+    batch variants (BatchTopK keeps the batch's B * k largest); relu ignores it (its l1_coeff sets L0)."""
     aux_k: int | None = Field(None, ge=1)
     """Dead latents used by the AuxK loss; default min(n_latents, max(k, d_in // 2)) (OpenAI: ~d_in / 2),
     resolved once d_in is known."""
@@ -41,6 +46,14 @@ class SAEDesign(BaseModel):
     l1_coeff: float = Field(0.05, ge=0.0)
     """relu only: weight of sum_i z_i * ||W_dec row i|| against the per-channel MSE (both in the scaled space
     where mean ||x|| = sqrt(d_in)). A starting point: tune it until L0 is near the TopK variants' k."""
+    threshold_rate: float = Field(0.01, gt=0.0, le=1.0)
+    """Batch variants: weight of each training batch in the running average of the batch's selection
+    threshold (its B*k-th largest pre-activation). Inference keeps the latents above that threshold, so
+    encoding one image does not depend on the other images of its batch (BatchTopK, Bussmann et al. 2024)."""
+    matryoshka_widths: list[int] | None = None
+    """matryoshka variants: the nested dictionary prefixes, ascending, the last = n_latents; each prefix
+    alone reconstructs the input and the loss is the mean of their MSEs. Default n/16, n/8, n/4, n/2, n
+    (at least k each)."""
     time_embed_dim: int = Field(64, ge=2)
     """tide only: width of the sinusoidal timestep embedding (even: a cos and a sin half)."""
     time_hidden: int = Field(128, ge=1)
@@ -59,6 +72,11 @@ class SAEDesign(BaseModel):
         if self.time_embed_dim % 2:
             raise ValueError(f"time_embed_dim={self.time_embed_dim} must be even (a cos and a sin half): "
                              f"use {self.time_embed_dim + 1}")
+        widths = self.matryoshka_widths
+        if widths is not None and (not widths or widths[-1] != self.n_latents or widths[0] < 1
+                                   or any(b <= a for a, b in zip(widths, widths[1:], strict=False))):
+            raise ValueError(f"matryoshka_widths={widths} must be ascending prefix sizes >= 1 ending at "
+                             f"n_latents={self.n_latents}, e.g. {default_widths(self.n_latents, self.k)}")
         if self.aux_k is not None and self.aux_k > self.n_latents:
             raise ValueError(f"aux_k={self.aux_k} must be <= n_latents={self.n_latents}: lower aux_k, or "
                              "leave it unset for the default min(n_latents, max(k, d_in // 2))")
@@ -77,25 +95,58 @@ class SAESpec(SAEDesign):
     d_in: int = Field(ge=1)
     """Width of the activations (channels per token)."""
     variant: Variant = "tide"
-    """tide = TopK with timestep modulation of the input; topk = plain TopK; relu = ReLU + L1 baseline."""
+    """tide = TopK with timestep modulation of the input; topk = plain TopK; batchtopk = the top B*k of a
+    training batch, a threshold at inference; matryoshka = batchtopk whose nested prefixes each reconstruct;
+    tide_batchtopk / tide_matryoshka = those with the modulation; relu = ReLU + L1 baseline."""
     num_train_timesteps: int = Field(1000, ge=1)
     """tide only: length of the DiT's diffusion schedule; timesteps must lie in [0, num_train_timesteps] (the
     end point is flow matching's sigma = 1)."""
 
     @model_validator(mode="after")
-    def _resolve_aux_k(self) -> SAESpec:
+    def _resolve_defaults(self) -> SAESpec:
         if self.aux_k is None:
             self.aux_k = min(self.n_latents, max(self.k, self.d_in // 2))
+        if self.matryoshka_widths is None and self.variant.endswith("matryoshka"):
+            self.matryoshka_widths = default_widths(self.n_latents, self.k)
         return self
 
     @property
     def is_topk(self) -> bool:
+        """k latents per token by a per-token top-k (tide, topk): the compiled feature-pass path applies."""
         return self.variant in TOPK_VARIANTS
+
+    @property
+    def selection(self) -> Selection:
+        """How latents are chosen: per-token top-k, batch top-k (a threshold at inference), or ReLU."""
+        if self.variant in TOPK_VARIANTS:
+            return "topk"
+        return "batchtopk" if self.variant in BATCH_VARIANTS else "relu"
+
+    @property
+    def sparse(self) -> bool:
+        """Trained through the sparse selection path with AuxK (every variant but relu)."""
+        return self.selection != "relu"
+
+    @property
+    def modulated(self) -> bool:
+        """Has TIDE's timestep modulation (needs the timestep of every token)."""
+        return self.variant in MODULATED_VARIANTS
+
+    @property
+    def nested_widths(self) -> list[int]:
+        """The prefixes whose reconstructions the loss averages: the matryoshka widths, else the whole."""
+        return list(self.matryoshka_widths) if self.variant.endswith("matryoshka") else [self.n_latents]
 
     @property
     def design(self) -> SAEDesign:
         """The design part (with aux_k resolved for this d_in)."""
         return SAEDesign.model_validate(self.model_dump(include=set(SAEDesign.model_fields)))
+
+
+def default_widths(n_latents: int, k: int) -> list[int]:
+    """Matryoshka's default prefixes: n/16, n/8, n/4, n/2, n, keeping those of at least k latents."""
+    widths = sorted({max(k, n_latents >> shift) for shift in (4, 3, 2, 1, 0)})
+    return [w for w in widths if w <= n_latents]
 
 
 class SAETrainConfig(BaseModel):
@@ -111,10 +162,10 @@ class SAETrainConfig(BaseModel):
     """Peak AdamW learning rate (topk's best with under 5% dead latents on every layer of the default run's
     sweep; see docs/DECISIONS.md)."""
     variant_lr_scale: dict[Variant, Annotated[float, Field(gt=0.0)]] = Field(
-        default_factory=lambda: {"tide": 0.5})
+        default_factory=lambda: dict.fromkeys(MODULATED_VARIANTS, 0.5))
     """A variant's peak learning rate as a multiple of lr: variants trained in one pass share the batches and
     the schedule's shape, not necessarily its peak (tide keeps under 5% dead latents on every layer of the
-    default run at half of topk's best lr)."""
+    default run at half of topk's best lr; its batch forms take the same half)."""
     time_lr_scale: float = Field(1.0, gt=0.0)
     """TIDE's timestep MLP learns at this multiple of its SAE's learning rate."""
     warmup_tokens: int = Field(50_000, ge=0)

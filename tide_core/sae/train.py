@@ -147,6 +147,7 @@ class SAETrainer:
         opt.step()
         sae.normalize_decoder_()
         sae.record_fires(out.output.fire_counts(), len(batch))
+        sae.record_threshold(out.threshold)
         self.seconds[name] += time.perf_counter() - t0
         return TrainLog(
             step=self.step + 1, tokens_seen=self.tokens_seen + len(batch), lr=lr,
