@@ -29,7 +29,7 @@ FLUX_NATIVE_SIDE = 1024  # pixels; FLUX's transformer config records no size
 class StoreEstimate:
     """The store's size and the factors it is the product of."""
 
-    samples: int
+    samples: int  # whose activations are stored
     steps: int
     layers: int
     sites: int
@@ -69,7 +69,9 @@ def estimate_store(project: Project, info: ModelInfo) -> StoreEstimate | None:
         return None
     c = cfg.capture
     stored = tokens if c.token_fraction >= 1.0 else max(1, round(tokens * c.token_fraction))  # capture's rule
-    return StoreEstimate(samples=cfg.sampling.num_samples, steps=len(c.steps or range(cfg.sampling.num_steps)),
+    # sae.stream keeps the held-out shards' activations only
+    samples = cfg.sampling.num_samples - cfg.first_act_shard() * cfg.sampling.shard_size
+    return StoreEstimate(samples=samples, steps=len(c.steps or range(cfg.sampling.num_steps)),
                          layers=len(c.layers), sites=len(c.sites), tokens=stored, channels=info.hidden_size,
                          itemsize=2 if c.dtype == "float16" else 4, done_fraction=_done_fraction(project))
 

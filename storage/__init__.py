@@ -15,7 +15,7 @@ from typing import Any
 # The public names, by the module that defines them: the one list of the package's API.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "storage.activation_store": ("ActivationStore", "StoreLayout", "ShardStats"),
-    "storage.token_batches": ("StoreTokenBatch",),
+    "storage.token_batches": ("StoreTokenBatch", "TokenSource", "BlockOrder", "shuffled_token_batches"),
     "storage.writer": ("BackgroundWriter", "WriterStats"),
     "storage.warehouse": ("Warehouse", "SaeRecord", "RelationInfo", "ColumnInfo"),
     "storage.writes": ("Writes", "ReplaceResult"),

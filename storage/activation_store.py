@@ -12,7 +12,9 @@ Layout (see docs/STORE.md):
                                                 last (storage.shard_markers)
 S counts captured steps (attrs["steps"] maps axis 0 to schedule steps), N samples, P stored tokens,
 D channels. Shard writes never share a chunk, so parallel writers need no locks; a shard without its
-marker is incomplete: it is redone, never read.
+marker is incomplete: it is redone, never read. A store whose layout has ``acts_from_shard > 0`` holds
+activations (and token indices) only from that shard on: the shards before it have their images, classes,
+seeds and markers, and every activation read of them raises (their chunks are absent, NaN to plain zarr).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from storage.errors import StoreError, StoreMismatchError
 from storage.shard_markers import ShardMarkers
 from storage.store_checks import damaged_chunks, repair_hint
 from storage.store_coords import write_coordinates
-from storage.token_batches import StoreTokenBatch, shuffled_token_batches
+from storage.token_batches import BlockOrder, StoreTokenBatch, shuffled_token_batches
 
 SCHEMA_VERSION = 1
 # Provenance keys that may differ between runs writing the same store (not part of its identity).
@@ -54,10 +56,16 @@ class StoreLayout:
     image_shape: list[int]  # [H, W, C]
     dtype: str = "float16"
     compression: str = "none"  # none | lz4 | zstd (blosc, byte shuffle)
+    # Activations are stored from this shard on; the shards before it have none (streaming SAE training
+    # samples them again where it needs them, so a run's bulk is its held-out shards only).
+    acts_from_shard: int = 0
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.shard_size < 1:
             raise StoreError("num_samples and shard_size must be >= 1")
+        if not 0 <= self.acts_from_shard < self.num_shards:
+            raise StoreError(f"acts_from_shard={self.acts_from_shard} must be in 0..{self.num_shards - 1}: "
+                             "at least the last shard holds activations")
         if not 1 <= self.tokens_stored <= self.tokens_total:
             raise StoreError(f"tokens_stored={self.tokens_stored} must be in 1..{self.tokens_total}")
         if self.dtype not in ("float16", "float32"):
@@ -70,6 +78,11 @@ class StoreLayout:
     @property
     def subsampled(self) -> bool:
         return self.tokens_stored < self.tokens_total
+
+    @property
+    def act_samples(self) -> range:
+        """The samples whose activations the store holds (all of them unless ``acts_from_shard > 0``)."""
+        return range(self.acts_from_shard * self.shard_size, self.num_samples)
 
     def shard_range(self, shard: int) -> range:
         if not 0 <= shard < self.num_shards:
@@ -152,12 +165,15 @@ class ActivationStore:
                            dtype="uint8", fill_value=0)
         shape = (len(lay.steps), n, lay.tokens_stored, lay.d_model)
         dims = ["step", "sample", "token", "channel"]
+        # Chunks that are never written read as NaN, not as plausible zeros, in tools that bypass this class
+        # (xarray, plain zarr); this class refuses to read them at all.
+        fill = float("nan") if lay.acts_from_shard else 0
         for site in lay.sites:
             for layer in lay.layers:
                 arr = group.create_array(act_path(site, layer), shape=shape, dtype=lay.dtype,
                                          chunks=(1, sh, lay.tokens_stored, lay.d_model), config=fast,
                                          chunk_key_encoding=flat,
-                                         compressors=codecs, fill_value=0, dimension_names=dims)
+                                         compressors=codecs, fill_value=fill, dimension_names=dims)
                 arr.attrs.update({"site": site, "layer": layer})
         if lay.subsampled:
             group.create_array("acts/token_index", shape=shape[:3], chunks=(1, sh, lay.tokens_stored),
@@ -222,6 +238,10 @@ class ActivationStore:
     def missing_shards(self) -> list[int]:
         return [s for s in range(self.layout.num_shards) if not self.is_done(s)]
 
+    def act_shards(self) -> list[int]:
+        """Done shards whose activations the store holds."""
+        return [s for s in self.done_shards() if s >= self.layout.acts_from_shard]
+
     def begin_shard(self, shard: int) -> range:
         """Invalidate a shard before (re)writing it: readers skip it until mark_done."""
         rng = self.layout.shard_range(shard)
@@ -254,6 +274,9 @@ class ActivationStore:
         s = lay.step_axis(step)
         sl = slice(rng.start, rng.stop)
         expected = (len(rng), lay.tokens_stored, lay.d_model)
+        if shard < lay.acts_from_shard:
+            raise StoreError(f"shard {shard} keeps no activations in this store (they are stored from shard "
+                             f"{lay.acts_from_shard} on): write only its samples")
         nbytes = 0
         for (site, layer), a in acts.items():
             if a.shape != expected:
@@ -295,7 +318,16 @@ class ActivationStore:
     # ---- reading ----------------------------------------------------------------------------
 
     def _require_done(self, sample_range: range) -> None:
-        sh = self.layout.shard_size
+        """Every shard an activation read touches is complete and holds its activations."""
+        lay = self.layout
+        sh = lay.shard_size
+        if sample_range.start < lay.act_samples.start:
+            raise StoreError(
+                f"samples {sample_range.start}..{sample_range.stop - 1} are not all in {self.url}: it stores the "
+                f"activations of samples {lay.act_samples.start}..{lay.num_samples - 1} only (shards "
+                f"{lay.acts_from_shard} on, the held-out ones), because it was captured for streaming SAE "
+                "training (sae.stream = true). Read those samples, or set sae.stream = false and re-capture "
+                "(tide run --overwrite) to store every shard's activations")
         for shard in range(sample_range.start // sh, -(-sample_range.stop // sh)):
             if not self.is_done(shard):
                 raise StoreError(f"shard {shard} of {self.url} is not complete (no done marker): "
@@ -325,8 +357,9 @@ class ActivationStore:
         return self._array(act_path(site, layer))
 
     def read_step(self, site: str, layer: int, step: int, samples: range | None = None) -> np.ndarray:
-        """Activations of one (layer, step): [n, P, D] over completed samples (default all)."""
-        samples = samples or range(self.layout.num_samples)
+        """Activations of one (layer, step): [n, P, D] over completed samples (default every sample whose
+        activations the store holds)."""
+        samples = samples or self.layout.act_samples
         self._require_done(samples)
         arr, a = self.array(site, layer), self.layout.step_axis(step)
         self._require_chunks(arr, [a], samples)
@@ -370,10 +403,20 @@ class ActivationStore:
         self._require_chunks(arr, range(len(self.layout.steps)), range(start, stop))
         return arr[:, start:stop]
 
+    def read_tokens(self, site: str, layer: int, step: int, sample_ids: Sequence[int]) -> np.ndarray:
+        """Activations of some samples at one step: [len(sample_ids), P, D], sample_ids sorted ascending."""
+        ids = np.asarray(sample_ids, np.int64)
+        span = range(int(ids.min()), int(ids.max()) + 1)
+        self._require_done(span)
+        arr, a = self.array(site, layer), self.layout.step_axis(step)
+        self._require_chunks(arr, [a], span)
+        return arr.get_orthogonal_selection((a, ids))
+
     def token_index(self, start: int, stop: int) -> np.ndarray:
         """Stored token positions [S, n, P] (identity grid when not subsampled)."""
         lay = self.layout
         if lay.subsampled:
+            self._require_done(range(start, stop))
             return self.group["acts/token_index"][:, start:stop]
         return np.broadcast_to(np.arange(lay.tokens_total, dtype=np.int16),
                                (len(lay.steps), stop - start, lay.tokens_total))
@@ -385,7 +428,8 @@ class ActivationStore:
         return self.group["samples/images"][start:stop]
 
     def dask(self, site: str, layer: int):
-        """A lazy dask array [S, N, P, D] that respects the Zarr chunks."""
+        """A lazy dask array [S, N, P, D] that respects the Zarr chunks. It reads without this class's checks:
+        slice it to done shards, and to ``layout.act_samples`` (the rest reads as NaN)."""
         import dask.array as da
 
         self.array(site, layer)  # validates the key
@@ -402,17 +446,23 @@ class ActivationStore:
     def iter_token_batches(self, site: str, layer: int, batch_size: int, seed: int,
                            sample_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None,
                            epochs: int = 1, samples_per_block: int | None = None,
-                           drop_last: bool = True) -> Iterator[StoreTokenBatch]:
+                           drop_last: bool = True, order: BlockOrder = "samples",
+                           start: int = 0) -> Iterator[StoreTokenBatch]:
         """Shuffled token batches for SAE training, balanced across steps, memory bounded.
 
-        Reads one block of samples (default one shard) over all steps at a time, shuffles its tokens,
-        and yields batches. Each block holds every step equally, so every batch mixes steps in the
-        proportion they were captured. Memory: one block, S * block * P * D values. drop_last=False also
-        yields the final short batch (evaluation wants every token).
+        Reads one block of samples (default a shard's worth, drawn at random; ``order="shards"``: one whole
+        shard, the shards in random order) over all steps at a time, shuffles its tokens, and yields batches.
+        Each block holds every step equally, so every batch mixes steps in the proportion they were captured.
+        Memory: one block, S * block * P * D values. drop_last=False also yields the final short batch
+        (evaluation wants every token); ``start`` begins the same stream at that token, without reading the
+        blocks before it. Default samples: every sample whose activations the store holds.
         """
         lay = self.layout
         arr = self.array(site, layer)
-        sample_ids = np.arange(lay.num_samples) if sample_ids is None else np.asarray(sample_ids)
+        sample_ids = np.asarray(lay.act_samples) if sample_ids is None else np.asarray(sample_ids)
+        if order == "shards" and samples_per_block not in (None, lay.shard_size):
+            raise StoreError(f"order='shards' reads one shard ({lay.shard_size} samples) a block, not "
+                             f"samples_per_block={samples_per_block}")
         if len(sample_ids) == 0:
             raise StoreError("iter_token_batches got no sample ids")
         span = range(int(sample_ids.min()), int(sample_ids.max()) + 1)
@@ -422,7 +472,8 @@ class ActivationStore:
         yield from shuffled_token_batches(
             arr, axes, sample_ids, steps=np.asarray(lay.steps, np.int64),
             timesteps=np.asarray(self.provenance["capture_timesteps"], np.int64), batch_size=batch_size,
-            seed=seed, epochs=epochs, block=samples_per_block or lay.shard_size, drop_last=drop_last)
+            seed=seed, epochs=epochs, block=samples_per_block or lay.shard_size, drop_last=drop_last,
+            order=order, start=start)
 
 
 def _check_writable(fs, root: str) -> None:

@@ -29,9 +29,10 @@ def build(project: Project, model: list[dg.AssetsDefinition], judge: dg.AssetsDe
         return dg.MaterializeResult(data_version=dg.DataVersion(store_version(store)), metadata={
             "url": store.url, "run_id": store.provenance["run_id"], "num_shards": lay.num_shards,
             "layout": dg.MetadataValue.json({k: getattr(lay, k) for k in (
-                "num_samples", "shard_size", "layers", "sites", "tokens_stored", "tokens_total", "d_model")}),
+                "num_samples", "shard_size", "layers", "sites", "tokens_stored", "tokens_total", "d_model",
+                "acts_from_shard")}),
             "bytes_per_sample": lay.act_bytes_per_sample(),
-            "raw_bytes_total": lay.act_bytes_per_sample() * lay.num_samples,
+            "raw_bytes_total": lay.act_bytes_per_sample() * len(lay.act_samples),
         })
 
     @dg.asset(group_name=GROUP, deps=[activation_store], partitions_def=shards, kinds={"zarr", "pytorch"},

@@ -47,7 +47,7 @@ def build(project: Project, samples: dg.AssetsDefinition) -> tuple[list, list]:
 
         layer, site = layer_site(context)
         report = train_layer(tide.context(context), layer, site)
-        md: dict = {"resumed_from_tokens": report.resumed_from}
+        md: dict = {"resumed_from_tokens": report.resumed_from, "samples_drawn": report.samples_drawn}
         for r in report.reports:
             h = r.metrics["heldout"][-1]
             md[f"{r.variant}_heldout"] = dg.MetadataValue.json({k: round(v, 5) for k, v in h.items()})

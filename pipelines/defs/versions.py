@@ -9,6 +9,7 @@ counts) are left out, so changing them redoes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tide_core.config import SWEEP_GRID_FIELDS, TideConfig
@@ -28,6 +29,19 @@ class Version:
     config: tuple[str, ...] = ()
     # where a result is kept is not what it is
     exclude: tuple[str, ...] = tuple(f"{m}.checkpoint_dir" for m in BUILT_MODELS)
+    # a setting hashed only when it is away from its default, so a config that leaves it alone keeps the
+    # versions it had before the setting existed ("" at the default)
+    extra: Callable[[TideConfig], str] | None = None
+
+
+def _acts_kept(cfg: TideConfig) -> str:
+    """A streaming run's store keeps the activations of its held-out shards only."""
+    return f"acts-from{cfg.first_act_shard()}" if cfg.first_act_shard() else ""
+
+
+def _block_order(cfg: TideConfig) -> str:
+    """The SAEs depend on the token order, not on whether the tokens were read or sampled (sae.stream)."""
+    return "" if cfg.sae.block_order == "samples" else f"blocks-{cfg.sae.block_order}"
 
 
 VERSIONS: dict[str, Version] = {
@@ -37,10 +51,12 @@ VERSIONS: dict[str, Version] = {
                          "model.digits.image_size")),
     "sample_quality": Version(1, ("sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale",
                                   "sampling.seed", "model.judge.quality_samples")),
-    "activation_store": Version(1, CAPTURE_FIELDS),
-    "activations": Version(1, CAPTURE_FIELDS),
+    "activation_store": Version(1, CAPTURE_FIELDS, extra=_acts_kept),
+    "activations": Version(1, CAPTURE_FIELDS, extra=_acts_kept),
     "samples": Version(2),  # 2: the steps table
-    "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens",)),  # resume granularity only
+    # checkpoints: resume granularity only; stream and shuffle_blocks: through _block_order
+    "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens", "sae.stream", "sae.shuffle_blocks"),
+                   extra=_block_order),
     "sae_metrics": Version(1),
     # the grid's own settings are partitions, not versions: adding a point or adopting a point's values as
     # the [sae] defaults leaves the points already run fresh
@@ -56,4 +72,6 @@ def code_version(asset: str, cfg: TideConfig, inputs: str = "") -> str:
     """``inputs``: what else the result depends on that lives outside the config (the prompt file's hash)."""
     v = VERSIONS[asset]
     version = f"r{v.revision}" + (f"-{cfg.section_hash(*v.config, exclude=v.exclude)}" if v.config else "")
+    if v.extra is not None and (extra := v.extra(cfg)):
+        version += f"-{extra}"
     return version + (f"-{inputs}" if inputs else "")

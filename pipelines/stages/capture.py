@@ -68,7 +68,7 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler, prompts: Prom
         num_samples=s.num_samples, shard_size=s.shard_size, steps=steps, layers=sorted(c.layers),
         sites=list(c.sites), tokens_total=grid.tokens, tokens_stored=spec.tokens_stored(grid.tokens),
         token_grid=[grid.h, grid.w], d_model=model.hidden_size, image_shape=list(model.image_shape),
-        dtype=c.dtype, compression=c.compression,
+        dtype=c.dtype, compression=c.compression, acts_from_shard=cfg.first_act_shard(),
     )
     timesteps = sampler.timesteps()
     provenance = {
@@ -147,7 +147,8 @@ def capture_shard(store: ActivationStore, plan: CapturePlan, shard: int) -> Shar
 
     When a batch covers the whole shard, each step is handed to the writer thread as soon as it is
     computed, so compression and I/O overlap the next step. Smaller batches fill a shard buffer and
-    the step is written once its last batch has passed it.
+    the step is written once its last batch has passed it. A shard before ``layout.acts_from_shard`` (a
+    training shard of a streaming run) is sampled without hooks: only its images, classes and seeds are kept.
     """
     t0 = time.perf_counter()
     ids = list(store.begin_shard(shard))
@@ -158,10 +159,13 @@ def capture_shard(store: ActivationStore, plan: CapturePlan, shard: int) -> Shar
         for b, batch_ids in enumerate(batches):
             sink.batch = b
             sink.offset = batch_ids[0] - ids[0]
-            capture = ActivationCapture(plan.model, plan.spec, sink)
-            capture.set_samples(batch_ids)
-            with capture:
-                out = plan.sampler.sample(batch_ids, plan.conditions_of(batch_ids), observer=capture)
+            if shard < plan.layout.acts_from_shard:
+                out = plan.sampler.sample(batch_ids, plan.conditions_of(batch_ids))
+            else:
+                capture = ActivationCapture(plan.model, plan.spec, sink)
+                capture.set_samples(batch_ids)
+                with capture:
+                    out = plan.sampler.sample(batch_ids, plan.conditions_of(batch_ids), observer=capture)
             images.append(to_uint8(out.images))
             seeds.append(out.seeds)
         conditions = np.array(plan.conditions_of(ids))

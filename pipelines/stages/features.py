@@ -115,9 +115,10 @@ def summary_path(ctx: RunContext, sae_id: str) -> Path:
 
 def statistics_pass(store: ActivationStore, sae, layer: int, site: str, top_n: int,
                     scheduler: str | None = None, workers: int = 0) -> PassResult:
-    """One pass over every (step, shard) chunk of (site, layer), as a dask graph: a task reads and reduces
-    up to CHUNKS_PER_TASK chunks of one step, the tasks of a step merge MERGE_FAN_IN at a time, and the
-    steps are summarised at the end. Same numbers on any scheduler."""
+    """One pass over every (step, shard) chunk of (site, layer) the store holds (a streaming run's: the
+    held-out shards), as a dask graph: a task reads and reduces up to CHUNKS_PER_TASK chunks of one step, the
+    tasks of a step merge MERGE_FAN_IN at a time, and the steps are summarised at the end. Same numbers on any
+    scheduler."""
     lay = store.layout
     timesteps = store.provenance["capture_timesteps"]
     class_ids = store.samples()["class_id"]
@@ -131,7 +132,7 @@ def statistics_pass(store: ActivationStore, sae, layer: int, site: str, top_n: i
         parts = [reduce_chunks(store_d, sae_d, site, layer, step,
                                range(first, min(first + CHUNKS_PER_TASK, lay.num_shards)),
                                int(timesteps[a]), class_ids, n_classes, top_n)
-                 for first in range(0, lay.num_shards, CHUNKS_PER_TASK)]
+                 for first in range(lay.acts_from_shard, lay.num_shards, CHUNKS_PER_TASK)]
         while len(parts) > 1:  # no task holds every shard's partial when there are many shards
             parts = [merge(parts[i:i + MERGE_FAN_IN]) for i in range(0, len(parts), MERGE_FAN_IN)]
         steps.append(parts[0])
@@ -269,7 +270,8 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     store, records = layer_saes(ctx, layer, site)
     cfg = ctx.config.features
     concepts = run_concepts(store.provenance)
-    images_per_condition = np.bincount(store.samples()["class_id"], minlength=concepts.incidence.shape[0])
+    passed = store.samples()["class_id"][store.layout.act_samples.start:]  # the images the pass reads
+    images_per_condition = np.bincount(passed, minlength=concepts.incidence.shape[0])
     reports = []
     for rec in records:
         sae = load_sae(rec, store)

@@ -12,8 +12,10 @@ import torch
 
 from pipelines.context import RunContext
 from pipelines.project import content_key
+from pipelines.stages.sae_tokens import ResumableStream, TokenReader, token_reader
 from pipelines.stages.splice import SpliceReport, make_splice_bench, splice_eval
 from storage import ActivationStore, SaeRecord, StoreError
+from tide_core.config import heldout_shard_count
 from tide_core.sae import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -22,7 +24,6 @@ from tide_core.sae import (
     SAETrainer,
     SparseAutoencoder,
     evaluate,
-    skip_tokens,
 )
 
 FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "top_images")
@@ -39,7 +40,7 @@ class Split:
 def split_samples(store: ActivationStore, heldout_fraction: float) -> Split:
     lay = store.layout
     if lay.num_shards >= 2:
-        n_held = max(1, round(lay.num_shards * heldout_fraction))
+        n_held = heldout_shard_count(lay.num_shards, heldout_fraction)
         cut = lay.shard_range(lay.num_shards - n_held).start
     else:  # one shard: hold out its tail
         cut = max(1, int(lay.num_samples * (1 - heldout_fraction)))
@@ -71,6 +72,7 @@ class LayerReport:
     run_id: str
     resumed_from: int  # training tokens already done by a killed run (0: trained from the start)
     reports: list[SAEReport]
+    samples_drawn: int = 0  # samples sampled again for their activations (sae.stream; 0 when read from the store)
 
 
 def check_inputs(ctx: RunContext, layer: int, site: str) -> ActivationStore:
@@ -96,6 +98,7 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
     store = check_inputs(ctx, layer, site)
     cfg = ctx.config.sae
     split = split_samples(store, cfg.heldout_fraction)
+    tokens = token_reader(ctx, store, layer, site)  # streaming: checks the store against the sampler first
     run_id = store.provenance["run_id"]
     ids = {v: sae_id(layer, site, v, cfg.spec.n_latents, cfg.spec.k, run_id) for v in cfg.variants}
     key = training_key(ctx, store)
@@ -107,9 +110,9 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
     else:
         trainer = SAETrainer(new_saes(ctx, store, layer, site, cfg.spec, cfg.variants, cfg.train.seed), cfg.train)
     resumed_from = trainer.tokens_seen
-
-    def stream():
-        return training_stream(store, layer, site, split, cfg.train)
+    # one stream over the checkpoints (a pause re-reads nothing); a resumed one starts at the first unused token
+    stream = ResumableStream(lambda start: training_stream(store, layer, site, split, cfg.train, reader=tokens,
+                                                           start=start), keep=2 * cfg.train.batch_size)
 
     def progress(logs) -> None:
         parts = [f"{n}: mse {r.mse:.4f} L0 {r.l0:.1f} dead {r.dead_fraction:.3f}" for n, r in logs.items()]
@@ -118,7 +121,7 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
     results = trainer.results()
     while trainer.tokens_seen < cfg.train.total_tokens:
         before = trainer.tokens_seen
-        results = trainer.fit(skip_tokens(stream(), before), progress=progress, max_tokens=cfg.checkpoint_every_tokens)
+        results = trainer.fit(stream.at(before), progress=progress, max_tokens=cfg.checkpoint_every_tokens)
         if trainer.tokens_seen < cfg.train.total_tokens:
             trainer.save_state(state_dir)
         if trainer.tokens_seen == before:
@@ -129,7 +132,8 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
         path = ctx.project.saes_dir / ids[variant]
         result.sae.save(path, meta={"sae_id": ids[variant], "layer": layer, "site": site, "run_id": run_id,
                                     "tokens_seen": trainer.tokens_seen, "training_key": key})
-        metrics = evaluate_sae(store, result.sae, layer, site, split, cfg.eval_tokens, cfg.train.seed)
+        metrics = evaluate_sae(store, result.sae, layer, site, split, cfg.eval_tokens, cfg.train.seed,
+                               reader=tokens)
         splice = None if bench is None else splice_eval(
             bench, SparseAutoencoder.load(path, device=bench.sampler.model.device), ctx.log)  # beside the DiT
         reports.append(SAEReport(sae_id=ids[variant], variant=variant, path=str(path),
@@ -138,7 +142,8 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
         h = metrics["heldout"][-1]
         ctx.log(f"  {ids[variant]}: heldout nmse {h['nmse']:.4f} cosine {h['cosine']:.4f} "
                 f"dead {h['dead_fraction']:.4f}")
-    report = LayerReport(layer=layer, site=site, run_id=run_id, resumed_from=resumed_from, reports=reports)
+    report = LayerReport(layer=layer, site=site, run_id=run_id, resumed_from=resumed_from, reports=reports,
+                         samples_drawn=tokens.samples_drawn)
     publish(ctx, report)
     if state_dir.exists():
         shutil.rmtree(state_dir)
@@ -164,13 +169,14 @@ def new_saes(ctx: RunContext, store: ActivationStore, layer: int, site: str, des
     return saes
 
 
-def training_stream(store: ActivationStore, layer: int, site: str, split: Split, train: SAETrainConfig):
-    """The training tokens of (layer, site): the training samples, shuffled, as many epochs as the budget
-    needs."""
+def training_stream(store: ActivationStore, layer: int, site: str, split: Split, train: SAETrainConfig,
+                    reader: TokenReader | None = None, start: int = 0):
+    """The training tokens of (layer, site) from token ``start`` on: the training samples, shuffled, as many
+    epochs as the budget needs; read by ``reader`` (default: the store, in sample blocks)."""
     per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
     epochs = -(-train.total_tokens // per_epoch)
-    return store.iter_token_batches(site, layer, train.batch_size, seed=train.seed, sample_ids=split.train,
-                                    epochs=epochs)
+    reader = reader or TokenReader(store, layer, site)
+    return reader.batches(split.train, train.batch_size, seed=train.seed, epochs=epochs, start=start)
 
 
 def _init_from_adaln(ctx: RunContext, sae: SparseAutoencoder, layer: int, num_train_timesteps: int) -> None:
@@ -181,12 +187,14 @@ def _init_from_adaln(ctx: RunContext, sae: SparseAutoencoder, layer: int, num_tr
 
 
 def evaluate_sae(store: ActivationStore, sae, layer: int, site: str, split: Split, eval_tokens: int,
-                 seed: int, splits: tuple[str, ...] = ("train", "heldout")) -> dict:
-    """split -> step (-1 = overall) -> metric -> value, on up to eval_tokens tokens of each split."""
+                 seed: int, splits: tuple[str, ...] = ("train", "heldout"), reader: TokenReader | None = None) -> dict:
+    """split -> step (-1 = overall) -> metric -> value, on up to eval_tokens tokens of each split, read by
+    ``reader`` (default: the store, in sample blocks)."""
+    reader = reader or TokenReader(store, layer, site)
     out = {}
     for name in splits:
         ids = split.train if name == "train" else split.heldout
-        batches = store.iter_token_batches(site, layer, 4096, seed=seed + 7, sample_ids=ids, drop_last=False)
+        batches = reader.batches(ids, 4096, seed=seed + 7, drop_last=False, limit=eval_tokens)
         res = evaluate(sae, batches, max_tokens=eval_tokens)
         per = {int(s): asdict(m) for s, m in res.per_step.items()}
         per[-1] = asdict(res.overall)

@@ -74,9 +74,10 @@ def step_rows(prov: dict, steps: list[int]) -> pa.Table:
 
 
 def count_nonfinite(ctx: RunContext) -> dict[str, int]:
-    """Non-finite values per (site, layer) array, over completed shards (dask, chunk by chunk)."""
+    """Non-finite values per (site, layer) array, over completed shards that hold activations (dask, chunk by
+    chunk)."""
     store = ctx.store()
-    done = store.done_shards()
+    done = store.act_shards()
     sh = store.layout.shard_size
     out = {}
     for site in store.layout.sites:

@@ -75,9 +75,7 @@ def full_grids(plan: CapturePlan | None, store: ActivationStore, layer: int, sit
     where capture kept a subset of tokens, recomputed by sampling those images again with ``plan``."""
     lay = store.layout
     if plan is None:
-        arr = store.array(site, layer)
-        return lambda step: arr.get_orthogonal_selection(
-            (lay.step_axis(step), requests[step].sample_ids)).astype(np.float32)
+        return lambda step: store.read_tokens(site, layer, step, requests[step].sample_ids).astype(np.float32)
     n_img = len({int(i) for r in requests.values() for i in r.sample_ids})
     log(f"  capture kept {lay.tokens_stored}/{lay.tokens_total} tokens: re-sampling {n_img} images for full "
         "heatmaps")

@@ -54,6 +54,7 @@ from tide_core.config.run import (
     SweepPoint,
     TideConfig,
     WarehouseConfig,
+    heldout_shard_count,
 )
 
 __all__ = [
@@ -62,6 +63,6 @@ __all__ = [
     "SamplingConfig", "Section", "Site", "SWEEP_GRID_FIELDS", "SweepConfig", "SweepPoint", "TINY_PIXART_SOURCE",
     "TINY_FLUX_SOURCE", "TINY_SD3_SOURCE", "TideConfig", "TinyFluxConfig", "TinyPixArtConfig", "TinySD3Config",
     "Variant",
-    "WarehouseConfig", "explain",
+    "WarehouseConfig", "explain", "heldout_shard_count",
     "is_local_source", "load_config", "parse_config", "resolve_config_path", "resolve_paths",
 ]

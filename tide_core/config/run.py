@@ -78,6 +78,12 @@ class CaptureConfig(Section):
         return self
 
 
+def heldout_shard_count(num_shards: int, heldout_fraction: float) -> int:
+    """How many of the last shards are held out from SAE training (none of a run of one shard: it holds out
+    the tail of its samples instead)."""
+    return max(1, round(num_shards * heldout_fraction)) if num_shards >= 2 else 0
+
+
 class SAEConfig(Section):
     """Sparse autoencoders trained on the captured activations (one per layer, site and variant)."""
 
@@ -97,6 +103,16 @@ class SAEConfig(Section):
     """Held-out images resampled with the SAE spliced in (0 skips the spliced evaluation)."""
     checkpoint_every_tokens: int = Field(500_000, ge=1)
     """Training state is saved this often, so a killed `sae` partition resumes where it stopped."""
+    stream: bool = False
+    """Train from the sampler instead of the store: capture stores the images of every shard but the
+    activations of the held-out shards only, and each `sae` partition samples the training shards again
+    (same seeds, same bits) for its own layer and site. The store shrinks to the held-out fraction; sampling
+    is repeated once per (layer, site) and epoch. The SAEs equal those trained from a full store with
+    sae.shuffle_blocks = "shards". Needs at least 2 shards and no [sweep] (a sweep reads stored tokens)."""
+    shuffle_blocks: Literal["samples", "shards"] | None = None
+    """What training and the train-split evaluation read at a time before shuffling its tokens: `samples`, a
+    shard's worth of samples drawn at random (blocks mix shards); `shards`, one whole shard, the shards in a
+    random order each epoch (what sae.stream samples). Default: shards with sae.stream, else samples."""
 
     @field_validator("variants")
     @classmethod
@@ -105,10 +121,24 @@ class SAEConfig(Section):
             raise ValueError(f"sae.variants={v} has duplicates")
         return v
 
+    @model_validator(mode="after")
+    def _stream_reads_shards(self) -> SAEConfig:
+        if self.stream and self.shuffle_blocks == "samples":
+            raise ValueError('sae.stream = true samples whole shards again: set sae.shuffle_blocks = "shards" '
+                             "(or leave it unset)")
+        return self
 
-# What a sweep's grid varies (or takes from [sae] when a list is empty), and what no SAE result depends on:
-# left out of the sweep's identity and its code version, so adding a point keeps the points already run.
-SWEEP_GRID_FIELDS = ("sae.checkpoint_every_tokens", "sae.splice_samples", "sae.train.lr",
+    @property
+    def block_order(self) -> Literal["samples", "shards"]:
+        """The effective sae.shuffle_blocks."""
+        return self.shuffle_blocks or ("shards" if self.stream else "samples")
+
+
+
+# What a sweep's grid varies (or takes from [sae] when a list is empty), and what no sweep result depends on
+# (a sweep reads stored tokens in sample blocks, whatever sae.stream and sae.shuffle_blocks say): left out of
+# the sweep's identity and its code version, so adding a point keeps the points already run.
+SWEEP_GRID_FIELDS = ("sae.checkpoint_every_tokens", "sae.splice_samples", "sae.stream", "sae.shuffle_blocks", "sae.train.lr",
                      "sae.train.variant_lr_scale", "sae.train.batch_size", "sae.train.total_tokens",
                      "sae.train.log_every", "sae.spec.k", "sae.spec.n_latents", "sweep.layers", "sweep.lrs",
                      "sweep.batch_sizes", "sweep.ks", "sweep.n_latents")
@@ -296,6 +326,7 @@ class TideConfig(Section):
                     f"so steps must be in 0..{self.sampling.num_steps - 1}"
                 )
         self._check_edit()
+        self._check_stream()
         if self.sweep is not None:
             bad = [layer for layer in self.sweep.layers if layer not in self.capture.layers]
             if bad or self.sweep.site not in self.capture.sites:
@@ -307,6 +338,27 @@ class TideConfig(Section):
                 raise ValueError(f"sweep.ks contains {bad}: k must be at most the narrowest width "
                                  f"{min(self.sweep.n_latents or [self.sae.spec.n_latents])}")
         return self
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.sampling.num_samples // self.sampling.shard_size)
+
+    def first_act_shard(self) -> int:
+        """The first shard whose activations the store keeps: 0, or with sae.stream the first held-out one."""
+        if not self.sae.stream:
+            return 0
+        return self.num_shards - heldout_shard_count(self.num_shards, self.sae.heldout_fraction)
+
+    def _check_stream(self) -> None:
+        if not self.sae.stream:
+            return
+        if self.num_shards < 2:
+            raise ValueError(f"sae.stream = true stores only the held-out shards' activations, so it needs at "
+                             f"least 2 shards: sampling.num_samples={self.sampling.num_samples} with "
+                             f"shard_size={self.sampling.shard_size} is one; lower sampling.shard_size")
+        if self.sweep is not None:
+            raise ValueError("a [sweep] trains from the training shards' stored activations, and sae.stream = true "
+                             "keeps them out of the store: remove the [sweep] section or set sae.stream = false")
 
     def _check_edit(self) -> None:
         e = self.edit
