@@ -27,25 +27,31 @@ def load_digits(size: int = 16) -> DigitsData:
     raw = sk_load()
     x = raw.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
     if size != 8:
-        x = _resize_bilinear(x, size)
+        x = resize_bilinear(x, size)
     return DigitsData(images=(x * 2.0 - 1.0)[:, None], labels=raw.target.astype(np.int64))
+
+
+def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split of rows: (train rows, test rows), each ascending."""
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
+    mask = np.zeros(len(labels), bool)
+    mask[test_idx] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def split(data: DigitsData, test_fraction: float, seed: int) -> tuple[DigitsData, DigitsData]:
     """Deterministic stratified train/test split."""
-    rng = np.random.default_rng(seed)
-    test_idx = []
-    for c in np.unique(data.labels):
-        idx = np.flatnonzero(data.labels == c)
-        rng.shuffle(idx)
-        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
-    mask = np.zeros(len(data), bool)
-    mask[test_idx] = True
-    pick = lambda m: DigitsData(images=data.images[m], labels=data.labels[m])  # noqa: E731
-    return pick(~mask), pick(mask)
+    train, test = split_indices(data.labels, test_fraction, seed)
+    pick = lambda rows: DigitsData(images=data.images[rows], labels=data.labels[rows])  # noqa: E731
+    return pick(train), pick(test)
 
 
-def _resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
     """[N, h, w] -> [N, size, size], align_corners=False, matching torch's bilinear."""
     n, h, w = x.shape
 
