@@ -14,7 +14,8 @@ from typing import Any
 
 # The public names, by the module that defines them: the one list of the package's API.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "storage.activation_store": ("ActivationStore", "StoreLayout", "ShardStats"),
+    "storage.activation_store": ("ActivationStore",),
+    "storage.store_layout": ("StoreLayout", "ShardStats"),
     "storage.token_batches": ("StoreTokenBatch", "TokenSource", "BlockOrder", "shuffled_token_batches"),
     "storage.writer": ("BackgroundWriter", "WriterStats"),
     "storage.warehouse": ("Warehouse", "SaeRecord", "RelationInfo", "ColumnInfo"),

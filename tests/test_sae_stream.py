@@ -80,8 +80,8 @@ def weights(report) -> dict[str, dict[str, torch.Tensor]]:
     return {r.variant: SparseAutoencoder.load(r.path).state_dict() for r in report.reports}
 
 
-def assert_same_saes(a, b) -> None:
-    wa, wb = weights(a), weights(b)
+def assert_same_saes(a, b, wa=None) -> None:
+    wa, wb = wa or weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for variant in wa:
         for name, t in wa[variant].items():
@@ -120,11 +120,12 @@ def test_streaming_training_equals_training_from_the_store_on_the_same_tokens(ti
     assert_same_saes(stored, streamed)
 
 
+@pytest.mark.slow
 def test_a_killed_streaming_layer_resumes_at_its_next_token_and_ends_with_the_same_weights(tiny_project,
                                                                                         monkeypatch):
-    straight = sae_stage.train_layer(captured(tiny_project({"sae": {**FAST, "stream": True}}, "straight")), 1,
-                                     "resid")
-    ctx = captured(tiny_project({"sae": {**FAST, "stream": True}}, "killed"))
+    ctx = captured(tiny_project({"sae": {**FAST, "stream": True}}))
+    straight = sae_stage.train_layer(ctx, 1, "resid")
+    straight_weights = weights(straight)  # the resumed run writes the same paths
     save = SAETrainer.save_state
 
     def killed(self, path):  # the kill lands just after the first checkpoint (5000 tokens, mid-shard)
@@ -139,4 +140,31 @@ def test_a_killed_streaming_layer_resumes_at_its_next_token_and_ends_with_the_sa
     assert resumed.resumed_from == 5000
     # tokens 5000.. start in the 3rd shard read (2048 each): 2 read shards skipped, never sampled again
     assert resumed.samples_drawn == straight.samples_drawn - 8 * 2
-    assert_same_saes(straight, resumed)
+    assert_same_saes(straight, resumed, straight_weights)
+
+
+@pytest.mark.slow
+def test_the_asset_graph_runs_end_to_end_with_streaming(tiny_project):
+    import dagster as dg
+
+    from pipelines.definitions import definitions_for
+    from pipelines.runner import materialize
+    from pipelines.stages.samples import count_nonfinite
+    from storage import Warehouse
+    from tests.test_pipelines import ASSETS, EDIT
+
+    project = tiny_project({**EDIT, "sae": {"stream": True}})
+    report = materialize(definitions_for(project), dg.DagsterInstance.ephemeral(), log=lambda m: None)
+    assert report.success and {s.asset for s in report.steps if s.executed} == ASSETS
+    acts = project.root / "activations.zarr" / "acts" / "resid"
+    for layer in (0, 1):  # no chunk of a training shard (0, 1) in any array; every step of shard 2
+        assert sorted(p.name for p in (acts / f"layer_{layer:02d}").glob("c.*")) == [f"c.{s}.2.0.0" for s in range(4)]
+    assert set(count_nonfinite(quiet(project)).values()) == {0}
+    wh = Warehouse(project.duckdb_path)
+    saes = wh.query("SELECT layer, variant, tokens_seen FROM saes ORDER BY 1, 2").to_pylist()
+    assert saes == [{"layer": layer, "variant": v, "tokens_seen": 12000} for layer in (0, 1) for v in ("tide", "topk")]
+    # the feature pass read the held-out samples: the top images are among them, and nothing else fired
+    tops = wh.query("SELECT min(sample_id) AS lo, max(sample_id) AS hi, count(*) AS n FROM top_images").to_pylist()[0]
+    assert tops["n"] > 0 and tops["lo"] >= 16 and tops["hi"] <= 23
+    assert wh.query("SELECT count(*) AS n FROM feature_stats").column("n")[0].as_py() > 0
+    assert wh.query("SELECT count(*) AS n FROM edits").column("n")[0].as_py() > 0
