@@ -7,7 +7,7 @@ import torch
 
 from pipelines.stages import capture
 from pipelines.stages import sae as sae_stage
-from storage import ActivationStore, StoreError, shuffled_token_batches
+from storage import ActivationStore, StoreError, StoreMismatchError, shuffled_token_batches
 from tests.conftest import quiet
 from tide_core.config import TideConfig
 from tide_core.sae import SAETrainer, SparseAutoencoder
@@ -107,6 +107,12 @@ def test_the_store_of_a_streaming_run_holds_the_heldout_activations_only(tiny_pr
     assert {int(i) for b in store.iter_token_batches("resid", 1, 64, seed=0) for i in b.sample_ids} == set(
         range(16, 24))
     assert np.isnan(store.array("resid", 1)[0, 0, 0, 0])  # plain zarr reads an unwritten chunk as NaN, not 0
+    # the same store under a config that does not stream: refused before anything samples
+    full = tiny_project()
+    full = type(full)(config=full.config.model_copy(update={"warehouse": ctx.config.warehouse}),
+                      config_path=ctx.project.config_path)
+    with pytest.raises(StoreMismatchError, match="layout.acts_from_shard: store has 2, config asks for 0"):
+        capture.create_store(quiet(full))
 
 
 def test_streaming_training_equals_training_from_the_store_on_the_same_tokens(tiny_project):
