@@ -48,16 +48,21 @@ def dense_reference_loss(sae: SparseAutoencoder, x: torch.Tensor, t: torch.Tenso
     return torch.stack(losses).mean()
 
 
-def test_batch_topk_keeps_the_batch_top_bk():
+def test_batch_topk_keeps_the_batch_top_bk_packed_by_token():
     pre = torch.randn(64, 100, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 64)[:, None]
-    sel = batch_topk(pre, 5)
-    kept = sel.top.values > 0
-    assert int(kept.sum()) == 64 * 5  # B*k in all, but unevenly: the large-norm rows get more
-    per_row = kept.sum(1)
-    assert per_row[:8].sum() < per_row[-8:].sum()
-    want = pre.reshape(-1).topk(64 * 5).values
+    sel = batch_topk(pre, 6)
+    kept = sel.top.values > 0  # [R, 3]: packed rows of k // 2 latents
+    assert sel.top.values.shape[1] == 3 and int(kept.sum()) == 64 * 6
+    per_token = torch.zeros(64, dtype=torch.long).index_add_(0, sel.rows, kept.sum(1))
+    assert per_token[:8].sum() < per_token[-8:].sum()  # unevenly: the large-norm tokens get more
+    assert (sel.rows.diff() >= 0).all()
+    assert torch.equal(torch.bincount(sel.rows, minlength=64), (per_token + 2) // 3)  # no row more than needed
+    want = pre.reshape(-1).topk(64 * 6).values
     torch.testing.assert_close(sel.top.values[kept].sort().values, want.sort().values)
     assert float(sel.threshold) == float(want.min())
+    for r in range(len(sel.rows)):  # every kept value sits in its own token's row of pre
+        row = pre[sel.rows[r]]
+        assert torch.equal(row[sel.top.indices[r][kept[r]]], sel.top.values[r][kept[r]])
 
 
 @pytest.mark.parametrize("variant", ["batchtopk", "matryoshka", "tide_batchtopk", "tide_matryoshka"])

@@ -260,10 +260,14 @@ class SparseAutoencoder(nn.Module):
             return _Pass(out=out, xs=xs, xs_hat=xs_hat, xc=xc, pre=None)
         pre = self._pre_acts(xc)
         batch: BatchSelection | None = batch_topk(pre, self.spec.k) if selection == "batchtopk" else None
-        sel = select(xc, self.W_enc, self.b_enc, batch.top if batch else topk(pre, self.spec.k))  # [B, m]
+        if batch is None:
+            sel = select(xc, self.W_enc, self.b_enc, topk(pre, self.spec.k))  # [B, k]
+        else:  # packed rows [R, width], each reading its token's encoder input
+            sel = select(xc.index_select(0, batch.rows), self.W_enc, self.b_enc, batch.top)
+        rows = None if batch is None else batch.rows
         nested = [h + self.b_dec for h in nested_decodes(sel.idx, sel.val, self.W_dec, sel.pairs,
-                                                         self.spec.nested_widths)]  # each [B, d]
-        out = SAEOutput(nested[-1] / self.input_scale, self.spec.n_latents, idx=sel.idx, val=sel.val)
+                                                         self.spec.nested_widths, rows, len(xs))]  # each [B, d]
+        out = SAEOutput(nested[-1] / self.input_scale, self.spec.n_latents, idx=sel.idx, val=sel.val, rows=rows)
         return _Pass(out=out, xs=xs, xs_hat=nested[-1], xc=xc, pre=pre, nested=nested,
                      threshold=batch.threshold if batch else None)
 
