@@ -19,7 +19,7 @@ import numpy as np
 from pipelines.context import RunContext
 from pipelines.stages.capture import CapturePlan, make_plan
 from storage import ActivationStore, BlockOrder, StoreError, StoreTokenBatch, shuffled_token_batches
-from tide_core.capture import ActivationCapture, CapturedStep
+from tide_core.capture import ActivationCapture, CapturedStep, CaptureSpec
 from tide_core.sae import TokenBatch
 
 
@@ -66,7 +66,8 @@ class SampledActivations:
             self.samples_drawn += len(batch)
         return out[axes]
 
-    def _spec(self):
+    def _spec(self) -> CaptureSpec:
+        """Capture's spec (steps, tokens, branch, dtype) on this layer and site only."""
         return replace(self.plan.spec, layers=(self.layer,), sites=(self.site,))
 
     def _capture_batches(self, ids: np.ndarray) -> list[list[int]]:
