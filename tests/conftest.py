@@ -113,6 +113,17 @@ def write_config(directory: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: bit-exact comparisons, and speed on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A directory holding a tiny trained digits DiT (./dit) and judge (./warehouse/judge), shared by the

@@ -35,13 +35,7 @@ D_IN, N_DIRS, N_STEPS = 32, 64, 8
 backend = pytest.fixture(params=BACKENDS)(use_backend)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bit-exact comparisons and speed on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(n_tokens: int, chunk: int, seed: int, shift: float = 1.0):

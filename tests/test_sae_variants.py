@@ -12,13 +12,7 @@ from tide_core.sae import SAEDesign, SAESpec, SAETrainer, SparseAutoencoder, ski
 from tide_core.sae.selection import batch_topk
 from tide_core.sae.spec import default_widths
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(variant: str, **kw) -> SparseAutoencoder:
