@@ -63,6 +63,60 @@ class DigitsDiTConfig(Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class StyledDigitsConfig(Section):
+    """The styled-digits PixArt (pixel space, a small T5 trained with it): architecture and training recipe.
+    Trained by ``tide_core.train_styled`` on renders of the digits outside the judge's held-out split."""
+
+    image_size: int = Field(32, ge=8, le=64)
+    """Side of the square RGB renders the DiT denoises (pixel space)."""
+    patch_size: int = Field(2, ge=1, le=8)
+    """Patch side in pixels; the token grid is (image_size / patch_size) squared."""
+    num_layers: int = Field(6, ge=1, le=48)
+    """PixArt blocks (self-attention, cross-attention to the text, MLP; adaLN-single)."""
+    num_heads: int = Field(4, ge=1, le=32)
+    """Attention heads per block."""
+    head_dim: int = Field(32, ge=8, le=256)
+    """Channels per head; the residual width is num_heads * head_dim."""
+    text_width: int = Field(64, ge=8)
+    """Width of the T5 encoder trained with the DiT."""
+    text_layers: int = Field(2, ge=1)
+    """T5 encoder layers."""
+    max_prompt_tokens: int = Field(12, ge=4)
+    """Caption tokens the text encoder sees in training (the longest template caption is 10 with </s>)."""
+    train_steps: int = Field(20000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(64, ge=1)
+    """Renders per optimizer step (new styles drawn for every batch)."""
+    lr: float = Field(5e-4, gt=0, le=1.0)
+    """Peak AdamW learning rate of the DiT and the text encoder (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = Field(500, ge=0)
+    """Linear warm-up length in optimizer steps."""
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    """Decay of the weights' moving average; the EMA weights (DiT and text encoder) are saved."""
+    factor_drop: float = Field(0.25, ge=0.0, lt=1.0)
+    """Probability that a caption leaves out each style factor, so the model learns to fill it in."""
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability of training on the empty caption (the null condition of classifier-free guidance)."""
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """Digits held out for the factor judge's test (never seen by the DiT), as the digits judge's split."""
+    seed: int = 0
+    """Seed of init, digits, styles, captions, timesteps and noise: the same seed gives the same weights."""
+    checkpoint_dir: str = "models/styled-digits"
+    """Where the model lives (diffusers layout), relative to the config file's folder or absolute."""
+
+    @model_validator(mode="after")
+    def _patch_divides(self) -> StyledDigitsConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.styled_digits.patch_size={self.patch_size} must divide "
+                             f"image_size={self.image_size}")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not where they are stored)."""
+        payload = self.model_dump(exclude={"checkpoint_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class JudgeConfig(Section):
     """The classifier that judges generated images (for model families that have one)."""
 

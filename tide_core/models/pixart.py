@@ -2,7 +2,8 @@
 backbone): adaLN-single timestep modulation shared by every block, cross-attention to T5 text embeddings.
 
 The bundle is the diffusers pipeline layout, from the hub (e.g. PixArt-alpha/PixArt-XL-2-512x512) or a local
-directory: transformer/, vae/, scheduler/, text_encoder/ (a ``transformers`` T5 encoder) and tokenizer/.
+directory: transformer/, vae/, scheduler/, text_encoder/ (a ``transformers`` T5 encoder) and tokenizer/. A
+local directory without vae/ is a pixel-space model: the transformer denoises the images themselves.
 The components load through diffusers' and transformers' own classes; the sampling loop is the project's
 (``tide_core.sampling``), which needs of this adapter only the denoiser call.
 
@@ -55,8 +56,9 @@ def _require(source: Path, parts: tuple[str, ...]) -> None:
     missing = [p for p in parts if not (source / p).is_dir()]
     if missing:
         raise ModelError(f"model.source={str(source)!r} lacks {', '.join(p + '/' for p in missing)}: a PixArt "
-                         "directory needs transformer/, vae/, scheduler/, text_encoder/ and tokenizer/ (the "
-                         "diffusers pipeline layout, as save_pretrained or a hub download writes it)")
+                         "directory needs transformer/, scheduler/, text_encoder/ and tokenizer/, and vae/ unless "
+                         "it denoises pixels (the diffusers pipeline layout, as save_pretrained or a hub download "
+                         "writes it)")
 
 
 class PixArt(DiTAdapter):
@@ -65,7 +67,7 @@ class PixArt(DiTAdapter):
     family: ClassVar[str] = "pixart"
     sites: ClassVar[tuple[str, ...]] = SITES
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler_config: dict, *, source: str,
+    def __init__(self, transformer: nn.Module, vae: nn.Module | None, scheduler_config: dict, *, source: str,
                  fingerprint: str, prompts: PromptSet, embeds: torch.Tensor, masks: torch.Tensor,
                  height: int, width: int):
         self.transformer, self.vae = transformer, vae
@@ -75,7 +77,8 @@ class PixArt(DiTAdapter):
         self.condition_names = prompts.texts
         self.embeds, self.masks = embeds, masks  # [N + 1, L, C], [N + 1, L]: the prompts, then the negative
         self.height, self.width = height, width
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for PixArt's (SD's) VAE
+        # 8 for PixArt's (SD's) VAE; 1 in pixel space
+        self.vae_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         p = int(transformer.config.patch_size)
         self.token_grid = TokenGrid(height // self.vae_factor // p, width // self.vae_factor // p)
         self.time = TimeConvention("discrete", int(self.scheduler_config.get("num_train_timesteps", 1000)))
@@ -94,7 +97,7 @@ class PixArt(DiTAdapter):
         if cfg.source in KNOWN_HUB_MODELS:
             return KNOWN_HUB_MODELS[cfg.source]
         source = Path(cfg.source)
-        _require(source, ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"))
+        _require(source, ("transformer", "scheduler", "text_encoder", "tokenizer"))
         tc = transformer_config(cfg.source)
         width = int(tc["num_attention_heads"]) * int(tc["attention_head_dim"])
         info = ModelInfo(family=cls.family, source=cfg.source, num_layers=int(tc["num_layers"]), hidden_size=width,
@@ -141,8 +144,9 @@ class PixArt(DiTAdapter):
         whole = {"torch_dtype": dtype, "low_cpu_mem_usage": False}  # without accelerate: no lazy loading
         transformer = PixArtTransformer2DModel.from_pretrained(src, subfolder="transformer", **whole)
         transformer = transformer.to(device).eval().requires_grad_(False)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **whole).to(device).eval()
-        vae.requires_grad_(False)
+        vae = None
+        if not Path(src).is_dir() or (Path(src) / "vae").is_dir():  # a hub id always has one
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **whole).to(device).eval().requires_grad_(False)
         sched = dict(DDPMScheduler.load_config(src, subfolder="scheduler"))
         text_device = device if cfg.text_encoder_device == "auto" else "cpu"
         encoder = T5EncoderModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype).to(text_device)
@@ -165,7 +169,7 @@ class PixArt(DiTAdapter):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.height, self.width, int(self.vae.config.out_channels)
+        return self.height, self.width, int(self.in_channels if self.vae is None else self.vae.config.out_channels)
 
     def blocks(self) -> nn.ModuleList:
         return self.transformer.transformer_blocks
@@ -198,10 +202,14 @@ class PixArt(DiTAdapter):
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
         scaling = float(self.vae.config.scaling_factor)
         return self.vae.decode((latents / scaling).to(self.dtype)).sample.float().clamp(-1, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images.float()
         return self.vae.encode(images.to(self.dtype)).latent_dist.mean.float() * float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -228,6 +236,8 @@ class PixArt(DiTAdapter):
 
 def _vae_factor(source: Path) -> int:
     cfg = source / "vae" / "config.json"
+    if source.is_dir() and not (source / "vae").is_dir():
+        return 1  # pixel space
     if not cfg.is_file():
         return VAE_FACTOR
     return 2 ** (len(json.loads(cfg.read_text()).get("block_out_channels", [0] * 4)) - 1)
