@@ -58,6 +58,10 @@ def test_code_versions_follow_only_the_config_fields_an_asset_reads(tmp_path):
     assert {k for k in base if base[k] != top[k]} == {"feature_stats", "top_images"}
     batch = versions({"sampling": {"batch_size": 4}, "features": {"workers": 1}, "model": {"device": "cpu"}})
     assert batch == base  # settings that cannot change a result redo nothing
+    # BatchTopK's settings count only away from their defaults: a config without them keeps its versions
+    rate = versions({"sae": {"spec": {"threshold_rate": 0.02}}})
+    assert {k for k in base if base[k] != rate[k]} == {"sae"} and "-batch-" in rate["sae"]
+    assert versions({"sae": {"spec": {"threshold_rate": 0.01}}}) == base
 
 
 def test_definitions_module_imports_no_torch():

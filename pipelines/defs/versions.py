@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipelines.project import content_key
 from tide_core.config import SWEEP_GRID_FIELDS, TideConfig
+from tide_core.sae.spec import BATCH_CONFIG_PATHS, batch_settings
 
 BUILT_MODELS = ("model.digits", "model.tiny_pixart", "model.tiny_sd3", "model.tiny_flux")
 CAPTURE_FIELDS = ("model.source", "model.dtype", *BUILT_MODELS, "model.height", "model.width",
@@ -44,6 +46,16 @@ def _block_order(cfg: TideConfig) -> str:
     return "" if cfg.sae.block_order == "samples" else f"blocks-{cfg.sae.block_order}"
 
 
+def _batch(cfg: TideConfig) -> str:
+    """BatchTopK's and Matryoshka's settings, away from their defaults."""
+    settings = batch_settings(cfg.sae.spec)
+    return f"batch-{content_key(settings)[:8]}" if settings else ""
+
+
+def _sae(cfg: TideConfig) -> str:
+    return "-".join(p for p in (_block_order(cfg), _batch(cfg)) if p)
+
+
 VERSIONS: dict[str, Version] = {
     "dit_model": Version(1, ("model.source", *BUILT_MODELS)),
     "prompts": Version(1, ("sampling.prompts", "model.max_prompt_tokens")),
@@ -55,12 +67,13 @@ VERSIONS: dict[str, Version] = {
     "activations": Version(1, CAPTURE_FIELDS, extra=_acts_kept),
     "samples": Version(2),  # 2: the steps table
     # checkpoints: resume granularity only; stream and shuffle_blocks: through _block_order
-    "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens", "sae.stream", "sae.shuffle_blocks"),
-                   extra=_block_order),
+    "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens", "sae.stream", "sae.shuffle_blocks",
+                                         *BATCH_CONFIG_PATHS), extra=_sae),
     "sae_metrics": Version(1),
     # the grid's own settings are partitions, not versions: adding a point or adopting a point's values as
     # the [sae] defaults leaves the points already run fresh
-    "sae_sweep": Version(1, ("sae", "sweep"), exclude=SWEEP_GRID_FIELDS),
+    "sae_sweep": Version(1, ("sae", "sweep"), exclude=(*SWEEP_GRID_FIELDS, *BATCH_CONFIG_PATHS),
+                         extra=_batch),
     "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature")),
     "top_images": Version(1, ("features.top_n",)),
     "edits": Version(1, ("edit",)),

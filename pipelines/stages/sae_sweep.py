@@ -12,6 +12,7 @@ from pipelines.project import content_key
 from pipelines.stages.sae import check_inputs, evaluate_sae, new_saes, split_samples, training_stream
 from tide_core.config import SWEEP_GRID_FIELDS, SweepConfig, SweepPoint, TideConfig
 from tide_core.sae import SAETrainer
+from tide_core.sae.spec import BATCH_CONFIG_PATHS, batch_settings
 
 OVERALL = -1  # sae_sweep.step of the aggregate over all diffusion steps
 
@@ -41,8 +42,9 @@ def sweep_id(cfg: TideConfig, run_id: str) -> str:
     """What every point of the sweep shares: the run, site, token budget and the [sae] settings the
     grid does not vary. Adding a point to the grid keeps the id, so earlier points stay comparable."""
     require_sweep(cfg)
-    return "sw-" + content_key({"run_id": run_id, "fixed": cfg.section_hash("sae", "sweep",
-                                                                             exclude=SWEEP_GRID_FIELDS)})[:12]
+    fixed = cfg.section_hash("sae", "sweep", exclude=(*SWEEP_GRID_FIELDS, *BATCH_CONFIG_PATHS))
+    batch = batch_settings(cfg.sae.spec)  # only when set: sweeps without batch variants keep their ids
+    return "sw-" + content_key({"run_id": run_id, "fixed": fixed, **({"batch": batch} if batch else {})})[:12]
 
 
 def run_point(ctx: RunContext, key: str) -> PointReport:

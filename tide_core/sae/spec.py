@@ -143,6 +143,18 @@ class SAESpec(SAEDesign):
         return SAEDesign.model_validate(self.model_dump(include=set(SAEDesign.model_fields)))
 
 
+# Design fields only the batch variants read: code versions and sweep ids hash them only away from their
+# defaults (``batch_settings``), so a run without batch variants keeps the identities it had.
+BATCH_FIELDS = ("threshold_rate", "matryoshka_widths")
+BATCH_CONFIG_PATHS = tuple(f"sae.spec.{f}" for f in BATCH_FIELDS)  # where a run config ([sae.spec]) holds them
+
+
+def batch_settings(design: SAEDesign) -> dict[str, Any]:
+    """The batch variants' settings that differ from their defaults ({} when none does)."""
+    default = SAEDesign.model_fields
+    return {f: getattr(design, f) for f in BATCH_FIELDS if getattr(design, f) != default[f].default}
+
+
 def default_widths(n_latents: int, k: int) -> list[int]:
     """Matryoshka's default prefixes: n/16, n/8, n/4, n/2, n, keeping those of at least k latents."""
     widths = sorted({max(k, n_latents >> shift) for shift in (4, 3, 2, 1, 0)})
@@ -162,10 +174,11 @@ class SAETrainConfig(BaseModel):
     """Peak AdamW learning rate (topk's best with under 5% dead latents on every layer of the default run's
     sweep; see docs/DECISIONS.md)."""
     variant_lr_scale: dict[Variant, Annotated[float, Field(gt=0.0)]] = Field(
-        default_factory=lambda: dict.fromkeys(MODULATED_VARIANTS, 0.5))
+        default_factory=lambda: {"tide": 0.5})
     """A variant's peak learning rate as a multiple of lr: variants trained in one pass share the batches and
     the schedule's shape, not necessarily its peak (tide keeps under 5% dead latents on every layer of the
-    default run at half of topk's best lr; its batch forms take the same half)."""
+    default run at half of topk's best lr). tide_batchtopk and tide_matryoshka without an entry of their
+    own take tide's."""
     time_lr_scale: float = Field(1.0, gt=0.0)
     """TIDE's timestep MLP learns at this multiple of its SAE's learning rate."""
     warmup_tokens: int = Field(50_000, ge=0)
@@ -201,6 +214,12 @@ class SAETrainConfig(BaseModel):
                 f"is the start of the training stream; set init_tokens to at most {self.total_tokens}"
             )
         return self
+
+    def lr_scale(self, variant: str) -> float:
+        """``variant``'s multiple of lr (a modulated variant without an entry takes tide's)."""
+        if variant in self.variant_lr_scale:
+            return self.variant_lr_scale[variant]
+        return self.variant_lr_scale.get("tide", 1.0) if variant in MODULATED_VARIANTS else 1.0
 
     @property
     def total_steps(self) -> int:

@@ -165,7 +165,7 @@ class SAETrainer:
             device = sae.W_dec.device
             if device not in on_device:  # convert (e.g. float16 numpy -> float32 torch) once per device
                 on_device[device] = batch.to_torch(device)
-            scale = self.cfg.variant_lr_scale.get(sae.spec.variant, 1.0)
+            scale = self.cfg.lr_scale(sae.spec.variant)
             logs[name] = self._step_one(name, on_device[device], lr * scale)
         self.step += 1
         self.tokens_seen += len(batch)
