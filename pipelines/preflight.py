@@ -77,6 +77,8 @@ def check(project: Project) -> PreflightReport:
         if bad_sites:
             problems.append(f"capture.sites contains {bad_sites}: the {info.family} family has sites "
                             f"{list(info.sites)}")
+        problems += [p for layer in cfg.capture.layers for site in cfg.capture.sites if site in info.sites
+                     and 0 <= layer < info.num_layers and (p := family.site_problem(info.num_layers, layer, site))]
     try:
         resolve_device(cfg.model.device)
     except ModelError as err:

@@ -6,7 +6,10 @@ Layout (see docs/STORE.md):
     <store>/samples/images           [N,H,W,C] uint8, chunks (shard_size, H, W, C)
     <store>/acts/<site>/layer_<LL>   [S,N,P,D] float16, chunks (1, shard_size, P, D)
     <store>/acts/token_index         [S,N,P]   int16, only when tokens are subsampled; shared by
-                                                every site and layer (one token draw per sample and step)
+                                                every image site and layer (one token draw per sample and step)
+    <store>/acts/<text site>/layer_<LL> [S,N,L,D] a text site (layout.text_tokens): every position of the
+                                                text sequence, chunks (1, shard_size, L, D)
+    <store>/acts/<text site>/token_mask [N,L]  bool: the positions holding a prompt token (padding False)
     <store>/acts/<site>/{step,timestep,sample_id,row,col}   coordinates for xarray (storage.store_coords)
     <store>/shards/<kkkkk>/zarr.json           completion marker (a group; attrs = the shard's stats), written
                                                 last (storage.shard_markers)
@@ -43,6 +46,10 @@ VOLATILE_KEYS = frozenset({"created_at", "code_version"})
 
 def act_path(site: str, layer: int) -> str:
     return f"acts/{site}/layer_{layer:02d}"
+
+
+def mask_path(site: str) -> str:
+    return f"acts/{site}/token_mask"
 
 
 class ActivationStore:
@@ -92,24 +99,28 @@ class ActivationStore:
         group.create_array("samples/seed", shape=(n,), chunks=(sh,), dtype="int64", fill_value=-1)
         group.create_array("samples/images", shape=(n, *lay.image_shape), chunks=(sh, *lay.image_shape),
                            dtype="uint8", fill_value=0)
-        shape = (len(lay.steps), n, lay.tokens_stored, lay.d_model)
         dims = ["step", "sample", "token", "channel"]
         # Chunks that are never written read as NaN, not as plausible zeros, in tools that bypass this class
         # (xarray, plain zarr); this class refuses to read them at all.
         fill = float("nan") if lay.acts_from_shard else 0
         for site in lay.sites:
+            p = lay.tokens_of(site)
             for layer in lay.layers:
-                arr = group.create_array(act_path(site, layer), shape=shape, dtype=lay.dtype,
-                                         chunks=(1, sh, lay.tokens_stored, lay.d_model), config=fast,
+                arr = group.create_array(act_path(site, layer), shape=(len(lay.steps), n, p, lay.d_model),
+                                         dtype=lay.dtype, chunks=(1, sh, p, lay.d_model), config=fast,
                                          chunk_key_encoding=flat,
                                          compressors=codecs, fill_value=fill, dimension_names=dims)
                 arr.attrs.update({"site": site, "layer": layer})
+            if lay.is_text(site):  # per sample: a prompt's padding is the same at every step and layer
+                group.create_array(mask_path(site), shape=(n, p), chunks=(sh, p), dtype="bool", fill_value=False,
+                                   dimension_names=dims[1:3])
         if lay.subsampled:
-            group.create_array("acts/token_index", shape=shape[:3], chunks=(1, sh, lay.tokens_stored),
+            group.create_array("acts/token_index", shape=(len(lay.steps), n, lay.tokens_stored),
+                               chunks=(1, sh, lay.tokens_stored),
                                dtype="int16", fill_value=-1, dimension_names=dims[:3], config=fast)
         group.attrs.update({
             "schema_version": SCHEMA_VERSION,
-            "layout": asdict(lay),
+            "layout": lay.attrs(),
             "provenance": {**provenance, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         })
         store = cls(url, group)
@@ -195,6 +206,15 @@ class ActivationStore:
         self.group["samples/class_id"][sl] = class_ids.astype(np.int32)
         self.group["samples/seed"][sl] = seeds.astype(np.int64)
 
+    def write_token_mask(self, shard: int, site: str, mask: np.ndarray) -> None:
+        """A text site's mask of one shard: bool [n, L], True where a position holds a prompt token."""
+        rng = self.layout.shard_range(shard)
+        want = (len(rng), self.layout.tokens_of(site))
+        if not self.layout.is_text(site) or mask.shape != want:
+            raise StoreError(f"token_mask of {site!r} for shard {shard}: the store has text sites "
+                             f"{list(self.layout.text_tokens)} and expects bool {want}, got {mask.shape}")
+        self.group[mask_path(site)][rng.start:rng.stop] = mask.astype(bool)
+
     def write_step(self, shard: int, step: int, acts: dict[tuple[str, int], np.ndarray],
                    token_index: np.ndarray | None) -> int:
         """Write one step of one shard: acts[(site, layer)] is [n, P, D]. Returns bytes written (raw)."""
@@ -202,15 +222,15 @@ class ActivationStore:
         rng = lay.shard_range(shard)
         s = lay.step_axis(step)
         sl = slice(rng.start, rng.stop)
-        expected = (len(rng), lay.tokens_stored, lay.d_model)
+        expected = (len(rng), lay.tokens_stored, lay.d_model)  # an image site's; a text site has L positions
         if shard < lay.acts_from_shard:
             raise StoreError(f"shard {shard} keeps no activations in this store (they are stored from shard "
                              f"{lay.acts_from_shard} on): write only its samples")
         nbytes = 0
         for (site, layer), a in acts.items():
-            if a.shape != expected:
+            if a.shape != (len(rng), lay.tokens_of(site), lay.d_model):
                 raise StoreError(f"acts[{site}, layer {layer}] step {step} has shape {a.shape}, "
-                                 f"the store expects {expected}")
+                                 f"the store expects {(len(rng), lay.tokens_of(site), lay.d_model)}")
             self._write_block(self._array(act_path(site, layer)), (s, shard, 0, 0), sl,
                               a.astype(lay.dtype, copy=False))
             nbytes += a.size * np.dtype(lay.dtype).itemsize
@@ -302,7 +322,7 @@ class ActivationStore:
         samples = lay.shard_range(shard)
         self._require_done(samples)
         arr, a = self.array(site, layer), lay.step_axis(step)
-        shape = (len(samples), lay.tokens_stored, lay.d_model)
+        shape = (len(samples), lay.tokens_of(site), lay.d_model)
         key = self._plain_chunk_key(arr, (a, shard, 0, 0), shape)
         if key is None:
             self._require_chunks(arr, [a], samples)
@@ -341,8 +361,16 @@ class ActivationStore:
         self._require_chunks(arr, [a], span)
         return arr.get_orthogonal_selection((a, ids))
 
+    def token_mask(self, site: str, start: int, stop: int) -> np.ndarray | None:
+        """A text site's valid positions, bool [n, L] (padding False); None for an image site (every stored
+        token is one)."""
+        if not self.layout.is_text(site):
+            return None
+        self._require_done(range(start, stop))
+        return self._array(mask_path(site))[start:stop]
+
     def token_index(self, start: int, stop: int) -> np.ndarray:
-        """Stored token positions [S, n, P] (identity grid when not subsampled)."""
+        """Stored image-token positions [S, n, P] (identity grid when not subsampled)."""
         lay = self.layout
         if lay.subsampled:
             self._require_done(range(start, stop))
@@ -384,7 +412,8 @@ class ActivationStore:
         Each block holds every step equally, so every batch mixes steps in the proportion they were captured.
         Memory: one block, S * block * P * D values. drop_last=False also yields the final short batch
         (evaluation wants every token); ``start`` begins the same stream at that token, without reading the
-        blocks before it. Default samples: every sample whose activations the store holds.
+        blocks before it. Default samples: every sample whose activations the store holds. A text site's
+        stream holds its valid positions only (``token_mask``): padding is never yielded.
         """
         lay = self.layout
         arr = self.array(site, layer)
@@ -402,7 +431,18 @@ class ActivationStore:
             arr, axes, sample_ids, steps=np.asarray(lay.steps, np.int64),
             timesteps=np.asarray(self.provenance["capture_timesteps"], np.int64), batch_size=batch_size,
             seed=seed, epochs=epochs, block=samples_per_block or lay.shard_size, drop_last=drop_last,
-            order=order, start=start)
+            order=order, start=start, valid=self.valid_positions(site))
+
+    def stream_tokens(self, site: str, sample_ids: Sequence[int]) -> int:
+        """Tokens one pass over these samples' stream yields: every stored token, a text site's valid ones."""
+        valid = self.valid_positions(site)
+        per_step = len(sample_ids) * self.layout.tokens_of(site) if valid is None else int(valid[sample_ids].sum())
+        return len(self.layout.steps) * per_step
+
+    def valid_positions(self, site: str) -> np.ndarray | None:
+        """A text site's mask over every sample, bool [N, L] (unwritten shards all False); None for an image
+        site. Small (a bit per position), so the token streams hold it whole."""
+        return self._array(mask_path(site))[:] if self.layout.is_text(site) else None
 
 
 def _check_writable(fs, root: str) -> None:

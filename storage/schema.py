@@ -260,6 +260,30 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
+            "feature_tokens",
+            ("sae_id", "feature_id", "prompt_id", "position"),
+            "one SAE latent of a text site (resid_text) at one token of one prompt, over its images and steps; only "
+            "where the latent fired",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER"),
+                Col("prompt_id", "VARCHAR", "the prompt (table prompts)"),
+                Col("position", "INTEGER", "position in the text stream (SD3: CLIP's 77, then T5's; FLUX: T5's)"),
+                Col("token", "VARCHAR", "the token as text, as the family's tokenizer decodes it ('red', '</s>')",
+                    "NOT NULL"),
+                Col("piece", "VARCHAR", "the tokenizer's own piece ('red</w>', '▁red')"),
+                Col("part", "VARCHAR", "the tokenizer that made it: clip or t5"),
+                Col("observations", "BIGINT", "(image, step) pairs of this prompt the statistics read", "NOT NULL"),
+                Col("fires", "BIGINT", "of those, where the latent is > 0 at this position", "NOT NULL"),
+                Col("fire_rate", "DOUBLE", "fires / observations"),
+                Col("mean_act", "DOUBLE", "mean activation where it fires"),
+                Col("max_act", "DOUBLE", "largest activation"),
+                Col("token_observations", "BIGINT", "(image, step) pairs at every non-padding position of every "
+                    "prompt holding this token string: v_feature_tokens' denominator"),
+            ),
+            checks=("fires BETWEEN 1 AND observations",),
+        ),
+        Table(
             "top_images",
             ("sae_id", "feature_id", "scope", "rank"),
             "one of the top-activating images of a latent, per scope",
@@ -353,6 +377,16 @@ VIEWS: dict[str, View] = {
             "v_feature_concepts",
             "feature_concepts with their SAE (layer, site, variant)",
             f"SELECT {_SAE_COLS}, fc.* FROM feature_concepts fc LEFT JOIN saes s USING (sae_id)",
+        ),
+        View(
+            "v_feature_tokens",
+            "feature_tokens per token string (all its prompts and positions) with the SAE (layer, site, variant): "
+            "which words a text-stream latent fires on",
+            f"SELECT ft.sae_id, {_SAE_COLS}, ft.feature_id, ft.token, count(DISTINCT ft.prompt_id) AS prompts, "
+            "sum(ft.fires) AS fires, any_value(ft.token_observations) AS observations, "
+            "sum(ft.fires) / any_value(ft.token_observations) AS fire_rate, "
+            "sum(ft.mean_act * ft.fires) / sum(ft.fires) AS mean_act, max(ft.max_act) AS max_act "
+            "FROM feature_tokens ft LEFT JOIN saes s USING (sae_id) GROUP BY ALL",
         ),
         View(
             "v_sae_metrics",

@@ -4,7 +4,7 @@ writing one shard cost (``ShardStats``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,9 @@ class StoreLayout:
     # Activations are stored from this shard on; the shards before it have none (streaming SAE training
     # samples them again where it needs them, so a run's bulk is its held-out shards only).
     acts_from_shard: int = 0
+    # Sites in a text stream: site -> L, positions of the text sequence per sample (their token axis, in place
+    # of the image tokens); every position stored, with a per-sample mask of those holding a prompt token.
+    text_tokens: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.shard_size < 1:
@@ -39,6 +42,10 @@ class StoreLayout:
                              "at least the last shard holds activations")
         if not 1 <= self.tokens_stored <= self.tokens_total:
             raise StoreError(f"tokens_stored={self.tokens_stored} must be in 1..{self.tokens_total}")
+        unknown = sorted(set(self.text_tokens) - set(self.sites))
+        if unknown or any(n < 1 for n in self.text_tokens.values()):
+            raise StoreError(f"text_tokens={self.text_tokens}: every text site must be one of sites {self.sites} "
+                             "with at least one position")
         if self.dtype not in ("float16", "float32"):
             raise StoreError(f"dtype={self.dtype!r}: use float16 or float32 (bfloat16 is not a numpy dtype)")
 
@@ -49,6 +56,21 @@ class StoreLayout:
     @property
     def subsampled(self) -> bool:
         return self.tokens_stored < self.tokens_total
+
+    def attrs(self) -> dict:
+        """The layout as the store's zarr.json keeps it: ``text_tokens`` only when there are text sites, so a
+        store of image sites has the attributes it had before text sites existed."""
+        out = asdict(self)
+        if not self.text_tokens:
+            del out["text_tokens"]
+        return out
+
+    def is_text(self, site: str) -> bool:
+        return site in self.text_tokens
+
+    def tokens_of(self, site: str) -> int:
+        """P of a site's arrays: L for a text site, else the image tokens stored."""
+        return self.text_tokens.get(site, self.tokens_stored)
 
     @property
     def act_samples(self) -> range:
@@ -68,8 +90,8 @@ class StoreLayout:
 
     def act_bytes_per_sample(self) -> int:
         itemsize = np.dtype(self.dtype).itemsize
-        per_key = len(self.steps) * self.tokens_stored * self.d_model * itemsize
-        return per_key * len(self.layers) * len(self.sites)
+        per_site = sum(len(self.steps) * self.tokens_of(site) * self.d_model * itemsize for site in self.sites)
+        return per_site * len(self.layers)
 
 
 @dataclass

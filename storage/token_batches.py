@@ -50,8 +50,8 @@ def epoch_blocks(rng: np.random.Generator, sample_ids: np.ndarray, block: int,
 
 def shuffled_token_batches(source: TokenSource, axes: np.ndarray, sample_ids: np.ndarray, *, steps: np.ndarray,
                            timesteps: np.ndarray, batch_size: int, seed: int, epochs: int, block: int,
-                           drop_last: bool, order: BlockOrder = "samples",
-                           start: int = 0) -> Iterator[StoreTokenBatch]:
+                           drop_last: bool, order: BlockOrder = "samples", start: int = 0,
+                           valid: np.ndarray | None = None) -> Iterator[StoreTokenBatch]:
     """Batches of the tokens of ``source`` [S, N, P, D] at step axes ``axes`` and samples ``sample_ids``.
 
     ``steps`` and ``timesteps`` give the schedule position and timestep value of every step axis.
@@ -60,6 +60,9 @@ def shuffled_token_batches(source: TokenSource, axes: np.ndarray, sample_ids: np
     the final short batch. The token stream is the same for any ``start``: it begins at token ``start``,
     batches end where they would without it, and blocks wholly before ``start`` are never read (their
     shuffles are drawn all the same, so the random stream after them is unchanged).
+
+    ``valid`` (bool [N, P], by sample id; a text site's mask) keeps only the positions it marks: padding never
+    enters the stream, nor its count of tokens. None keeps every token.
     """
     d_model, per_sample = source.shape[-1], len(axes) * source.shape[2]
     rng = np.random.default_rng(seed)
@@ -70,7 +73,8 @@ def shuffled_token_batches(source: TokenSource, axes: np.ndarray, sample_ids: np
     want = batch_size - start % batch_size
     for _ in range(epochs):
         for ids in epoch_blocks(rng, np.asarray(sample_ids), block, order):
-            n = len(ids) * per_sample
+            keep = None if valid is None else valid[ids]  # [b, P]
+            n = len(ids) * per_sample if keep is None else len(axes) * int(keep.sum())
             if pos + n <= start:  # consumed already: draw its shuffle, leave its tokens unread
                 rng.permutation(n)
                 pos += n
@@ -80,6 +84,9 @@ def shuffled_token_batches(source: TokenSource, axes: np.ndarray, sample_ids: np
             sid = np.broadcast_to(ids[None, :, None], x.shape[:3])
             flat = x.reshape(-1, d_model)  # [s*b*P, D]
             meta = np.stack([s_idx.reshape(-1), sid.reshape(-1)], 1)  # [s*b*P, 2]
+            if keep is not None:
+                rows = np.broadcast_to(keep[None], x.shape[:3]).reshape(-1)  # [s*b*P]
+                flat, meta = flat[rows], meta[rows]  # [n, D], [n, 2]
             perm = rng.permutation(len(flat))
             skip = max(0, start - pos)
             pos += n

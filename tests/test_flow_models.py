@@ -76,9 +76,11 @@ def test_sd3_runs_on_its_clip_encoders_alone(dirs, sd3):
     assert not clip_only.text.embeds[:, 77:].any() and sd3.text.embeds[:, 77:].any()  # T5's part: zeros
 
 
-def _run_blocks_by_hand(model, x, t, cond) -> list[torch.Tensor]:
-    """Each block's image tokens [B, T, D], from the transformer's embeddings and its blocks called one by one
-    (a FLUX single block written out from its own layers), as diffusers' forward runs them."""
+def _run_blocks_by_hand(model, x, t, cond, stream: str = "image") -> list[torch.Tensor | None]:
+    """Each block's image tokens [B, T, D] (``stream="text"``: its text tokens [B, L, D]; None where a block
+    returns none), from the transformer's embeddings and its blocks called one by one (a FLUX single block
+    written out from its own layers), as diffusers' forward runs them."""
+    pick = 0 if stream == "text" else 1
     tr = model.transformer
     text, pooled = model.text.embeds[cond], model.text.pooled[cond]
     outs = []
@@ -87,7 +89,7 @@ def _run_blocks_by_hand(model, x, t, cond) -> list[torch.Tensor]:
         txt = tr.context_embedder(text)
         for block in tr.transformer_blocks:
             txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb)
-            outs.append(img)
+            outs.append((txt, img)[pick])
         return outs
     _, _, h, w = x.shape
     img = tr.x_embedder(pack(x))
@@ -96,15 +98,15 @@ def _run_blocks_by_hand(model, x, t, cond) -> list[torch.Tensor]:
     rotary = tr.pos_embed(torch.cat([torch.zeros(text.shape[1], 3), image_ids(h // 2, w // 2)]))
     for block in tr.transformer_blocks:
         txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rotary)
-        outs.append(img)
+        outs.append((txt, img)[pick])
     for block in tr.single_transformer_blocks:  # norm, attention and MLP side by side, one gated projection
         both = torch.cat([txt, img], dim=1)  # [B, L + T, D]
         normed, gate = block.norm(both, emb=temb)
         mixed = torch.cat([block.attn(hidden_states=normed, image_rotary_emb=rotary),
                            block.act_mlp(block.proj_mlp(normed))], dim=2)
         both = both + gate.unsqueeze(1) * block.proj_out(mixed)
-        txt, img = both[:, : text.shape[1]], both[:, text.shape[1]:]
-        outs.append(img)
+        txt, img = both[:, : text.shape[1]], both[:, text.shape[1]:]  # [B, L, D], [B, T, D]
+        outs.append((txt, img)[pick])
     return outs
 
 
@@ -129,6 +131,50 @@ def test_captured_image_tokens_equal_a_forward_by_hand_for_every_block_type(name
     for i, want in enumerate(by_hand):  # SD3: joint blocks; FLUX: double blocks, then single blocks
         assert caught[i].shape == (2, model.token_grid.tokens, model.hidden_size)
         torch.testing.assert_close(caught[i], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_captured_text_tokens_equal_a_forward_by_hand_for_every_block_type(name, request):
+    """resid_text: a joint / double block's text output, a single block's text part of [text; image]."""
+    model = request.getfixturevalue(name)
+    model.guidance_scale = 2.5
+    torch.manual_seed(1)
+    x, cond = torch.randn(2, *model.latent_shape), torch.tensor([1, 2])
+    t = torch.tensor([415.5, 415.5])
+    layers = range(model.num_layers - 1) if name == "sd3" else range(model.num_layers)  # SD3's last: no text
+    caught = {}
+    hooks = [model.site_module(i, "resid_text").register_forward_hook(
+        lambda mod, args, out, i=i: caught.__setitem__(i, model.read_site("resid_text", out))) for i in layers]
+    try:
+        with torch.no_grad():
+            model.predict_noise(x, t, cond)
+            by_hand = _run_blocks_by_hand(model, x, t, cond, stream="text")
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in layers:
+        assert caught[i].shape == (2, model.text_length, model.hidden_size)
+        torch.testing.assert_close(caught[i], by_hand[i], rtol=1e-5, atol=1e-5)
+    if name == "sd3":
+        assert by_hand[-1] is None  # context_pre_only: the last joint block returns no text stream
+        with pytest.raises(ModelError, match="returns no text stream"):
+            model.check_site(model.num_layers - 1, "resid_text")
+
+
+def test_text_positions_come_from_the_tokenizers_that_made_the_sequence(dirs, sd3, flux):
+    """SD3: CLIP's 77 positions then T5's; FLUX: T5's; padding (the attention mask) is not valid."""
+    s = sd3.text_sequences(ModelConfig(source=str(dirs["sd3"]), max_prompt_tokens=8), ["a red seven"])[0]
+    assert len(s.tokens) == sd3.text_length == 77 + 8
+    assert [t for t, v in zip(s.tokens, s.valid, strict=True) if v] == [
+        "<|startoftext|>", "a", "red", "seven", "<|endoftext|>", "a", "red", "seven", "</s>"]
+    assert s.part[:77] == ["clip"] * 77 and s.part[77:] == ["t5"] * 8 and s.pieces[2] == "red</w>"
+    assert sd3.text_valid[1, 77:].all()  # a long prompt fills T5's 8 positions (cut: no padding)
+    assert sd3.text_valid[3].sum() == 2 + 1  # the empty negative prompt: CLIP's start and end, T5's end
+    clip_only = _load(dirs["sd3"], use_t5=False)
+    assert not clip_only.text_valid[:, 77:].any()  # T5's zeros hold no token
+    f = flux.text_sequences(ModelConfig(source=str(dirs["flux"]), max_prompt_tokens=8), ["a blue two on a black"])
+    assert f[0].tokens == ["a", "blue", "two", "on", "a", "black", "</s>", "<pad>"] and f[0].valid[-1] is False
+    assert flux.text_mask([0, 2]).tolist() == flux.text_valid[[0, 2]].tolist()
 
 
 def test_writing_a_site_replaces_the_image_stream_only(flux):
@@ -223,9 +269,11 @@ def test_preflight_names_a_scheduler_or_guidance_the_family_does_not_take(dirs):
     assert problems(dirs["schnell"], scheduler="euler", guidance_scale=1.0) == []
 
 
+@pytest.mark.slow
 def test_a_flux_run_end_to_end_labels_its_steps_with_sigma(tmp_path):
-    """tide run on a tiny random FLUX: a double- and a single-stream layer captured, SAEs trained on continuous
-    time, and the steps table giving each step's sigma."""
+    """tide run on a tiny random FLUX: a double- and a single-stream layer captured in both streams, SAEs trained
+    on continuous time (the text ones on non-padding positions), the steps table giving each step's sigma, and
+    the text SAEs' statistics queryable by token string."""
     from pipelines.definitions import definitions_for
     from pipelines.instance import warehouse_instance
     from pipelines.project import Project
@@ -238,7 +286,7 @@ def test_a_flux_run_end_to_end_labels_its_steps_with_sigma(tmp_path):
                      "tiny_flux": {**SMALL, "num_single_layers": 1, "checkpoint_dir": str(tmp_path / "tf")}},
            "sampling": {"prompts": str(tmp_path / "prompts.txt"), "scheduler": "euler", "num_steps": 4,
                         "guidance_scale": 3.5, "num_samples": 12, "shard_size": 6},
-           "capture": {"layers": [1, 2], "sites": ["resid"]},
+           "capture": {"layers": [1, 2], "sites": ["resid", "resid_text"]},
            "sae": {"variants": ["tide", "topk"], "spec": {"n_latents": 32, "k": 4}},
            "edit": {"feature_ids": [0], "n_samples": 2}}
     project = Project.load(write_config(tmp_path / "run", cfg))
@@ -248,8 +296,22 @@ def test_a_flux_run_end_to_end_labels_its_steps_with_sigma(tmp_path):
     steps = wh.query("SELECT step, timestep, model_time, time_kind FROM steps ORDER BY step").to_pylist()
     assert [s["time_kind"] for s in steps] == ["flow"] * 4 and steps[0]["model_time"] == 1.0
     assert all(s["timestep"] == round(1000 * s["model_time"]) for s in steps)
-    saes = wh.query("SELECT layer, count(*) AS n FROM saes GROUP BY 1 ORDER BY 1").to_pylist()
-    assert saes == [{"layer": 1, "n": 2}, {"layer": 2, "n": 2}]  # a double-stream and a single-stream block
+    saes = wh.query("SELECT layer, site, count(*) AS n FROM saes GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert saes == [{"layer": layer, "site": site, "n": 2} for layer in (1, 2)  # a double- and a single-stream block
+                    for site in ("resid", "resid_text")]
+    # the text SAEs read the valid positions only: 12 images x 4 steps x their prompts' tokens, no padding
+    from storage import ActivationStore
+    store = ActivationStore.open(project.store_url, mode="r")
+    valid = store.token_mask("resid_text", 0, 12)
+    assert 0 < valid.sum() < valid.size
+    held = wh.query("SELECT max(tokens) AS t FROM features f JOIN saes s USING (sae_id) WHERE s.site = 'resid_text'")
+    assert held.to_pylist()[0]["t"] == 4 * valid.sum()  # the feature pass: every valid position, every step
+    words = wh.query("SELECT token, sum(fires) AS fires FROM v_feature_tokens WHERE site = 'resid_text' AND layer = 1 "
+                     "AND token IN ('red', 'cat') GROUP BY token ORDER BY token").to_pylist()
+    assert [w["token"] for w in words] == ["cat", "red"] and all(w["fires"] > 0 for w in words)
+    rates = wh.query("SELECT min(fire_rate) AS lo, max(fire_rate) AS hi FROM v_feature_tokens").to_pylist()[0]
+    assert 0 < rates["lo"] <= rates["hi"] <= 1
+    assert wh.query("SELECT count(*) AS n FROM feature_tokens WHERE token = '<pad>'").to_pylist()[0]["n"] == 0
     labelled = wh.query("SELECT count(*) AS n FROM v_sae_metrics WHERE step >= 0 AND model_time IS NULL")
     assert labelled.to_pylist()[0]["n"] == 0
     assert (project.root / "dashboard" / "index.html").is_file()

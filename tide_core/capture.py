@@ -6,7 +6,10 @@ output, the residual stream after the block. Under classifier-free guidance the 
 captured by default (it is what the class steers), the unconditional half on request.
 
 Token subsampling keeps P of the T image tokens per (sample, step), drawn from a generator seeded by
-(run seed, sample_id, step) and sorted, so it is reproducible and shared by every layer and site.
+(run seed, sample_id, step) and sorted, so it is reproducible and shared by every layer and image site. A
+family's text sites (``DiTAdapter.text_sites``) keep every position of the text sequence: padding is masked
+downstream (by the prompt's attention mask), not dropped here, so a site's token axis is the same for every
+sample.
 """
 
 from __future__ import annotations
@@ -191,17 +194,18 @@ class ActivationCapture:
     def _make_hook(self, site: str, layer: int):
         def hook(_module, _inputs, output):
             if self._active:
-                self._buffer[(site, layer)] = self._take(self.model.read_site(site, output))
+                self._buffer[(site, layer)] = self._take(self.model.read_site(site, output),
+                                                         whole=site in self.model.text_sites)
 
         return hook
 
-    def _take(self, out: torch.Tensor) -> np.ndarray:
-        # out: [2B or B, T, D]
+    def _take(self, out: torch.Tensor, whole: bool = False) -> np.ndarray:
+        # out: [2B or B, T, D] (a text site: [2B or B, L, D], every position kept)
         b = self._batch
         if self._guided:
             out = out[:b] if self.spec.branch == "cond" else out[b:2 * b]  # [B, T, D]
         total = out.shape[1]
-        keep = self.spec.tokens_stored(total)
+        keep = total if whole else self.spec.tokens_stored(total)
         if keep < total:
             if self._index is None:
                 draws = [token_draw(self.spec.seed, int(i), self._step, total, keep) for i in self._sample_ids]

@@ -58,6 +58,9 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler, prompts: Prom
     spec = CaptureSpec(layers=tuple(c.layers), sites=tuple(c.sites), steps=frozenset(steps),
                        token_fraction=c.token_fraction, branch=c.branch, dtype=c.dtype, seed=s.seed)
     validate_spec(spec, model.num_layers, model.sites, s.num_steps)
+    for layer in spec.layers:
+        for site in spec.sites:
+            model.check_site(layer, site)  # a site some blocks lack (SD3's last joint block: no text stream)
     n_cond = len(model.condition_names)
     conditions = list(s.classes) if s.classes is not None else list(range(n_cond))
     bad = [k for k in conditions if not 0 <= k < n_cond]
@@ -69,6 +72,7 @@ def plan_for(cfg: TideConfig, model: DiTAdapter, sampler: Sampler, prompts: Prom
         sites=list(c.sites), tokens_total=grid.tokens, tokens_stored=spec.tokens_stored(grid.tokens),
         token_grid=[grid.h, grid.w], d_model=model.hidden_size, image_shape=list(model.image_shape),
         dtype=c.dtype, compression=c.compression, acts_from_shard=cfg.first_act_shard(),
+        text_tokens={site: model.text_length for site in c.sites if site in model.text_sites},
     )
     timesteps = sampler.timesteps()
     provenance = {
@@ -170,6 +174,8 @@ def capture_shard(store: ActivationStore, plan: CapturePlan, shard: int) -> Shar
             seeds.append(out.seeds)
         conditions = np.array(plan.conditions_of(ids))
         writer.submit(store.write_samples, shard, np.concatenate(images), conditions, np.concatenate(seeds))
+        for site in plan.layout.text_tokens:  # the captured (conditional) half's text: the sample's own prompt
+            writer.submit(store.write_token_mask, shard, site, plan.model.text_mask(conditions))
     stats = ShardStats(shard=shard, samples=len(ids), raw_bytes=writer.stats.bytes,
                        seconds=round(time.perf_counter() - t0, 3),
                        extra={"writer_busy_seconds": round(writer.stats.busy_seconds, 3)})
@@ -203,7 +209,7 @@ class _ShardSink:
 
 
 def _empty_step(lay: StoreLayout, n: int) -> dict:
-    acts = {(site, layer): np.empty((n, lay.tokens_stored, lay.d_model), lay.dtype)
+    acts = {(site, layer): np.empty((n, lay.tokens_of(site), lay.d_model), lay.dtype)
             for site in lay.sites for layer in lay.layers}
     return {"acts": acts, "index": np.empty((n, lay.tokens_stored), np.int16)}
 

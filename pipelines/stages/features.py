@@ -21,6 +21,7 @@ import torch
 from distributed import Client
 
 from pipelines.context import RunContext
+from pipelines.stages.feature_tokens import token_table
 from pipelines.stages.sae import check_inputs, missing_checkpoint
 from storage import ActivationStore, SaeRecord
 from tide_core.features import (
@@ -28,6 +29,7 @@ from tide_core.features import (
     Chunk,
     Concepts,
     FeatureSummary,
+    PositionStats,
     StepPartial,
     class_concepts,
     concept_rows,
@@ -37,6 +39,7 @@ from tide_core.features import (
     selectivity,
     step_partial,
     summarise,
+    tree_reduce,
 )
 from tide_core.prompts import Prompt
 from tide_core.sae import SparseAutoencoder
@@ -46,7 +49,7 @@ DECILES = np.linspace(0.1, 0.9, 9)
 # ~0.5 ms a task, as much as a tenth of a chunk's work (measured with py-spy --gil).
 CHUNKS_PER_TASK = 8
 MERGE_FAN_IN = 8
-STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors")
+STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens")
 
 
 class FeatureError(ValueError):
@@ -60,6 +63,7 @@ class PassResult:
     summary: FeatureSummary
     tokens: int
     seconds: float
+    positions: PositionStats | None = None  # a text site's firing by (condition, text position), all steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -139,7 +143,9 @@ def statistics_pass(store: ActivationStore, sae, layer: int, site: str, top_n: i
     t0 = time.perf_counter()
     merged = _compute(steps, scheduler, workers)
     summary = summarise(list(merged))
-    return PassResult(summary, int(summary.tokens.sum()), time.perf_counter() - t0)
+    positions = None if merged[0].positions is None else tree_reduce([m.positions for m in merged],
+                                                                     PositionStats.merge)
+    return PassResult(summary, int(summary.tokens.sum()), time.perf_counter() - t0, positions)
 
 
 def _chunks_statistics(store: ActivationStore, sae, site: str, layer: int, step: int, shards: range,
@@ -147,7 +153,8 @@ def _chunks_statistics(store: ActivationStore, sae, site: str, layer: int, step:
     """Read the Zarr chunks of some shards at one step and reduce them to one partial: the chunks never
     leave the task (the store pickles as its URL for dask.distributed)."""
     ranges = [store.layout.shard_range(shard) for shard in shards]
-    chunks = (Chunk(store.read_block(site, layer, step, shard), np.asarray(r), class_ids[r.start:r.stop])
+    chunks = (Chunk(store.read_block(site, layer, step, shard), np.asarray(r), class_ids[r.start:r.stop],
+                    store.token_mask(site, r.start, r.stop))  # a text site's valid positions [shard, L]
               for shard, r in zip(shards, ranges, strict=True))  # read one at a time: [shard, P, D] each
     return step_partial(sae, chunks, sum(len(r) for r in ranges), step, timestep, n_classes, top_n)
 
@@ -273,6 +280,13 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     passed = store.samples()["class_id"][store.layout.act_samples.start:]  # the images the pass reads
     images_per_condition = np.bincount(passed, minlength=concepts.incidence.shape[0])
     reports = []
+    sequences: list = []
+
+    def texts() -> list:  # the prompts' text streams, from the family's tokenizers (once, for text sites only)
+        if not sequences:
+            sequences.extend(ctx.family.text_sequences(ctx.config.model, [p["text"] for p in store.provenance["prompts"]]))
+        return sequences
+
     for rec in records:
         sae = load_sae(rec, store)
         result = statistics_pass(store, sae, layer, site, cfg.top_n, cfg.scheduler, cfg.workers)
@@ -280,6 +294,9 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
         path.unlink(missing_ok=True)  # a run killed after the tables must not leave the old summary beside them
         tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach(), concepts, images_per_condition,
                               cfg.concepts_per_feature)  # before the file is locked
+        if result.positions is not None:
+            tables["feature_tokens"] = token_table(result.positions, texts(), store.provenance,
+                                                   images_per_condition, len(store.layout.steps), rec.n_latents)
         with ctx.warehouse.transaction() as tx:
             tx.replace_partition("top_images", {"sae_id": rec.sae_id}, [])
             for name, table in tables.items():

@@ -26,7 +26,7 @@ from tide_core.sae import (
     evaluate,
 )
 
-FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "top_images")
+FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens", "top_images")
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,11 @@ def train_layer(ctx: RunContext, layer: int, site: str) -> LayerReport:
             trainer.save_state(state_dir)
         if trainer.tokens_seen == before:
             raise StoreError(f"the store ran out of tokens at {before}: lower sae.train.total_tokens")
-    bench = make_splice_bench(ctx, store, layer, site, split.heldout) if cfg.splice_samples else None
+    # a text site is not spliced: its SAEs never saw padding, and a splice would replace the padding too
+    splice = cfg.splice_samples and not store.layout.is_text(site)
+    if cfg.splice_samples and not splice:
+        ctx.log(f"layer {layer} {site}: a text site, not spliced (no sae_splice rows)")
+    bench = make_splice_bench(ctx, store, layer, site, split.heldout) if splice else None
     reports = []
     for variant, result in results.items():
         path = ctx.project.saes_dir / ids[variant]
@@ -173,8 +177,11 @@ def training_stream(store: ActivationStore, layer: int, site: str, split: Split,
                     reader: TokenReader | None = None, start: int = 0):
     """The training tokens of (layer, site) from token ``start`` on: the training samples, shuffled, as many
     epochs as the budget needs; read by ``reader`` (default: the store, in sample blocks)."""
-    per_epoch = len(split.train) * len(store.layout.steps) * store.layout.tokens_stored
-    epochs = -(-train.total_tokens // per_epoch)
+    per_epoch = store.stream_tokens(site, split.train)  # a text site: its valid positions only
+    # a batch beyond the budget: the batches end on multiples of batch_size, so a budget that is not one (a
+    # text site's epochs hold any number of valid tokens) still gets its last batch; the tokens before are
+    # the same whatever the number of epochs
+    epochs = -(-(train.total_tokens + train.batch_size) // per_epoch)
     reader = reader or TokenReader(store, layer, site)
     return reader.batches(split.train, train.batch_size, seed=train.seed, epochs=epochs, start=start)
 

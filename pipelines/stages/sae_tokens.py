@@ -40,13 +40,13 @@ class SampledActivations:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         lay = self.plan.layout
-        return len(lay.steps), lay.num_samples, lay.tokens_stored, lay.d_model
+        return len(lay.steps), lay.num_samples, lay.tokens_of(self.site), lay.d_model
 
     def get_orthogonal_selection(self, selection: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """(step axes, sorted sample ids) -> [s, b, P, D] in the store's dtype, as ``zarr.Array`` answers it."""
         axes, ids = (np.asarray(x) for x in selection)
         lay = self.plan.layout
-        out = np.empty((len(lay.steps), len(ids), lay.tokens_stored, lay.d_model), lay.dtype)  # [S, b, P, D]
+        out = np.empty((len(lay.steps), len(ids), lay.tokens_of(self.site), lay.d_model), lay.dtype)  # [S, b, P, D]
         row = {int(i): j for j, i in enumerate(ids)}
         for batch in self._capture_batches(ids):
             rows = [row[i] for i in batch]
@@ -127,7 +127,8 @@ class TokenReader:
         return shuffled_token_batches(
             self.sampled, np.arange(len(lay.steps)), ids, steps=np.asarray(lay.steps, np.int64),
             timesteps=np.asarray(self.store.provenance["capture_timesteps"], np.int64), batch_size=batch_size,
-            seed=seed, epochs=epochs, block=lay.shard_size, drop_last=drop_last, order=self.order, start=start)
+            seed=seed, epochs=epochs, block=lay.shard_size, drop_last=drop_last, order=self.order, start=start,
+            valid=self.store.valid_positions(self.site))
 
 
 def _first(batches: Iterable[StoreTokenBatch], limit: int | None) -> Iterator[StoreTokenBatch]:

@@ -92,9 +92,9 @@ def shape_problems(ctx: RunContext) -> list[str]:
     """Differences between the arrays on disk and what the store's layout promises."""
     store = ctx.store()
     lay = store.layout
-    want = (len(lay.steps), lay.num_samples, lay.tokens_stored, lay.d_model)
     problems = []
     for site in lay.sites:
+        want = (len(lay.steps), lay.num_samples, lay.tokens_of(site), lay.d_model)
         for layer in lay.layers:
             got = store.array(site, layer).shape
             if tuple(got) != want:

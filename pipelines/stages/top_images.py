@@ -1,5 +1,6 @@
 """Feature stage behind the `top_images` asset: each feature's top images (overall, and at its peak step)
-with patch heatmaps over the full token grid, from the summary `feature_stats` saved; plus its checks."""
+with patch heatmaps over the full token grid, from the summary `feature_stats` saved; plus its checks. A text
+site's "heatmap" is over its text positions (grid 1 x L), padding at zero."""
 
 from __future__ import annotations
 
@@ -86,13 +87,14 @@ def full_grids(plan: CapturePlan | None, store: ActivationStore, layer: int, sit
 def build_top_images(ctx: RunContext, layer: int, site: str) -> dict[str, int]:
     """Top images (both scopes) with patch heatmaps for every SAE of (layer, site); replaces their rows."""
     store, records = layer_saes(ctx, layer, site)
-    gh, gw = store.layout.token_grid
+    text = store.layout.is_text(site)
+    gh, gw = (1, store.layout.tokens_of(site)) if text else store.layout.token_grid
     timesteps = dict(zip(store.layout.steps, store.provenance["capture_timesteps"], strict=True))
     missing = [p for p in (summary_path(ctx, r.sae_id) for r in records) if not p.exists()]
     if missing:
         raise FeatureError(f"no statistics for {', '.join(p.stem for p in missing)} ({missing[0].parent}): "
                            f"materialize `feature_stats` partition {layer:02d}|{site} first")
-    plan = resampling_plan(ctx, store)
+    plan = None if text else resampling_plan(ctx, store)  # a text site keeps every position
     written = {}
     for rec in records:
         summary = load_summary(summary_path(ctx, rec.sae_id))
@@ -107,6 +109,8 @@ def build_top_images(ctx: RunContext, layer: int, site: str) -> dict[str, int]:
                 pick = (req.rows >= lo) & (req.rows < lo + HEATMAP_IMAGES)
                 maps[req.out[pick]] = heatmaps(sae, acts[lo:lo + HEATMAP_IMAGES], timesteps[step],
                                                req.rows[pick] - lo, req.latents[pick])
+        if text:
+            maps *= store.valid_positions(site)[rows["sample_id"]]  # [R_all, L]: padding is no evidence
         table = pa.table({**{k: v for k, v in rows.items() if k != "scope"},
                           "scope": rows["scope"].astype(str),
                           "heatmap": pa.FixedSizeListArray.from_arrays(maps.ravel(), gh * gw).cast(

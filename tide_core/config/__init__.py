@@ -19,6 +19,7 @@ from tide_core.config.base import (
     DEFAULT_CONFIG_NAME,
     DIGITS_SOURCE,
     SITES,
+    TEXT_SITES,
     TINY_FLUX_SOURCE,
     TINY_PIXART_SOURCE,
     TINY_SD3_SOURCE,
@@ -58,7 +59,8 @@ from tide_core.config.run import (
 )
 
 __all__ = [
-    "BUILT_HERE", "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "DIGITS_SOURCE", "SITES", "CaptureConfig", "ConfigError",
+    "BUILT_HERE", "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "DIGITS_SOURCE", "SITES", "TEXT_SITES", "CaptureConfig",
+    "ConfigError",
     "DigitsDiTConfig", "EditConfig", "FeaturesConfig", "JudgeConfig", "ModelConfig", "SAEConfig",
     "SamplingConfig", "Section", "Site", "SWEEP_GRID_FIELDS", "SweepConfig", "SweepPoint", "TINY_PIXART_SOURCE",
     "TINY_FLUX_SOURCE", "TINY_SD3_SOURCE", "TideConfig", "TinyFluxConfig", "TinyPixArtConfig", "TinySD3Config",

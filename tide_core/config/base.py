@@ -17,7 +17,10 @@ TINY_SD3_SOURCE = "tiny-sd3"
 TINY_FLUX_SOURCE = "tiny-flux"
 # sources that name a model built or trained locally
 BUILT_HERE = (DIGITS_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TINY_FLUX_SOURCE)
-SITES = ("resid", "attn", "mlp", "cross")
+SITES = ("resid", "attn", "mlp", "cross", "resid_text")
+# sites in a text stream (SD3's joint, FLUX's double- and single-stream blocks): a token axis of their own,
+# the text sequence, stored whole with a per-sample mask of the positions that hold a prompt token
+TEXT_SITES = ("resid_text",)
 Site = Literal[SITES]  # a tuple subscript spells every member, so the names live in one place
 Variant = Literal[VARIANTS]
 

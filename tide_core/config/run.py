@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tide_core.config.base import Section, Site, Variant
+from tide_core.config.base import TEXT_SITES, Section, Site, Variant
 from tide_core.config.model import ModelConfig
 from tide_core.edit_windows import StepWindow
 from tide_core.sae.spec import SAEDesign, SAETrainConfig
@@ -54,12 +54,14 @@ class CaptureConfig(Section):
     """Transformer block indices (0-based) to capture."""
     sites: list[Site] = Field(default_factory=lambda: ["resid"], min_length=1)
     """Where in the block: resid = block output; attn / mlp = (self-)attention / feed-forward output; cross =
-    cross-attention output (text-conditional families). Every captured site gets its own SAEs, feature tables
-    and dashboard pages."""
+    cross-attention output (text-conditional families); resid_text = the block output's text-stream tokens
+    (SD3, FLUX: families with a text stream; every text position stored, padding masked out). Every captured
+    site gets its own SAEs, feature tables and dashboard pages."""
     steps: list[int] | None = Field(None, min_length=1)
     """Sampling steps to capture (0 = noisiest); default all."""
     token_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    """Fraction of image tokens stored per image and step (TIDE trains on 1/16); 1 = all tokens."""
+    """Fraction of image tokens stored per image and step (TIDE trains on 1/16); 1 = all tokens. Text sites
+    keep every position."""
     branch: Literal["cond", "uncond"] = "cond"
     """Under classifier-free guidance, which half of the batch is captured."""
     dtype: Literal["float16", "float32"] = "float16"
@@ -75,6 +77,12 @@ class CaptureConfig(Section):
                 raise ValueError(f"capture.{name}={values} has duplicates")
         if any(layer < 0 for layer in self.layers):
             raise ValueError(f"capture.layers={self.layers}: layer indices start at 0")
+        text = [s for s in self.sites if s in TEXT_SITES]
+        if text and self.branch == "uncond":
+            # the unconditional half's text stream is the negative prompt's, not the sample's prompt
+            raise ValueError(f"capture.sites={self.sites} with capture.branch='uncond': the text sites {text} are "
+                             "read from the conditional half (the sample's own prompt); set capture.branch = "
+                             "'cond' or capture the text sites in a run of their own")
         return self
 
 

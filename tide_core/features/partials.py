@@ -4,7 +4,8 @@ A chunk is one diffusion step of a block of samples (one Zarr chunk). ``step_par
 chunks of one step and returns a ``StepPartial``: fire counts and activation sums by class, maxima, a
 histogram and the top images per latent (``chunk_partial``: one chunk). Partials of the same step merge
 exactly (sums, maxima, a top-N merge), so any scheduler may reduce them in any order and get the same
-numbers.
+numbers. A text site's chunks carry a mask of their valid positions: padding is never encoded, and the
+partial also counts where each latent fired by (condition, text position) (``PositionStats``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from tide_core.features.encode import chunk_encoder, count_chunk, fired_latents
+from tide_core.features.positions import PositionKey, PositionStats
 from tide_core.kernels import FeatureCounts, TopLists, count_fired, merge_top, top_images
 
 
@@ -32,6 +34,7 @@ class StepPartial:
     hist: np.ndarray  # int64 [n, B] counts of firing activations per HIST_EDGES bin
     top_val: np.ndarray  # float32 [n, N] image activations, descending (EMPTY = unfilled)
     top_sid: np.ndarray  # int64 [n, N] their sample ids
+    positions: PositionStats | None = None  # a text site's firing by (condition, text position)
 
     def merge(self, other: StepPartial) -> StepPartial:
         if other.step != self.step:
@@ -41,7 +44,8 @@ class StepPartial:
             step=self.step, tokens=self.tokens + other.tokens, class_tokens=self.class_tokens + other.class_tokens,
             fires=self.fires + other.fires, act_sum=self.act_sum + other.act_sum,
             act_max=np.maximum(self.act_max, other.act_max), hist=self.hist + other.hist, top_val=top.values,
-            top_sid=top.sample_ids)
+            top_sid=top.sample_ids,
+            positions=None if self.positions is None else self.positions.merge(other.positions))
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Chunk:
     acts: np.ndarray  # [b, P, d] float16 or float32
     sample_ids: np.ndarray  # int64 [b]
     class_ids: np.ndarray  # int64 [b]
+    valid: np.ndarray | None = None  # bool [b, P] a text site's positions holding a prompt token (None: all)
 
 
 def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timestep: int, n_classes: int,
@@ -64,7 +69,17 @@ def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timeste
     class_tokens = np.zeros(n_classes, np.int64)
     enc = chunk_encoder(sae, timestep)
     s0 = tokens = 0
+    positions = None
     for chunk in chunks:
+        if chunk.valid is not None:
+            positions = positions or PositionStats.empty()
+            b = len(chunk.sample_ids)
+            sample_ids[s0:s0 + b], sample_class[s0:s0 + b] = chunk.sample_ids, chunk.class_ids
+            counted, found = _count_valid(sae, chunk, s0, timestep, counts, sample_class)
+            class_tokens += np.bincount(chunk.class_ids, weights=chunk.valid.sum(1), minlength=n_classes).astype(np.int64)
+            positions = positions.merge(found)
+            s0, tokens = s0 + b, tokens + counted
+            continue
         b, p, d = chunk.acts.shape
         if s0 + b > n_images:
             raise ValueError(f"step_partial was told of {n_images} images but got more")
@@ -83,7 +98,24 @@ def step_partial(sae, chunks: Iterable[Chunk], n_images: int, step: int, timeste
     top = top_images(counts.per_image, sample_ids, top_n)
     return StepPartial(step=step, tokens=tokens, class_tokens=class_tokens, fires=counts.fires,
                        act_sum=counts.act_sum, act_max=counts.per_image.max(1), hist=counts.hist,
-                       top_val=top.values, top_sid=top.sample_ids)
+                       top_val=top.values, top_sid=top.sample_ids, positions=positions)
+
+
+def _count_valid(sae, chunk: Chunk, s0: int, timestep: int, counts, sample_class: np.ndarray
+                 ) -> tuple[int, PositionStats]:
+    """Count a text chunk's valid positions only (the SAE's own encode on those rows), and where each latent
+    fired by (condition, position). Returns (tokens counted, their PositionStats)."""
+    b, p, d = chunk.acts.shape
+    rows = np.flatnonzero(chunk.valid.reshape(-1))  # [r] rows of the chunk's [b*P] tokens that count
+    x = torch.from_numpy(np.ascontiguousarray(chunk.acts.reshape(b * p, d)[rows])).float()  # [r, d]
+    f = fired_latents(sae, x, timestep)
+    at = rows[f.rows.numpy()]  # [m] each candidate's row in the chunk
+    values, latents = f.values.numpy(), f.latents.numpy()
+    count_fired(counts, at, latents, values, p, s0, sample_class)  # row // P is the image, as for image sites
+    fired = values > 0
+    image, position = np.divmod(at[fired], p)
+    keys = PositionKey(p, sae.spec.n_latents).pack(chunk.class_ids[image], position, latents[fired])
+    return len(rows), PositionStats.of(keys, values[fired])
 
 
 def chunk_partial(sae, acts: np.ndarray, step: int, timestep: int, sample_ids: np.ndarray,

@@ -11,8 +11,9 @@ A family class answers two kinds of question:
   convention, decoding to images, and TIDE's adaLN target.
 
 Conventions every family keeps: images are float [N, C, H, W] in [-1, 1]; site outputs are read as
-[B, T, D] image tokens in the token grid's row-major order; the sampler passes conditions as int64
-indices, ``null_condition`` being the one classifier-free guidance contrasts with.
+[B, T, D] image tokens in the token grid's row-major order, except a family's ``text_sites``, read as
+[B, L, D] text-stream tokens in the order of its text sequence (``text_sequences``); the sampler passes
+conditions as int64 indices, ``null_condition`` being the one classifier-free guidance contrasts with.
 """
 
 from __future__ import annotations
@@ -77,6 +78,17 @@ class TimeConvention:
     def label(self, timestep) -> int:
         """The integer timestep the store and the tables keep for a scheduler timestep."""
         return int(round(float(timestep)))
+
+
+@dataclass(frozen=True)
+class TextSequence:
+    """One prompt's text stream, position by position, as the transformer sees it (families with a text
+    stream): which token each position holds and whether it is one of the prompt's."""
+
+    tokens: list[str]  # [L] each position's token as text ("red", "</s>"; "" where no tokenizer put one)
+    pieces: list[str]  # [L] the tokenizer's own piece ("red</w>", "▁red"; "" where none)
+    valid: list[bool]  # [L] the tokenizer's attention mask: False for padding and for an encoder left out
+    part: list[str]  # [L] the tokenizer that made the position ("clip", "t5")
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ class DiTAdapter(ABC):
 
     family: ClassVar[str]
     sites: ClassVar[tuple[str, ...]]
+    text_sites: ClassVar[tuple[str, ...]] = ()  # sites read from the text stream (a token axis of text positions)
     judge_class: ClassVar[type[Judge] | None] = None
     schedulers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "dpm")  # what sampling.scheduler may name
 
@@ -167,6 +180,17 @@ class DiTAdapter(ABC):
     def guidance_mode(cls, cfg: ModelConfig) -> GuidanceMode:
         """How sampling.guidance_scale reaches the model (read from config files, no weights)."""
         return "cfg"
+
+    @classmethod
+    def site_problem(cls, num_layers: int, layer: int, site: str) -> str | None:
+        """Why block ``layer`` lacks ``site`` although the family has it (SD3's last joint block returns no
+        text stream), or None. Checked before sampling."""
+        return None
+
+    @classmethod
+    def text_sequences(cls, cfg: ModelConfig, texts: list[str]) -> list[TextSequence]:
+        """Each text's text stream position by position, from the tokenizers alone (no weights)."""
+        raise ModelError(f"the {cls.family} family has no text stream: capture.sites may name {cls.sites}")
 
     @classmethod
     @abstractmethod
@@ -287,6 +311,13 @@ class DiTAdapter(ABC):
             raise ModelError(f"layer {layer} does not exist: the model has layers 0..{self.num_layers - 1}")
         if site not in self.sites:
             raise ModelError(f"the {self.family} family has no site {site!r}: use one of {self.sites}")
+        if problem := self.site_problem(self.num_layers, layer, site):
+            raise ModelError(problem)
+
+    def text_mask(self, conditions) -> np.ndarray:
+        """bool [B, L]: which text-stream positions of each condition hold a prompt token (families with a
+        text stream; set at load from ``text_sequences``)."""
+        raise ModelError(f"the {self.family} family has no text stream")
 
 
 def resolve_device(device: str) -> str:

@@ -98,6 +98,10 @@ class BuiltHere:
         return super().count_tokens(cls._built(cfg), texts)
 
     @classmethod
+    def text_sequences(cls, cfg: ModelConfig, texts: list[str]):
+        return super().text_sequences(cls._built(cfg), texts)
+
+    @classmethod
     def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = ""):
         t = cls.settings(cfg)
         if read_meta(t.checkpoint_dir).get(cls.meta_key) != cls.built_fingerprint(t):

@@ -9,7 +9,9 @@ the store keeps round(1000 sigma) per step and the provenance keeps sigma (``Tim
 Every block returns (text tokens, image tokens): SD3's joint blocks and FLUX's double- and single-stream
 blocks alike (a FLUX single block splits the concatenated sequence back before returning). So the sites are
 read the same way for both: ``resid`` = the block's image tokens [B, T, D], in the token grid's row-major
-order. The text stream is computed but not captured yet (docs/DECISIONS.md).
+order; ``resid_text`` = its text tokens [B, L, D], in the order of the text sequence, whose positions
+``text_sequences`` names from the tokenizers (the same calls that embed the prompts): padding positions are
+in the stream, as in diffusers' pipelines, and ``text_mask`` marks them.
 
 Conditions are the run's prompts, embedded once when the model loads (the text encoders are freed right
 after): a sequence embedding per prompt [L, C] and a pooled vector [P]; the null condition is the negative
@@ -23,17 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from tide_core.config import ModelConfig
-from tide_core.models.base import DiTAdapter, ModelInfo, TimeConvention, TokenGrid, resolve_device
+from tide_core.models.base import (
+    DiTAdapter,
+    ModelInfo,
+    TextSequence,
+    TimeConvention,
+    TokenGrid,
+    resolve_device,
+)
 from tide_core.models.dit import directory_fingerprint, transformer_config
 from tide_core.models.pixart import TokenCount
 from tide_core.models.registry import ModelError
 from tide_core.prompts import PromptSet
 
-SITES = ("resid",)
+SITES = ("resid", "resid_text")
+TEXT_SITES = ("resid_text",)
 FLOW_TIMESTEPS = 1000  # the schedulers' t = 1000 sigma
 EMBED_BATCH = 32  # prompts embedded per text-encoder call
 
@@ -60,6 +71,33 @@ def tokenizer(source: str, subfolder: str):
     return AutoTokenizer.from_pretrained(source, subfolder=subfolder)
 
 
+def padded_ids(tok, texts: list[str], max_length: int):
+    """The tokenizer's ids and attention masks [N, max_length], padded or cut to max_length as the SD3 and
+    FLUX pipelines tokenize (one call for embedding and for naming the positions, so they cannot differ)."""
+    return tok(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True)
+
+
+def sequences(tok, texts: list[str], max_length: int, part: str) -> list[TextSequence]:
+    """Each text's positions under one tokenizer: its pieces, their text and the attention mask."""
+    enc = padded_ids(tok, texts, max_length)
+    out = []
+    for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True):
+        out.append(TextSequence(tokens=[tok.decode([i]).strip() for i in ids], pieces=tok.convert_ids_to_tokens(ids),
+                                valid=[bool(m) for m in mask], part=[part] * len(ids)))
+    return out
+
+
+def blank(n: int, length: int, part: str) -> list[TextSequence]:
+    """Positions no tokenizer fills (SD3's T5 part without T5: zeros in the stream)."""
+    return [TextSequence([""] * length, [""] * length, [False] * length, [part] * length) for _ in range(n)]
+
+
+def joined(*parts: list[TextSequence]) -> list[TextSequence]:
+    """Per text, the parts' positions one after the other (SD3: CLIP's 77, then T5's)."""
+    return [TextSequence(*(sum((getattr(s, f) for s in seqs), []) for f in ("tokens", "pieces", "valid", "part")))
+            for seqs in zip(*parts, strict=True)]
+
+
 @torch.no_grad()
 def clip_embed(tok, encoder: nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate hidden states [N, 77, C], pooled output [N, P]) of a CLIP text encoder, padded to its
@@ -68,8 +106,8 @@ def clip_embed(tok, encoder: nn.Module, texts: list[str]) -> tuple[torch.Tensor,
     device = next(encoder.parameters()).device
     hidden, pooled = [], []
     for i in range(0, len(texts), EMBED_BATCH):
-        ids = tok(texts[i:i + EMBED_BATCH], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(device)  # [b, 77]
+        ids = torch.tensor(padded_ids(tok, texts[i:i + EMBED_BATCH], tok.model_max_length).input_ids,
+                           device=device)  # [b, 77]
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2].float().cpu())  # [b, 77, C]
         pooled.append(out[0].float().cpu() if out[0].ndim == 2 else out.pooler_output.float().cpu())  # [b, P]
@@ -83,8 +121,7 @@ def t5_embed(tok, encoder: nn.Module, texts: list[str], max_tokens: int) -> torc
     device = next(encoder.parameters()).device
     out = []
     for i in range(0, len(texts), EMBED_BATCH):
-        ids = tok(texts[i:i + EMBED_BATCH], padding="max_length", max_length=max_tokens, truncation=True,
-                  add_special_tokens=True, return_tensors="pt").input_ids.to(device)  # [b, L]
+        ids = torch.tensor(padded_ids(tok, texts[i:i + EMBED_BATCH], max_tokens).input_ids, device=device)  # [b, L]
         out.append(encoder(ids)[0].float().cpu())  # [b, L, C]
     return torch.cat(out)
 
@@ -93,6 +130,7 @@ class FlowDiT(DiTAdapter):
     """A flow-matching transformer with its text conditions, VAE and flow-matching schedule."""
 
     sites: ClassVar[tuple[str, ...]] = SITES
+    text_sites: ClassVar[tuple[str, ...]] = TEXT_SITES
     schedulers: ClassVar[tuple[str, ...]] = ("euler",)
     transformer_class: ClassVar[str]  # the diffusers class in transformer/config.json
     parts: ClassVar[tuple[str, ...]]  # the subfolders a local directory needs
@@ -109,6 +147,7 @@ class FlowDiT(DiTAdapter):
         self.prompts = prompts
         self.condition_names = prompts.texts
         self.text = text
+        self.text_valid = np.zeros(text.embeds.shape[:2], bool)  # [N + 1, L]; load sets it from the tokenizers
         self.height, self.width = height, width
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.token_grid = TokenGrid(height // self.vae_factor // self.patch, width // self.vae_factor // self.patch)
@@ -190,7 +229,17 @@ class FlowDiT(DiTAdapter):
                     text=TextConditions(text.embeds.to(device, dtype), text.pooled.to(device, dtype)),
                     height=cfg.height or side, width=cfg.width or side)
         model.guidance = cls.guidance_mode(cfg)
+        model.text_valid = cls.text_valid_of(cfg, [*prompts.texts, negative_prompt], text.embeds.shape[1])
         return model
+
+    @classmethod
+    def text_valid_of(cls, cfg: ModelConfig, texts: list[str], length: int) -> np.ndarray:
+        """bool [len(texts), L]: the positions of each text's stream that hold its tokens."""
+        valid = np.array([s.valid for s in cls.text_sequences(cfg, texts)], bool)
+        if valid.shape != (len(texts), length):
+            raise ModelError(f"the {cls.family} text sequence has {valid.shape[1]} positions but the embeddings "
+                             f"{length}: the tokenizers and the text encoders disagree")
+        return valid
 
     @classmethod
     def embed_prompts(cls, cfg: ModelConfig, texts: list[str], device: str, dtype: torch.dtype,
@@ -217,10 +266,19 @@ class FlowDiT(DiTAdapter):
         return self.blocks()[layer]
 
     def read_site(self, site: str, output) -> torch.Tensor:
-        return output[1]  # (text tokens, image tokens): the image stream
+        # (text tokens [B, L, D], image tokens [B, T, D])
+        return output[0] if site in self.text_sites else output[1]
 
     def write_site(self, site: str, output, tokens: torch.Tensor):
-        return (output[0], tokens)
+        return (tokens, output[1]) if site in self.text_sites else (output[0], tokens)
+
+    def text_mask(self, conditions) -> np.ndarray:
+        return self.text_valid[np.asarray(conditions, np.int64)]  # [B, L]
+
+    @property
+    def text_length(self) -> int:
+        """L: positions of the text stream."""
+        return int(self.text.embeds.shape[1])
 
     def make_scheduler(self, name: str, num_steps: int):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -3,7 +3,8 @@ own weights, attending jointly), then single-stream blocks over the concatenated
 from (row, col) ids; latents packed 2x2 into tokens.
 
 Layers number the double-stream blocks first (0 .. num_layers - 1), then the single-stream ones; every
-block's ``resid`` is its image tokens (a single block's output split back at the text length).
+block's ``resid`` is its image tokens and ``resid_text`` its text tokens (a single block's output split back at
+the text length), the text stream's positions being T5's (``tokenizer_2``).
 
 Text, as diffusers' ``FluxPipeline`` makes it: CLIP-L's pooled output (text_encoder, ``CLIPTextModel``) is
 the pooled vector; T5's embeddings (text_encoder_2) the text sequence, max_prompt_tokens long (FLUX-schnell
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 
 from tide_core.config import ModelConfig
-from tide_core.models.base import GuidanceMode, ModelInfo
+from tide_core.models.base import GuidanceMode, ModelInfo, TextSequence
 from tide_core.models.dit import transformer_config
-from tide_core.models.flow import SITES, FlowDiT, TextConditions, clip_embed, t5_embed, tokenizer
+from tide_core.models.flow import SITES, FlowDiT, TextConditions, clip_embed, sequences, t5_embed, tokenizer
 from tide_core.models.registry import HUB_IDS
 
 KNOWN_HUB_MODELS = {  # FLUX.1: 19 double + 38 single blocks of 24 heads x 128
@@ -77,6 +78,10 @@ class Flux(FlowDiT):
         if cfg.source in HUB_GUIDANCE:
             return HUB_GUIDANCE[cfg.source]
         return "embedded" if transformer_config(cfg.source).get("guidance_embeds") else "none"
+
+    @classmethod
+    def text_sequences(cls, cfg: ModelConfig, texts: list[str]) -> list[TextSequence]:
+        return sequences(tokenizer(cfg.source, "tokenizer_2"), texts, cfg.max_prompt_tokens, "t5")
 
     @classmethod
     def embed_prompts(cls, cfg: ModelConfig, texts: list[str], device: str, dtype: torch.dtype,

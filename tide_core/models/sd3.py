@@ -7,8 +7,10 @@ text_encoder_2: CLIP-G, both ``CLIPTextModelWithProjection``) give their penulti
 along channels and zero-padded to T5's width, followed in the sequence by T5's embeddings (text_encoder_3);
 the pooled vector is the two CLIPs' projected outputs joined. With ``model.use_t5 = false`` (or no
 text_encoder_3/ in the directory) T5's part is zeros, as diffusers does without the third encoder.
-Guidance is classifier-free against the negative prompt. The last joint block returns no text stream
-(``context_pre_only``).
+Guidance is classifier-free against the negative prompt. The text stream's positions are CLIP's 77 (the
+``tokenizer`` pieces: both CLIPs tokenize alike), then T5's max_prompt_tokens (``tokenizer_3``), each part's
+padding masked out. The last joint block returns no text stream (``context_pre_only``), so it has no
+``resid_text``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tide_core.config import ModelConfig
-from tide_core.models.base import ModelInfo
-from tide_core.models.flow import SITES, FlowDiT, TextConditions, clip_embed, t5_embed, tokenizer
+from tide_core.models.base import ModelInfo, TextSequence
+from tide_core.models.flow import (
+    SITES,
+    FlowDiT,
+    TextConditions,
+    blank,
+    clip_embed,
+    joined,
+    sequences,
+    t5_embed,
+    tokenizer,
+)
 from tide_core.models.pixart import TokenCount
 from tide_core.models.registry import HUB_IDS
 
@@ -48,6 +60,23 @@ class SD3(FlowDiT):
             return super().count_tokens(cfg, texts)
         tok = tokenizer(cfg.source, "tokenizer")  # CLIP alone: its 77 tokens are what cuts a prompt
         return [TokenCount(len(i), len(i) > tok.model_max_length) for i in tok(texts).input_ids]
+
+    @classmethod
+    def site_problem(cls, num_layers: int, layer: int, site: str) -> str | None:
+        if site in cls.text_sites and layer == num_layers - 1:
+            return (f"capture.layers has {layer} with site {site!r}: SD3's last joint block returns no text stream "
+                    f"(context_pre_only); capture {site} at layers 0..{num_layers - 2}")
+        return None
+
+    @classmethod
+    def text_sequences(cls, cfg: ModelConfig, texts: list[str]) -> list[TextSequence]:
+        clip_tok = tokenizer(cfg.source, "tokenizer")
+        clip = sequences(clip_tok, texts, clip_tok.model_max_length, "clip")
+        if cfg.use_t5 and (Path(cfg.source) / "text_encoder_3").is_dir():
+            t5 = sequences(tokenizer(cfg.source, "tokenizer_3"), texts, cfg.max_prompt_tokens, "t5")
+        else:  # T5's part of the sequence is zeros: no prompt token there
+            t5 = blank(len(texts), cfg.max_prompt_tokens, "t5")
+        return joined(clip, t5)
 
     @classmethod
     def embed_prompts(cls, cfg: ModelConfig, texts: list[str], device: str, dtype: torch.dtype,
