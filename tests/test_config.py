@@ -32,7 +32,7 @@ def test_repo_config_is_valid_and_defaults_match():
     ({"sampling": {"batch_size": -4}}, "sampling.batch_size", "greater than or equal to 1"),
     ({"sampling": {"num_steps": "fifty"}}, "sampling.num_steps", "valid integer"),
     ({"sampling": {"nums_steps": 10}}, "sampling.nums_steps", "unknown key"),
-    ({"capture": {"sites": ["resid", "attention"]}}, "capture.sites", "'resid', 'attn', 'mlp' or 'cross'"),
+    ({"capture": {"sites": ["resid", "attention"]}}, "capture.sites", "'resid', 'attn', 'mlp', 'cross' or 'resid_text'"),
     ({"capture": {"token_fraction": 0.0}}, "capture.token_fraction", "greater than 0"),
     ({"capture": {"steps": [0, 60]}}, "capture.steps", "0..49"),
     ({"sae": {"spec": {"k": 64, "n_latents": 32}}}, "sae.spec", "n_latents"),
