@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tide_core.kernels import TopKSelection, topk
+from tide_core.kernels import TopKSelection
 from tide_core.sae.sparse import Pairs, sparse_decode
 
 
@@ -42,9 +42,9 @@ def batch_topk(pre: Tensor, k: int) -> BatchSelection:
     """The B * k largest entries of pre-activations pre [B, n] (ties at the threshold all kept)."""
     b, n = pre.shape
     threshold = _kth_largest(pre, b * k)
-    counts = (pre >= threshold).sum(1)  # [B] selected per token
-    top = topk(pre, max(1, int(counts.max())))  # [B, m]: a token's selected entries are among its m largest
-    tok, col = (top.values >= threshold).nonzero(as_tuple=True)  # [P] each, token-major
+    chosen = pre >= threshold  # [B, n]
+    counts = chosen.sum(1)  # [B] selected per token
+    tok, col = chosen.nonzero(as_tuple=True)  # [P] each, token-major, latents ascending within a token
     width = max(1, k // 2)  # packed row width: padding costs under B * width pairs
     rows_of = (counts + width - 1) // width  # [B] packed rows per token
     first_row = rows_of.cumsum(0) - rows_of  # [B]
@@ -53,8 +53,8 @@ def batch_topk(pre: Tensor, k: int) -> BatchSelection:
     n_rows = int(rows_of.sum())
     values = pre.new_zeros(n_rows, width)
     indices = torch.zeros(n_rows, width, dtype=torch.long, device=pre.device)
-    values[row, slot] = top.values[tok, col]
-    indices[row, slot] = top.indices[tok, col]
+    values[row, slot] = pre[tok, col]
+    indices[row, slot] = col
     rows = torch.repeat_interleave(torch.arange(b, device=pre.device), rows_of)  # [R]
     return BatchSelection(TopKSelection(values, indices), rows, threshold)
 
