@@ -180,17 +180,34 @@ class Results:
 
     def sweep_best(self) -> str:
         return self.table(f"WITH best AS (SELECT *, {self._sweeps()} AS sweep FROM v_sae_sweep_best), steps AS ("
-                          "SELECT t.layer, count(*) FILTER (WHERE t.nmse < k.nmse) AS tide_better, count(*) AS n FROM "
+                          "SELECT t.sweep_id, t.layer, count(*) FILTER (WHERE t.nmse < k.nmse) AS tide_better, count(*) AS n FROM "
                           "sae_sweep t JOIN best bt ON bt.sweep_id = t.sweep_id AND bt.point = t.point AND bt.variant "
                           "= t.variant JOIN sae_sweep k ON k.sweep_id = t.sweep_id AND k.layer = t.layer AND k.step = "
                           "t.step JOIN best bk ON bk.sweep_id = k.sweep_id AND bk.point = k.point AND bk.variant = "
-                          "k.variant WHERE t.variant = 'tide' AND k.variant = 'topk' AND t.step >= 0 GROUP BY 1) "
+                          "k.variant WHERE t.variant = 'tide' AND k.variant = 'topk' AND t.step >= 0 GROUP BY 1, 2) "
                           "SELECT b.sweep, b.layer, b.variant, b.lr AS best_lr, round(b.nmse, 4) AS nmse, "
                           "round(b.dead_fraction, 3) AS dead, round(b.nmse / k.nmse, 3) AS over_topk, "
-                          "s.tide_better || ' of ' || s.n AS steps_tide_better FROM best b JOIN (SELECT layer, nmse "
-                          "FROM best WHERE variant = 'topk') k USING (layer) LEFT JOIN steps s ON s.layer = b.layer "
-                          "AND b.variant = 'tide' AND b.sweep = 'sweep-digits' ORDER BY b.layer, b.sweep DESC, "
+                          "s.tide_better || ' of ' || s.n AS steps_tide_better FROM best b JOIN (SELECT sweep, layer, "
+                          "nmse FROM best WHERE variant = 'topk') k ON k.layer = b.layer AND k.sweep = CASE WHEN "
+                          "b.sweep IN (SELECT sweep FROM best WHERE variant = 'topk') THEN b.sweep ELSE "
+                          "'sweep-digits' END LEFT JOIN steps s ON s.sweep_id = b.sweep_id AND s.layer = b.layer "
+                          "AND b.variant = 'tide' ORDER BY b.layer, b.sweep DESC, "
                           "b.variant DESC")
+
+    def variants(self) -> str:
+        """Every variant of configs/sweep-variants.toml at each learning rate: held-out NMSE, L0 (the batch
+        variants' inference L0 is set by their threshold, not by k) and dead share."""
+        rows = self.wh.query(f"SELECT * FROM (SELECT {self._sweeps()} AS sweep, * FROM sae_sweep) WHERE sweep = "
+                             "'sweep-variants' AND step = -1").to_pylist()
+        if not rows:
+            return "(no `sweep-variants` points in this warehouse)"
+        lrs = sorted({r["lr"] for r in rows})
+        out = ["| layer | variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
+        for layer, variant in sorted({(r["layer"], r["variant"]) for r in rows}):
+            cell = {r["lr"]: f"{r['nmse']:.4f} / {r['l0']:.1f} / {100 * r['dead_fraction']:.0f}%" for r in rows
+                    if r["layer"] == layer and r["variant"] == variant}
+            out.append(f"| {layer} | {variant} | " + " | ".join(cell.get(lr, "") for lr in lrs) + " |")
+        return "\n".join(out)
 
     def by_phase(self) -> str:
         return self.table(f"SELECT layer, variant, {PHASES} AS steps, round(sum(class_selectivity * fire_rate) / "
@@ -314,7 +331,7 @@ def blocks(results: Results | None) -> list[Block]:
         ("neighbors", r.neighbors))]
     out += [Block(FINDINGS, name, fn) for name, fn in (
         ("model-quality", r.model_quality), ("sae-table", r.sae_table), ("tide-vs-topk", r.tide_vs_topk),
-        ("sweep", r.sweep), ("sweep-best", r.sweep_best),
+        ("sweep", r.sweep), ("sweep-best", r.sweep_best), ("variants", r.variants),
         ("figures", r.figures), ("by-phase", r.by_phase), ("peak-steps", r.peak_steps),
         ("heatmap-spread", r.heatmap_spread), ("gallery", r.gallery), ("edits", r.edits))]
     return out
