@@ -11,8 +11,9 @@ from pydantic import Field, field_validator, model_validator
 from tide_core.config.base import DIGITS_SOURCE, Section
 
 
-class DigitsDiTConfig(Section):
-    """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
+class PixelDiTConfig(Section):
+    """The shape of a pixel-space DiT trained here on the digits, and its identity: what the families that
+    train their own weights (digits, styled-digits) share."""
 
     image_size: int = Field(16, ge=8, le=64)
     """Side of the square pixel-space images the DiT sees (the 8x8 digits are upsampled to this)."""
@@ -24,6 +25,25 @@ class DigitsDiTConfig(Section):
     """Attention heads per block."""
     head_dim: int = Field(32, ge=8, le=256)
     """Channels per head; the residual width is num_heads * head_dim."""
+
+    @model_validator(mode="after")
+    def _patch_divides(self) -> PixelDiTConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not where they are stored)."""
+        payload = self.model_dump(exclude={"checkpoint_dir"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class DigitsDiTConfig(PixelDiTConfig):
+    """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
     train_steps: int = Field(5000, ge=1)
     """Optimizer steps of DiT training."""
     batch_size: int = Field(64, ge=1)
@@ -45,38 +65,14 @@ class DigitsDiTConfig(Section):
     checkpoint_dir: str = "models/digits-dit"
     """Where the checkpoint lives (diffusers layout), relative to the config file's folder or absolute."""
 
-    @model_validator(mode="after")
-    def _patch_divides(self) -> DigitsDiTConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"model.digits.patch_size={self.patch_size} must divide image_size={self.image_size}"
-            )
-        return self
 
-    @property
-    def hidden_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not where they are stored)."""
-        payload = self.model_dump(exclude={"checkpoint_dir"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class StyledDigitsConfig(Section):
+class StyledDigitsConfig(PixelDiTConfig):
     """The styled-digits PixArt (pixel space, a small T5 trained with it): architecture and training recipe.
-    Trained by ``tide_core.train_styled`` on renders of the digits outside the judge's held-out split."""
+    Trained by ``tide_core.train_styled`` on renders of the digits outside the judge's held-out split; its
+    blocks are PixArt's (self-attention, cross-attention to the text, MLP; adaLN-single)."""
 
     image_size: int = Field(32, ge=8, le=64)
     """Side of the square RGB renders the DiT denoises (pixel space)."""
-    patch_size: int = Field(2, ge=1, le=8)
-    """Patch side in pixels; the token grid is (image_size / patch_size) squared."""
-    num_layers: int = Field(6, ge=1, le=48)
-    """PixArt blocks (self-attention, cross-attention to the text, MLP; adaLN-single)."""
-    num_heads: int = Field(4, ge=1, le=32)
-    """Attention heads per block."""
-    head_dim: int = Field(32, ge=8, le=256)
-    """Channels per head; the residual width is num_heads * head_dim."""
     text_width: int = Field(64, ge=8)
     """Width of the T5 encoder trained with the DiT."""
     text_layers: int = Field(2, ge=1)
@@ -103,18 +99,6 @@ class StyledDigitsConfig(Section):
     """Seed of init, digits, styles, captions, timesteps and noise: the same seed gives the same weights."""
     checkpoint_dir: str = "models/styled-digits"
     """Where the model lives (diffusers layout), relative to the config file's folder or absolute."""
-
-    @model_validator(mode="after")
-    def _patch_divides(self) -> StyledDigitsConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"model.styled_digits.patch_size={self.patch_size} must divide "
-                             f"image_size={self.image_size}")
-        return self
-
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not where they are stored)."""
-        payload = self.model_dump(exclude={"checkpoint_dir"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class JudgeConfig(Section):
