@@ -44,6 +44,7 @@ class PixelDiTConfig(Section):
 
 class DigitsDiTConfig(PixelDiTConfig):
     """Architecture and training recipe of the embedded default DiT (``model.source = "digits"``)."""
+
     train_steps: int = Field(5000, ge=1)
     """Optimizer steps of DiT training."""
     batch_size: int = Field(64, ge=1)
