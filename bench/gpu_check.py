@@ -50,7 +50,7 @@ def build_dit(out: Path, s: dict) -> Path:
 def build_pixart(out: Path, s: dict) -> Path:
     from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
-    from tide_core.models.tiny_pixart import save_t5_tokenizer, tiny_t5
+    from tide_core.tiny_text import save_t5_tokenizer, tiny_t5
 
     torch.manual_seed(0)
     width = s["heads"] * s["head_dim"]

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from pipelines.preflight import check
 from pipelines.project import REPO_ROOT, Project
-from tide_core.config import CONFIG_ENV, ConfigError
+from tide_core.config import CONFIG_ENV, DIGITS_SOURCE, STYLED_DIGITS_SOURCE, ConfigError
 from tide_core.sae.spec import VARIANTS
+
+TRAINED_HERE = (DIGITS_SOURCE, STYLED_DIGITS_SOURCE)  # the models `tide train-dit` trains
 
 
 def _load_project(args) -> Project:
@@ -203,9 +205,9 @@ def cmd_train_dit(args) -> int:
     from pipelines.stages.model import prepare_model
 
     project = _load_project(args)
-    if project.config.model.source != "digits":
-        raise SystemExit(f"[tide] model.source={project.config.model.source!r}: train-dit trains the default "
-                         "'digits' model only")
+    if project.config.model.source not in TRAINED_HERE:
+        raise SystemExit(f"[tide] model.source={project.config.model.source!r}: train-dit trains the models "
+                         f"trained here only ({', '.join(TRAINED_HERE)})")
     status = prepare_model(RunContext(project, log=lambda m: print(f"[tide] {m}", flush=True)), force=args.force)
     print(f"[tide] checkpoint: {status.path} (fingerprint {status.fingerprint})")
     return 0
@@ -342,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8050, help="port on 127.0.0.1 (default 8050; 0 = any free port)")
     d.add_argument("--build", action="store_true", help="rebuild the site from the warehouse before serving")
     d.add_argument("--no-serve", action="store_true", help="only build (with --build) or locate the site")
-    t = add("train-dit", cmd_train_dit, "Train the default digits DiT (reused while its config is unchanged).")
+    t = add("train-dit", cmd_train_dit, "Train the DiT of model.source = digits or styled-digits (reused while "
+                                        "its config is unchanged).")
     t.add_argument("--force", action="store_true", help="retrain even if the checkpoint matches the config")
     q = add("sql", cmd_sql, "Query the DuckDB warehouse read-only (tables and views; --schema lists them).")
     q.add_argument("query", nargs="?", help="a SELECT statement")

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.project import Project
-from tide_core.config import DIGITS_SOURCE, TINY_FLUX_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TideConfig
+from tide_core.config import (
+    DIGITS_SOURCE,
+    STYLED_DIGITS_SOURCE,
+    TINY_FLUX_SOURCE,
+    TINY_PIXART_SOURCE,
+    TINY_SD3_SOURCE,
+    TideConfig,
+)
 
 if TYPE_CHECKING:
     from tide_core.models.base import ModelInfo  # imports torch: the CLI starts without it
@@ -92,8 +99,9 @@ def token_count(cfg: TideConfig, info: ModelInfo) -> int | None:
         vae = 2 ** (len(blocks) - 1)
         if tc.get("_class_name") == "FluxTransformer2DModel":  # no sample_size; 2x2 latents a token
             side, patch = FLUX_NATIVE_SIDE // vae, 2
-    elif cfg.model.source == DIGITS_SOURCE:
-        side, patch, vae = cfg.model.digits.image_size, cfg.model.digits.patch_size, 1
+    elif cfg.model.source in (DIGITS_SOURCE, STYLED_DIGITS_SOURCE):  # pixel space
+        pixel = cfg.model.digits if cfg.model.source == DIGITS_SOURCE else cfg.model.styled_digits
+        side, patch, vae = pixel.image_size, pixel.patch_size, 1
     elif cfg.model.source in TINY_SECTIONS:  # tiny_pixart.py, tiny_flow.py: patches of 2, a 2x VAE
         side, patch, vae = getattr(cfg.model, TINY_SECTIONS[cfg.model.source]).sample_size, 2, 2
     else:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPLITS = ("train", "heldout")
-CONCEPT_KINDS = ("class", "word", "tag")
+# class, prompt word or tag; or the factor a value belongs to, for a judge that knows factors (the styled
+# digits' style factors; their class values are of kind class)
+CONCEPT_KINDS = ("class", "word", "tag", "colour", "thickness", "background")
 TOP_IMAGE_SCOPES = ("overall", "peak_step")
 OVERALL_STEP = -1  # sae_metrics.step of the aggregate over all diffusion steps
 # An SAE with more held-out latents that never fire is not usable, whatever its error: the `sae` asset's
@@ -251,12 +253,33 @@ TABLES: dict[str, Table] = {
                 Col("sae_id", "VARCHAR"),
                 Col("feature_id", "INTEGER"),
                 Col("concept", "VARCHAR", "a class name, or a prompt word or tag"),
-                Col("kind", "VARCHAR", "class, word or tag", f"CHECK (kind IN ({_sql_list(CONCEPT_KINDS)}))"),
+                Col("kind", "VARCHAR", "class, word, tag, or a factor value's factor (colour, thickness, background)",
+                    f"CHECK (kind IN ({_sql_list(CONCEPT_KINDS)}))"),
                 Col("images", "BIGINT", "images whose condition carries the concept"),
                 Col("fire_rate", "DOUBLE", "fraction of those images' tokens (all steps) where the latent is > 0"),
                 Col("mean_act", "DOUBLE", "mean activation over those tokens where it fires"),
                 Col("lift", "DOUBLE", "fire_rate / the latent's fire rate over all images: > 1 = more often with "
                     "the concept"),
+            ),
+        ),
+        Table(
+            "feature_factors",
+            ("sae_id", "feature_id", "factor", "step"),
+            "one SAE latent and one generative factor at one diffusion step (step = -1: all steps pooled), over the "
+            "tokens of images whose prompt asks for a value of the factor; only where the latent fired on them "
+            "(families whose judge knows factors: the styled digits)",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("feature_id", "INTEGER"),
+                Col("factor", "VARCHAR", "class, colour, thickness or background"),
+                Col("step", "INTEGER", f"diffusion step index; {OVERALL_STEP} = all steps pooled"),
+                Col("best_value", "VARCHAR", "the factor value on whose tokens the latent fires most often"),
+                Col("mutual_info", "DOUBLE", "bits: mutual information between firing on a token and the "
+                    "token's factor value"),
+                Col("normalized_mi", "DOUBLE", "mutual_info / the factor's entropy at the step: the share of the "
+                    "factor this latent's firing tells", "CHECK (normalized_mi BETWEEN 0 AND 1)"),
+                Col("best_rate", "DOUBLE", "fire rate on the best value's tokens"),
+                Col("lift", "DOUBLE", "best_rate / fire rate on all the factor's tokens"),
             ),
         ),
         Table(
@@ -379,6 +402,21 @@ VIEWS: dict[str, View] = {
             f"SELECT {_SAE_COLS}, fc.* FROM feature_concepts fc LEFT JOIN saes s USING (sae_id)",
         ),
         View(
+            "v_feature_factors",
+            "feature_factors with their SAE (layer, site, variant) and the step's timestep",
+            f"SELECT {_SAE_COLS}, t.timestep, ff.* FROM feature_factors ff LEFT JOIN saes s USING (sae_id) "
+            "LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = ff.step",
+        ),
+        View(
+            "v_factor_emergence",
+            "per SAE, factor and step: the most informative latent's normalized_mi and how many latents carry "
+            "at least a tenth of the factor: where (layer) and when (step) a factor appears",
+            f"SELECT {_SAE_COLS}, ff.sae_id, ff.factor, ff.step, max(ff.normalized_mi) AS best_normalized_mi, "
+            "arg_max(ff.feature_id, ff.normalized_mi) AS best_feature, "
+            "count(*) FILTER (WHERE ff.normalized_mi >= 0.1) AS carriers "
+            f"FROM feature_factors ff LEFT JOIN saes s USING (sae_id) WHERE ff.step <> {OVERALL_STEP} GROUP BY ALL",
+        ),
+        View(
             "v_feature_tokens",
             "feature_tokens per token string (all its prompts and positions) with the SAE (layer, site, variant): "
             "which words a text-stream latent fires on",
@@ -427,54 +465,6 @@ VIEWS: dict[str, View] = {
         ),
     )
 }
-
-
-def quote_ident(name: str) -> str:
-    """Quote an identifier; only ever called with names from TABLES/VIEWS, never with user input."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def create_table_sql(table: Table) -> str:
-    """CREATE TABLE IF NOT EXISTS with the grain as PRIMARY KEY."""
-    lines = [f"{quote_ident(c.name)} {c.type} {c.constraint}".rstrip() for c in table.columns]
-    lines += [f"CHECK ({check})" for check in table.checks]
-    lines.append(f"PRIMARY KEY ({', '.join(quote_ident(g) for g in table.grain)})")
-    body = ",\n  ".join(lines)
-    return f"CREATE TABLE IF NOT EXISTS {quote_ident(table.name)} (\n  {body}\n)"
-
-
-def table_comments_sql(table: Table) -> list[str]:
-    """COMMENT ON TABLE (the grain) and COMMENT ON COLUMN for every documented column."""
-    name = quote_ident(table.name)
-    stmts = [f"COMMENT ON TABLE {name} IS {_quote_literal(table.comment)}"]
-    stmts += [
-        f"COMMENT ON COLUMN {name}.{quote_ident(c.name)} IS {_quote_literal(c.doc)}"
-        for c in table.columns
-        if c.doc
-    ]
-    return stmts
-
-
-def view_ddl(view: View) -> list[str]:
-    name = quote_ident(view.name)
-    return [
-        f"CREATE OR REPLACE VIEW {name} AS {view.sql}",
-        f"COMMENT ON VIEW {name} IS {_quote_literal(view.comment)}",
-    ]
-
-
-def all_ddl() -> list[str]:
-    """Every statement of the schema, tables before the views that read them (VIEWS is ordered)."""
-    stmts: list[str] = []
-    for table in TABLES.values():
-        stmts += [create_table_sql(table), *table_comments_sql(table)]
-    for view in VIEWS.values():
-        stmts += view_ddl(view)
-    return stmts
 
 
 def table_spec(name: str) -> Table:

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.schema import TABLES, Table, quote_ident
+from storage.ddl import quote_ident
+from storage.schema import TABLES, Table
 
 if TYPE_CHECKING:
     from storage.warehouse import Warehouse

@@ -14,6 +14,7 @@ failure or a crash leaves the old rows in place and re-running an asset is idemp
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.connection import DEFAULT_LOCK_TIMEOUT_S, REBUILD, connect, count_of
+from storage.ddl import create_table_sql, quote_ident, table_comments_sql, view_ddl
 from storage.errors import (
     UnknownSaeError,
     WarehouseError,
@@ -36,17 +38,7 @@ from storage.errors import (
     WarehouseWriteError,
 )
 from storage.queries import Params, Reads, fetch
-from storage.schema import (
-    TABLES,
-    TOP_IMAGE_SCOPES,
-    VIEWS,
-    Col,
-    create_table_sql,
-    quote_ident,
-    table_comments_sql,
-    table_spec,
-    view_ddl,
-)
+from storage.schema import TABLES, TOP_IMAGE_SCOPES, VIEWS, Col, table_spec
 from storage.writes import Replacement, ReplaceResult, Rows, Writes, transaction
 
 # What `from storage.warehouse import ...` offers: the warehouse, its records and the errors it raises.
@@ -155,6 +147,14 @@ class Warehouse:
                         f"{self.path} was built with a different schema: {'; '.join(drift)}. "
                         "Delete the file (or `make clean`) and re-run the pipeline to rebuild it."
                     )
+                # A list of allowed values the code has widened since (a new concept kind): every old row
+                # is still allowed, so the table is rebuilt under the new CHECK with its rows.
+                for name in _narrower_checks(con):
+                    old = quote_ident(f"{name}__narrow")
+                    con.execute(f"ALTER TABLE {quote_ident(name)} RENAME TO {old}")
+                    con.execute(create_table_sql(TABLES[name]))
+                    con.execute(f"INSERT INTO {quote_ident(name)} SELECT * FROM {old}")
+                    con.execute(f"DROP TABLE {old}")
                 for table in TABLES.values():
                     for stmt in table_comments_sql(table):
                         con.execute(stmt)
@@ -352,6 +352,25 @@ def _addable_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, Col]]:
     actual = _actual_columns(con)
     return [(name, col) for name, spec in TABLES.items() if name in actual for col in spec.columns
             if col.name not in actual[name] and col.name not in spec.grain and not col.constraint]
+
+
+def _narrower_checks(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Tables whose file has a column CHECK that lacks a quoted value the code's CHECK allows (the code only
+    ever widens such lists)."""
+    stored = con.execute(
+        "SELECT table_name, constraint_column_names[1], expression FROM duckdb_constraints() "
+        "WHERE database_name = current_database() AND constraint_type = 'CHECK' "
+        "AND len(constraint_column_names) = 1").fetchall()
+    have = {(t, c): expr for t, c, expr in stored}
+    out = []
+    for name, spec in TABLES.items():
+        for col in spec.columns:
+            expr = have.get((name, col.name))
+            wanted = re.findall(r"'[^']*'", col.constraint)
+            if expr is not None and wanted and not set(wanted) <= set(re.findall(r"'[^']*'", expr)):
+                out.append(name)
+                break
+    return out
 
 
 def _actual_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:

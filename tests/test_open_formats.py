@@ -152,7 +152,7 @@ def test_export_of_an_older_file_writes_its_missing_tables_empty(tmp_path):
     import duckdb
 
     from storage import TABLES, Warehouse, export_tables
-    from storage.schema import create_table_sql
+    from storage.ddl import create_table_sql
 
     path = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(path)) as con:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,6 +107,26 @@ def test_init_schema_rebuilds_an_empty_table_an_older_file_built(wh: Warehouse) 
     Warehouse(wh.path).init_schema()  # nothing to lose: rebuilt with the code's columns
     cols = Warehouse(wh.path).query("SELECT column_name FROM duckdb_columns() WHERE table_name = 'features'")
     assert "label" in cols.column(0).to_pylist()
+
+
+def test_init_schema_widens_a_check_an_older_file_has_keeping_the_rows(wh: Warehouse) -> None:
+    """A file whose feature_concepts allowed fewer concept kinds takes the new ones, with its rows kept."""
+    with connect(wh.path, read_only=False) as con:
+        con.execute("DROP VIEW v_feature_concepts")
+        con.execute("DROP TABLE feature_concepts")
+        con.execute("CREATE TABLE feature_concepts (sae_id VARCHAR, feature_id INTEGER, concept VARCHAR, kind VARCHAR "
+                    "CHECK (kind IN ('class', 'word', 'tag')), images BIGINT, fire_rate DOUBLE, mean_act DOUBLE, "
+                    "lift DOUBLE, PRIMARY KEY (sae_id, feature_id, concept))")
+        con.execute("INSERT INTO feature_concepts VALUES ('s', 0, 'seven', 'class', 3, 0.5, 1.0, 2.0)")
+        with pytest.raises(duckdb.ConstraintException):
+            con.execute("INSERT INTO feature_concepts VALUES ('s', 0, 'red', 'colour', 3, 0.5, 1.0, 2.0)")
+    Warehouse(wh.path).init_schema()
+    with connect(wh.path, read_only=False) as con:
+        con.execute("INSERT INTO feature_concepts VALUES ('s', 0, 'red', 'colour', 3, 0.5, 1.0, 2.0)")
+        with pytest.raises(duckdb.ConstraintException):  # still a CHECK: only the declared kinds
+            con.execute("INSERT INTO feature_concepts VALUES ('s', 1, 'x', 'flavour', 3, 0.5, 1.0, 2.0)")
+    rows = Warehouse(wh.path).query("SELECT concept, kind FROM v_feature_concepts ORDER BY concept").to_pylist()
+    assert rows == [{"concept": "red", "kind": "colour"}, {"concept": "seven", "kind": "class"}]
 
 
 def test_views_join_saes_and_samples(wh: Warehouse) -> None:

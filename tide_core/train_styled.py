@@ -25,8 +25,8 @@ from torch import nn
 from tide_core.config.model import StyledDigitsConfig
 from tide_core.digits import load_digits, split_indices
 from tide_core.files import atomic_directory
-from tide_core.models.tiny_pixart import save_t5_tokenizer, tiny_t5
 from tide_core.styled_digits import FACTORS, captions, draw_styles, render, stroke_masks
+from tide_core.tiny_text import save_t5_tokenizer, tiny_t5
 from tide_core.train_dit import TIDE_MODEL_FILE, _ema_update, lr_at
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",

@@ -18,9 +18,8 @@ def build(project: Project, has_judge: bool, text: bool) -> dg.Definitions:
     """Every asset, check and the automation sensor of one project. The order of the stages is the asset
     graph's alone: `tide run` and the automation sensor both read it from here."""
     model_assets, model_checks = model.build(project, has_judge, text)
-    dit_model = model_assets[0]
-    judge = model_assets[1] if has_judge else None
-    prompts = model_assets[1] if text else None
+    by_name = {a.key.to_user_string(): a for a in model_assets}
+    dit_model, judge, prompts = by_name["dit_model"], by_name.get("judge"), by_name.get("prompts")
     cap_assets, cap_checks = capture.build(project, [dit_model, *([prompts] if prompts else [])], judge)
     sae_assets, sae_checks = sae.build(project, cap_assets[2])
     feature_assets, feature_checks = features.build(project, sae_assets[0])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipelines.project import content_key
-from tide_core.config import SWEEP_GRID_FIELDS, TideConfig
+from tide_core.config import STYLED_DIGITS_SOURCE, SWEEP_GRID_FIELDS, TideConfig
 from tide_core.sae.spec import BATCH_CONFIG_PATHS, batch_settings
 
 BUILT_MODELS = ("model.digits", "model.tiny_pixart", "model.tiny_sd3", "model.tiny_flux")
@@ -36,9 +36,21 @@ class Version:
     extra: Callable[[TideConfig], str] | None = None
 
 
+def _styled(cfg: TideConfig) -> str:
+    """The styled-digits section, only when it is the model: it was added after warehouses of the other
+    families existed, whose versions it must not change."""
+    if cfg.model.source != STYLED_DIGITS_SOURCE:
+        return ""
+    return f"styled-{content_key(cfg.model.styled_digits.model_dump(exclude={'checkpoint_dir'}))[:8]}"
+
+
 def _acts_kept(cfg: TideConfig) -> str:
     """A streaming run's store keeps the activations of its held-out shards only."""
     return f"acts-from{cfg.first_act_shard()}" if cfg.first_act_shard() else ""
+
+
+def _capture(cfg: TideConfig) -> str:
+    return "-".join(p for p in (_styled(cfg), _acts_kept(cfg)) if p)
 
 
 def _block_order(cfg: TideConfig) -> str:
@@ -57,14 +69,15 @@ def _sae(cfg: TideConfig) -> str:
 
 
 VERSIONS: dict[str, Version] = {
-    "dit_model": Version(1, ("model.source", *BUILT_MODELS)),
+    "dit_model": Version(1, ("model.source", *BUILT_MODELS), extra=_styled),
     "prompts": Version(1, ("sampling.prompts", "model.max_prompt_tokens")),
     "judge": Version(1, ("model.judge.epochs", "model.judge.test_fraction", "model.judge.seed",
-                         "model.digits.image_size")),
-    "sample_quality": Version(1, ("sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale",
+                         "model.digits.image_size"), extra=_styled),
+    # 2: accuracy per factor and value, a grid per factor
+    "sample_quality": Version(2, ("sampling.scheduler", "sampling.num_steps", "sampling.guidance_scale",
                                   "sampling.seed", "model.judge.quality_samples")),
-    "activation_store": Version(1, CAPTURE_FIELDS, extra=_acts_kept),
-    "activations": Version(1, CAPTURE_FIELDS, extra=_acts_kept),
+    "activation_store": Version(1, CAPTURE_FIELDS, extra=_capture),
+    "activations": Version(1, CAPTURE_FIELDS, extra=_capture),
     "samples": Version(2),  # 2: the steps table
     # checkpoints: resume granularity only; stream and shuffle_blocks: through _block_order
     "sae": Version(1, ("sae",), exclude=("sae.checkpoint_every_tokens", "sae.stream", "sae.shuffle_blocks",

@@ -23,7 +23,8 @@ from distributed import Client
 from pipelines.context import RunContext
 from pipelines.stages.feature_tokens import token_table
 from pipelines.stages.sae import check_inputs, missing_checkpoint
-from storage import ActivationStore, SaeRecord
+from storage import OVERALL_STEP, ActivationStore, SaeRecord
+from tide_core.factors import ConditionFactors
 from tide_core.features import (
     HIST_EDGES,
     Chunk,
@@ -34,6 +35,7 @@ from tide_core.features import (
     class_concepts,
     concept_rows,
     decoder_neighbors,
+    factor_concepts,
     merge_all,
     prompt_concepts,
     selectivity,
@@ -41,6 +43,7 @@ from tide_core.features import (
     summarise,
     tree_reduce,
 )
+from tide_core.features.factor_association import FactorAssociation, factor_association, scored_factors
 from tide_core.prompts import Prompt
 from tide_core.sae import SparseAutoencoder
 
@@ -49,7 +52,8 @@ DECILES = np.linspace(0.1, 0.9, 9)
 # ~0.5 ms a task, as much as a tenth of a chunk's work (measured with py-spy --gil).
 CHUNKS_PER_TASK = 8
 MERGE_FAN_IN = 8
-STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens")
+STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens",
+                "feature_factors")
 
 
 class FeatureError(ValueError):
@@ -251,9 +255,30 @@ def _trimmed_histograms(hist: np.ndarray) -> tuple[list, list]:
     return counts, edges
 
 
-def run_concepts(provenance: dict) -> Concepts:
-    """The concepts of a run's conditions: its prompts' words and tags, or its class names."""
+def run_factors(provenance: dict, judge_class=None) -> ConditionFactors | None:
+    """What a prompted run's conditions ask of each factor its family's judge scores (None: a class run,
+    or no judge); only the factors some prompt names."""
     prompts = provenance.get("prompts")
+    if not prompts or judge_class is None:
+        return None
+    asked = scored_factors(judge_class.condition_factors([p["text"] for p in prompts]))
+    return asked if asked.names else None
+
+
+def factor_table(a: FactorAssociation) -> pa.Table:
+    """feature_factors rows of one SAE (without sae_id, the partition)."""
+    return pa.table({
+        "feature_id": a.feature_id, "factor": pa.array(a.factor, pa.string()), "step": a.step.astype(np.int32),
+        "best_value": pa.array(a.best_value, pa.string()), "mutual_info": a.mutual_info,
+        "normalized_mi": np.clip(a.normalized_mi, 0.0, 1.0), "best_rate": a.best_rate, "lift": _masked(a.lift)})
+
+
+def run_concepts(provenance: dict, judge_class=None) -> Concepts:
+    """The concepts of a run's conditions: the factor values its prompts ask for (a family whose judge knows
+    factors), its prompts' words and tags, or its class names."""
+    prompts = provenance.get("prompts")
+    if prompts and judge_class is not None:
+        return factor_concepts(judge_class.condition_factors([p["text"] for p in prompts]))
     if prompts:
         return prompt_concepts([Prompt(p["text"], tuple(p["tags"])) for p in prompts])
     return class_concepts([str(c) for c in provenance["class_names"]])
@@ -276,7 +301,8 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     tables (and drops its top images, which described the old statistics) in one transaction."""
     store, records = layer_saes(ctx, layer, site)
     cfg = ctx.config.features
-    concepts = run_concepts(store.provenance)
+    concepts = run_concepts(store.provenance, ctx.family.judge_class)
+    asked = run_factors(store.provenance, ctx.family.judge_class)
     passed = store.samples()["class_id"][store.layout.act_samples.start:]  # the images the pass reads
     images_per_condition = np.bincount(passed, minlength=concepts.incidence.shape[0])
     reports = []
@@ -294,6 +320,8 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
         path.unlink(missing_ok=True)  # a run killed after the tables must not leave the old summary beside them
         tables = stats_tables(result.summary, cfg.neighbors, sae.W_dec.detach(), concepts, images_per_condition,
                               cfg.concepts_per_feature)  # before the file is locked
+        if asked is not None:
+            tables["feature_factors"] = factor_table(factor_association(result.summary, asked, OVERALL_STEP))
         if result.positions is not None:
             tables["feature_tokens"] = token_table(result.positions, texts(), store.provenance,
                                                    images_per_condition, len(store.layout.steps), rec.n_latents)

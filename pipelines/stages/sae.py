@@ -26,7 +26,8 @@ from tide_core.sae import (
     evaluate,
 )
 
-FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens", "top_images")
+FEATURE_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens",
+                  "feature_factors", "top_images")
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ DIGITS_SOURCE = "digits"
 TINY_PIXART_SOURCE = "tiny-pixart"
 TINY_SD3_SOURCE = "tiny-sd3"
 TINY_FLUX_SOURCE = "tiny-flux"
+STYLED_DIGITS_SOURCE = "styled-digits"
 # sources that name a model built or trained locally
-BUILT_HERE = (DIGITS_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TINY_FLUX_SOURCE)
+BUILT_HERE = (DIGITS_SOURCE, STYLED_DIGITS_SOURCE, TINY_PIXART_SOURCE, TINY_SD3_SOURCE, TINY_FLUX_SOURCE)
 SITES = ("resid", "attn", "mlp", "cross", "resid_text")
 # sites in a text stream (SD3's joint, FLUX's double- and single-stream blocks): a token axis of their own,
 # the text sequence, stored whole with a per-sample mask of the positions that hold a prompt token

@@ -80,7 +80,7 @@ def resolve_paths(cfg: TideConfig, base_dir: Path) -> TideConfig:
     if url is not None and "://" not in url:
         data["warehouse"]["store_url"] = absolute(url)
     data["model"]["digits"]["checkpoint_dir"] = absolute(cfg.model.digits.checkpoint_dir)
-    for built in ("tiny_pixart", "tiny_sd3", "tiny_flux"):
+    for built in ("styled_digits", "tiny_pixart", "tiny_sd3", "tiny_flux"):
         data["model"][built]["checkpoint_dir"] = absolute(getattr(cfg.model, built).checkpoint_dir)
     if cfg.sampling.prompts is not None:
         data["sampling"]["prompts"] = absolute(cfg.sampling.prompts)

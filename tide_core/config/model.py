@@ -187,7 +187,8 @@ class ModelConfig(Section):
     """Which DiT to run."""
 
     source: str = DIGITS_SOURCE
-    """"digits" (the embedded default, trained locally), "tiny-pixart" / "tiny-sd3" / "tiny-flux" (tiny random
+    """"digits" (the embedded default, trained locally), "styled-digits" (a text-conditional PixArt trained
+    locally on styled digits, with a judge of every factor), "tiny-pixart" / "tiny-sd3" / "tiny-flux" (tiny random
     text-conditional models, built locally), a hub id (e.g. "facebook/DiT-XL-2-256",
     "PixArt-alpha/PixArt-XL-2-512x512", "stabilityai/stable-diffusion-3-medium-diffusers",
     "black-forest-labs/FLUX.1-schnell") or a local diffusers directory with transformer/ (and vae/, scheduler/,
@@ -214,6 +215,8 @@ class ModelConfig(Section):
     every prompt once, when the model loads, and is freed right after."""
     digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
     """The embedded default DiT."""
+    styled_digits: StyledDigitsConfig = Field(default_factory=StyledDigitsConfig)
+    """The styled-digits PixArt of model.source = "styled-digits" (trained here; the repo ships the default's)."""
     tiny_pixart: TinyPixArtConfig = Field(default_factory=TinyPixArtConfig)
     """The tiny random PixArt of model.source = "tiny-pixart"."""
     tiny_sd3: TinySD3Config = Field(default_factory=TinySD3Config)

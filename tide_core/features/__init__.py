@@ -9,7 +9,14 @@
 The compiled loops live in ``tide_core.kernels``.
 """
 
-from tide_core.features.concepts import ConceptRows, Concepts, class_concepts, concept_rows, prompt_concepts
+from tide_core.features.concepts import (
+    ConceptRows,
+    Concepts,
+    class_concepts,
+    concept_rows,
+    factor_concepts,
+    prompt_concepts,
+)
 from tide_core.features.encode import ChunkEncoder, Fired, chunk_encoder, count_chunk, fired_latents, heatmaps
 from tide_core.features.neighbors import Neighbors, decoder_neighbors
 from tide_core.features.partials import (
@@ -25,7 +32,7 @@ from tide_core.features.summary import FeatureSummary, TopImages, selectivity, s
 from tide_core.kernels import EMPTY, HIST_EDGES
 
 __all__ = [
-    "ConceptRows", "Concepts", "class_concepts", "concept_rows", "prompt_concepts",
+    "ConceptRows", "Concepts", "class_concepts", "concept_rows", "factor_concepts", "prompt_concepts",
     "EMPTY", "HIST_EDGES", "Chunk", "ChunkEncoder", "FeatureSummary", "Fired", "Neighbors", "PositionKey",
     "PositionStats", "StepPartial",
     "TopImages", "chunk_encoder", "chunk_partial", "count_chunk", "decoder_neighbors", "fired_latents",

@@ -4,7 +4,9 @@ A run's conditions (classes, or prompts) each carry concepts: a class carries it
 words and tags (``tide_core.prompts``). A feature's statistics per concept pool the per-condition counts of
 the feature pass over the conditions that carry the concept: fire rate = its firing tokens on those images /
 their tokens; lift = that rate / its rate over every image. A word that is also a tag is one concept (of
-kind tag) carried by the prompts that have either.
+kind tag) carried by the prompts that have either. A family whose judge knows generative factors (the
+styled digits) has factor values as concepts instead, of kind the factor ("red" of kind colour), carried by
+the prompts that ask for them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tide_core.factors import ConditionFactors
 from tide_core.features.summary import FeatureSummary
 from tide_core.prompts import Prompt
 
@@ -30,6 +33,26 @@ def class_concepts(class_names: list[str]) -> Concepts:
     """One concept per class, carried by that class alone."""
     k = len(class_names)
     return Concepts(list(class_names), ["class"] * k, np.eye(k, dtype=bool))
+
+
+def factor_concepts(asked: ConditionFactors) -> Concepts:
+    """One concept per factor value some condition asks for, of kind the factor's name ("red" of kind
+    colour), carried by the conditions that ask for it. A value that two factors share is named
+    "factor=value"."""
+    names, kinds, cols = [], [], []
+    counts: dict[str, int] = {}
+    for values in asked.values:
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+    for j, (factor, values) in enumerate(zip(asked.names, asked.values, strict=True)):
+        for i, v in enumerate(values):
+            carried = asked.codes[:, j] == i  # [C]
+            if carried.any():
+                names.append(v if counts[v] == 1 else f"{factor}={v}")
+                kinds.append(factor)
+                cols.append(carried)
+    incidence = np.stack(cols, axis=1) if cols else np.zeros((len(asked.codes), 0), bool)  # [C, K]
+    return Concepts(names, kinds, incidence)
 
 
 def prompt_concepts(prompts: list[Prompt]) -> Concepts:

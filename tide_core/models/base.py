@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tide_core.config import ModelConfig, TideConfig
+from tide_core.factors import ConditionFactors, class_factors
 from tide_core.models.registry import ModelError
 from tide_core.prompts import PromptSet
 
@@ -116,9 +117,15 @@ class ModelStatus:
 class Judgement:
     """A judge's verdict on images."""
 
-    pred: np.ndarray  # int64 [N] predicted condition index (a class id)
+    pred: np.ndarray  # int64 [N] predicted class (the first factor's value code)
     confidence: np.ndarray  # float32 [N] probability of pred
-    features: np.ndarray  # float32 [N, F] the judge's feature space (Frechet distances live there)
+    features: np.ndarray  # float32 [N, D] the judge's feature space (Frechet distances live there)
+    factors: np.ndarray | None = None  # int64 [N, F] value code per factor; None: the class is the only one
+
+    @property
+    def factor_pred(self) -> np.ndarray:
+        """int64 [N, F]: the predicted value of every factor the judge scores."""
+        return self.pred[:, None] if self.factors is None else self.factors
 
 
 class Judge(ABC):
@@ -151,6 +158,12 @@ class Judge(ABC):
     @abstractmethod
     def judge(self, images: np.ndarray) -> Judgement:
         """The verdict on float images [N, C, H, W] in [-1, 1]."""
+
+    @classmethod
+    def condition_factors(cls, condition_names: list[str]) -> ConditionFactors:
+        """What each condition (a class name or a prompt) asks of each factor the judge scores; by default
+        the class alone, condition c being class c."""
+        return class_factors(condition_names)
 
 
 class DiTAdapter(ABC):

@@ -19,14 +19,9 @@ from tide_core.models.base import Log, ModelInfo, ModelStatus
 from tide_core.models.dit import directory_fingerprint, read_meta
 from tide_core.models.registry import ModelError
 from tide_core.prompts import PromptSet
+from tide_core.tiny_text import VOCABULARY
 
 TINY_VAE_FACTOR = 2  # the tiny VAEs have two blocks: one halving
-# The tokenizers' words: what prompts of digits, colours, styles and a few objects are made of; any other
-# word maps to <unk> (T5) or is spelled letter by letter (CLIP), which is still a valid prompt.
-VOCABULARY = tuple("""a an the of on in with and photo picture drawing image sketch painting style digit
-number zero one two three four five six seven eight nine red green blue yellow orange purple pink brown black
-white grey gray bold thin regular thick small large big background cat dog house tree car bird flower sky city
-night day watercolor""".split())
 
 
 class BuiltHere:

@@ -40,6 +40,7 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("digits", "tide_core.models.digits", "DigitsDiT", has_judge=True),
     Family("dit", "tide_core.models.dit", "ClassDiT", has_judge=False),
+    Family("styled-digits", "tide_core.models.styled", "StyledDigits", has_judge=True, text=True),
     Family("pixart", "tide_core.models.pixart", "PixArt", has_judge=False, text=True),
     Family("tiny-pixart", "tide_core.models.tiny_pixart", "TinyPixArt", has_judge=False, text=True),
     Family("sd3", "tide_core.models.sd3", "SD3", has_judge=False, text=True),

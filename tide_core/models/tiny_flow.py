@@ -22,11 +22,11 @@ from tide_core.config import ModelConfig
 from tide_core.config.model import TinyFlowConfig, TinyFluxConfig
 from tide_core.files import atomic_directory
 from tide_core.models.base import GuidanceMode
-from tide_core.models.built import VOCABULARY, BuiltHere
+from tide_core.models.built import BuiltHere
 from tide_core.models.dit import TIDE_MODEL_FILE
 from tide_core.models.flux import Flux
 from tide_core.models.sd3 import SD3
-from tide_core.models.tiny_pixart import save_t5_tokenizer, tiny_t5
+from tide_core.tiny_text import VOCABULARY, save_t5_tokenizer, tiny_t5
 
 LATENT_CHANNELS = 4
 CLIP_MAX_TOKENS = 77

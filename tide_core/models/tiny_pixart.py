@@ -19,9 +19,10 @@ import torch
 
 from tide_core.config import TinyPixArtConfig
 from tide_core.files import atomic_directory
-from tide_core.models.built import VOCABULARY, BuiltHere
+from tide_core.models.built import BuiltHere
 from tide_core.models.dit import TIDE_MODEL_FILE
 from tide_core.models.pixart import PixArt
+from tide_core.tiny_text import save_t5_tokenizer, tiny_t5
 
 
 class TinyPixArt(BuiltHere, PixArt):
@@ -35,34 +36,6 @@ class TinyPixArt(BuiltHere, PixArt):
     @classmethod
     def build(cls, settings: TinyPixArtConfig, out: Path) -> Path:
         return build(settings, out)
-
-
-T5_PIECES = 3 + len(VOCABULARY)  # <pad>, </s>, <unk>, then a piece per word
-
-
-def save_t5_tokenizer(path: Path) -> None:
-    """A T5 fast tokenizer over VOCABULARY: Unigram pieces with the sentencepiece word-start marker, the T5
-    tokenizer's own model type (a WordLevel tokenizer saves, but transformers cannot load it again)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(VOCABULARY)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
-                    model_max_length=512).save_pretrained(path)
-
-
-def tiny_t5(width: int, layers: int):
-    """A random T5 encoder over save_t5_tokenizer's pieces (seed torch before calling)."""
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=T5_PIECES, d_model=width, d_kv=8, d_ff=2 * width, num_layers=layers,
-                                   num_heads=4, relative_attention_num_buckets=8))
 
 
 def build(cfg: TinyPixArtConfig, out: Path) -> Path:
