@@ -26,8 +26,9 @@ def test_a_block_is_replaced_between_its_markers_only():
 def test_the_architecture_table_lists_each_assets_parents_as_the_graph_has_them():
     from pipelines.definitions import build_definitions
 
-    want: dict[str, set[str]] = {}  # the default graph, and a text-conditional one (which adds `prompts`)
-    for config in ("tide.toml", "configs/tiny-pixart.toml"):
+    # the default graph, a text-conditional one (which adds `prompts`) and a text-conditional one with a judge
+    want: dict[str, set[str]] = {}
+    for config in ("tide.toml", "configs/tiny-pixart.toml", "configs/styled-digits.toml"):
         graph = build_definitions(str(results.REPO / config)).resolve_asset_graph()
         for k in graph.materializable_asset_keys:
             want.setdefault(k.to_user_string(), set()).update(p.to_user_string() for p in graph.get(k).parent_keys)

@@ -29,8 +29,12 @@ from tide_core.styled_digits import FACTORS, captions, draw_styles, render, stro
 from tide_core.tiny_text import save_t5_tokenizer, tiny_t5
 from tide_core.train_dit import TIDE_MODEL_FILE, _ema_update, lr_at
 
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon",
-             "clip_sample": False}
+SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
+
+
+def scheduler_config(cfg: StyledDigitsConfig) -> dict:
+    """The noise schedule the model trains and samples with (its prediction type from the config)."""
+    return {**SCHEDULER, "prediction_type": cfg.prediction_type}
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[
     ema_t, ema_e = (copy.deepcopy(m).eval().requires_grad_(False) for m in (transformer, encoder))
     params = [*transformer.parameters(), *encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    alphas = DDPMScheduler(**SCHEDULER).alphas_cumprod.float()  # [T]
+    alphas = DDPMScheduler(**scheduler_config(cfg)).alphas_cumprod.float()  # [T]
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     no_conditions = {"resolution": None, "aspect_ratio": None}
@@ -85,7 +89,9 @@ def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[
         text = encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]  # [B, L, C]
         pred = transformer(xt, encoder_hidden_states=text, encoder_attention_mask=tok.attention_mask, timestep=t,
                            added_cond_kwargs=no_conditions).sample  # [B, 3, S, S]
-        loss = nn.functional.mse_loss(pred, noise)
+        # v = sqrt(a) eps - sqrt(1 - a) x0: near pure noise it is -x0, which only the prompt can tell
+        target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = nn.functional.mse_loss(pred, target)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.train_steps, cfg.lr, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -122,7 +128,7 @@ def train_and_save(cfg: StyledDigitsConfig, out_dir: str | Path, command: str = 
         result.transformer.save_pretrained(tmp / "transformer")
         result.text_encoder.save_pretrained(tmp / "text_encoder")
         (tmp / "scheduler").mkdir()
-        sched = {"_class_name": "DDPMScheduler", **SCHEDULER}
+        sched = {"_class_name": "DDPMScheduler", **scheduler_config(cfg)}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = {"_class_name": "PixArtAlphaPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
                  "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],

@@ -289,7 +289,11 @@ class DiTAdapter(ABC):
         if self.time.kind == "flow":
             sigma = (timesteps.float() / self.time.num_train_timesteps)[:, None, None, None]  # [B, 1, 1, 1]
             return (1 - sigma) * x0 + sigma * noise, noise - x0
-        return self.training_scheduler().add_noise(x0, noise, timesteps.long()), noise
+        sched = self.training_scheduler()
+        noised = sched.add_noise(x0, noise, timesteps.long())
+        if sched.config.get("prediction_type") == "v_prediction":  # a v-prediction model (the styled digits)
+            return noised, sched.get_velocity(x0, noise, timesteps.long())
+        return noised, noise
 
     @abstractmethod
     def make_scheduler(self, name: str, num_steps: int) -> SchedulerMixin:

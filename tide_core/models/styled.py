@@ -2,8 +2,8 @@
 
 The model is a pixel-space ``PixArtTransformer2DModel`` and a small T5 encoder trained together
 (``tide_core.train_styled``) from ``[model.styled_digits]``; ``prepare`` trains it unless the directory records
-the section's fingerprint (the repo ships one for the default), and everything after that is the PixArt
-family's code on that directory, as for a downloaded PixArt-α. Its judge scores every factor of a generated
+the section's fingerprint, and everything after that is the PixArt family's code on that directory, as for a
+downloaded PixArt-α. Its judge scores every factor of a generated
 image (class, colour, thickness, background), so prompt following, concepts and edits are measured against
 what each prompt asked for.
 """
@@ -145,8 +145,8 @@ class StyledDigits(BuiltHere, PixArt):
 
     @classmethod
     def prepare(cls, cfg: ModelConfig, log: Log, force: bool = False) -> ModelStatus:
-        """Reuse the directory when it records this config's fingerprint (the repo ships the default's),
-        otherwise train it (~45 min on 2 cores for the default)."""
+        """Reuse the directory when it records this config's fingerprint, otherwise train it (38 min on 2
+        cores for the default section)."""
         from tide_core.train_styled import train_and_save
 
         s = cfg.styled_digits
