@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from storage import CONCEPT_KINDS
 from tide_core.factors import UNASKED, class_factors, factor_accuracy
@@ -117,6 +118,17 @@ def test_a_styled_digits_run_end_to_end_scores_every_factor(tmp_path):
     assert report.success
     meta = json.loads((tmp_path / "styled" / "tide_model.json").read_text())
     assert meta["styled_digits_fingerprint"] and meta["loss_curve"]["step"][-1] == 3
+    # a v-prediction model: its scheduler says so, and the splice's denoiser loss targets v, as training did
+    from tide_core.models.registry import load_model
+    from tide_core.prompts import read_prompt_file
+
+    model = load_model(project.config.model, read_prompt_file(tmp_path / "prompts.csv"))
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    x0, noise, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    noised, target = model.training_pair(x0, noise, t)
+    a = model.training_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noised, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
     judge = json.loads((project.judge_dir / "judge.json").read_text())
     assert set(judge["test_accuracy_per_factor"]) == {"class", "colour", "thickness", "background"}
     assert judge["test_accuracy"] == min(judge["test_accuracy_per_factor"].values())
@@ -143,3 +155,16 @@ def test_a_styled_digits_run_end_to_end_scores_every_factor(tmp_path):
                      "WHERE factor = 'colour' AND best_normalized_mi > 0 GROUP BY ALL").to_pylist()
     assert first and first[0]["layer"] == 1
     assert (project.root / "dashboard" / "index.html").is_file()
+
+
+def test_the_committed_model_is_the_one_the_config_trains():
+    """models/styled-digits records the fingerprint of configs/styled-digits.toml's section, so a run of that
+    config uses it instead of training (and a change to the section would retrain)."""
+    from tide_core.config import load_config
+
+    cfg = load_config(REPO / "configs" / "styled-digits.toml").model.styled_digits
+    meta = json.loads((REPO / "models" / "styled-digits" / "tide_model.json").read_text())
+    assert meta["styled_digits_fingerprint"] == cfg.fingerprint()
+    assert meta["styled_digits_config"]["prediction_type"] == "v_prediction"
+    scheduler = json.loads((REPO / "models" / "styled-digits" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"

@@ -220,7 +220,7 @@ class ModelConfig(Section):
     digits: DigitsDiTConfig = Field(default_factory=DigitsDiTConfig)
     """The embedded default DiT."""
     styled_digits: StyledDigitsConfig = Field(default_factory=StyledDigitsConfig)
-    """The styled-digits PixArt of model.source = "styled-digits" (trained here on first use)."""
+    """The styled-digits PixArt of model.source = "styled-digits" (trained here; the repo ships the default's)."""
     tiny_pixart: TinyPixArtConfig = Field(default_factory=TinyPixArtConfig)
     """The tiny random PixArt of model.source = "tiny-pixart"."""
     tiny_sd3: TinySD3Config = Field(default_factory=TinySD3Config)
