@@ -22,6 +22,7 @@ import torch
 
 from pipelines.context import Log, RunContext
 from storage import ActivationStore
+from tide_core.factors import UNASKED
 from tide_core.models.base import Judge, Judgement
 from tide_core.quality import frechet_distance, pixel_features
 from tide_core.sampling import Sampler, condition_for, from_uint8, to_uint8
@@ -59,6 +60,7 @@ class SpliceBench:
     site: str
     ids: np.ndarray  # int64 [n] held-out sample ids
     conditions: np.ndarray  # int64 [n]
+    want_class: np.ndarray  # int64 [n] the class each condition asks for (UNASKED: a prompt that names none)
     original: np.ndarray  # uint8 [n, H, W, C] the stored (unspliced) images
     timesteps: list[int]  # where the denoiser loss is measured
     loss_clean: float
@@ -75,7 +77,11 @@ def make_splice_bench(ctx: RunContext, store: ActivationStore, layer: int, site:
     steps = store.provenance["capture_timesteps"]
     pick = np.unique(np.linspace(0, len(steps) - 1, min(LOSS_TIMESTEPS, len(steps))).round().astype(int))
     sampler = ctx.sampler()
-    bench = SpliceBench(sampler=sampler, layer=layer, site=site, ids=ids, conditions=conditions,
+    want = np.full(len(ids), UNASKED, np.int64)
+    if ctx.family.judge_class is not None:
+        names = [str(c) for c in store.provenance["class_names"]]
+        want = ctx.family.judge_class.condition_factors(names).codes[conditions, 0]
+    bench = SpliceBench(sampler=sampler, layer=layer, site=site, ids=ids, conditions=conditions, want_class=want,
                         original=original, timesteps=[int(steps[i]) for i in pick], loss_clean=0.0,
                         judge=ctx.judge, original_verdict=None, real_features=None)
     bench.loss_clean = denoiser_loss(bench, None)
@@ -136,8 +142,8 @@ def splice_eval(bench: SpliceBench, sae, log: Log) -> SpliceReport:
     if bench.judge is not None:
         a, b = bench.judge.judge(spliced), bench.original_verdict
         report.update(frechet_to_unspliced=frechet_distance(a.features, b.features),
-                      accuracy_spliced=float((a.pred == bench.conditions).mean()),
-                      accuracy_unspliced=float((b.pred == bench.conditions).mean()),
+                      accuracy_spliced=_accuracy(a.pred, bench.want_class),
+                      accuracy_unspliced=_accuracy(b.pred, bench.want_class),
                       frechet_spliced=frechet_distance(a.features, bench.real_features),
                       frechet_unspliced=frechet_distance(b.features, bench.real_features),
                       agreement=float((a.pred == b.pred).mean()))
@@ -147,3 +153,9 @@ def splice_eval(bench: SpliceBench, sae, log: Log) -> SpliceReport:
     log(f"  spliced {sae.meta.get('sae_id', '')}: " + json.dumps(
         {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
     return out
+
+
+def _accuracy(pred: np.ndarray, want: np.ndarray) -> float | None:
+    """The share of images whose class is the one their condition asks for (None: no condition names one)."""
+    asked = want != UNASKED
+    return float((pred[asked] == want[asked]).mean()) if asked.any() else None

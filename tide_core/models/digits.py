@@ -19,7 +19,7 @@ from tide_core.config import ModelConfig, TideConfig
 from tide_core.digits import load_digits, split
 from tide_core.judge import judge_images, load_judge, save_judge, train_judge
 from tide_core.models.base import Judge, Judgement, Log, ModelInfo, ModelStatus, resolve_device
-from tide_core.models.dit import ClassDiT, read_meta, refuse_prompts
+from tide_core.models.dit import ClassDiT, read_meta, refuse_prompts, reuse_or_train
 from tide_core.models.registry import ModelError
 from tide_core.prompts import PromptSet
 from tide_core.train_dit import train_and_save
@@ -94,23 +94,10 @@ class DigitsDiT(ClassDiT):
         default config), otherwise train it (~25 min on 2 cores for the default)."""
         d = cfg.digits
         ckpt = Path(d.checkpoint_dir)
-        meta = read_meta(ckpt)
-        if not force and meta.get("digits_fingerprint") == d.fingerprint():
-            log(f"default DiT at {ckpt} matches the config (fingerprint {d.fingerprint()}): using it")
-            return ModelStatus(str(ckpt), trained_now=False, fingerprint=cls.fingerprint_of(cfg), meta=meta)
-        if meta:
-            log(f"checkpoint at {ckpt} was trained with another config "
-                f"({meta.get('digits_fingerprint')} != {d.fingerprint()}): retraining")
-        log(f"training the default DiT: {d.train_steps} steps, batch {d.batch_size}, seed {d.seed}")
-        every = max(1, d.train_steps // 20)
-
-        def progress(step: int, loss: float, lr: float) -> None:
-            if step % every == 0 or step == d.train_steps:
-                log(f"  step {step}/{d.train_steps}  loss {loss:.4f}  lr {lr:.2e}")
-
-        result = train_and_save(d, ckpt, progress=progress)
-        log(f"trained in {result.seconds:.0f}s ({result.steps_per_second:.2f} steps/s); saved to {ckpt}")
-        return ModelStatus(str(ckpt), trained_now=True, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(ckpt))
+        trained = reuse_or_train("default DiT", ckpt, "digits_fingerprint", d.fingerprint(), d.train_steps,
+                                 f"{d.train_steps} steps, batch {d.batch_size}, seed {d.seed}",
+                                 lambda progress: train_and_save(d, ckpt, progress=progress), log, force)
+        return ModelStatus(str(ckpt), trained_now=trained, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(ckpt))
 
     @classmethod
     def load(cls, cfg: ModelConfig, prompts: PromptSet | None = None, negative_prompt: str = "") -> DigitsDiT:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tide_core.config import ModelConfig
-from tide_core.models.base import DiTAdapter, ModelInfo, TimeConvention, TokenGrid, resolve_device
+from tide_core.models.base import DiTAdapter, Log, ModelInfo, TimeConvention, TokenGrid, resolve_device
 from tide_core.models.registry import HUB_IDS, ModelError
 from tide_core.prompts import PromptSet
 
@@ -50,6 +52,30 @@ def read_meta(directory: str | Path) -> dict:
     """Our tide_model.json beside a checkpoint ({} when absent, as for hub checkpoints)."""
     p = Path(directory) / TIDE_MODEL_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def reuse_or_train(label: str, out: Path, meta_key: str, fingerprint: str, steps: int, plan: str,
+                   train: Callable[[Callable[[int, float, float], None]], object], log: Log, force: bool) -> bool:
+    """The families trained here (digits, styled-digits): reuse the directory ``out`` when its record holds
+    ``fingerprint`` under ``meta_key``, otherwise ``train(progress)`` writes it, with 20 progress lines in the
+    log. True when it trained."""
+    meta = read_meta(out)
+    if not force and meta.get(meta_key) == fingerprint:
+        log(f"{label} at {out} matches the config (fingerprint {fingerprint}): using it")
+        return False
+    if meta:
+        log(f"{label} at {out} was trained with another config ({meta.get(meta_key)} != {fingerprint}): retraining")
+    log(f"training the {label}: {plan}")
+    every = max(1, steps // 20)
+
+    def progress(step: int, loss: float, lr: float) -> None:
+        if step % every == 0 or step == steps:
+            log(f"  step {step}/{steps}  loss {loss:.4f}  lr {lr:.2e}")
+
+    t0 = time.perf_counter()
+    train(progress)
+    log(f"trained in {time.perf_counter() - t0:.0f}s; saved to {out}")
+    return True
 
 
 def directory_fingerprint(source: str) -> str:

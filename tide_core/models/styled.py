@@ -31,7 +31,7 @@ from tide_core.factor_judge import (
 from tide_core.factors import UNASKED, ConditionFactors
 from tide_core.models.base import Judge, Judgement, Log, ModelInfo, ModelStatus
 from tide_core.models.built import BuiltHere
-from tide_core.models.dit import read_meta
+from tide_core.models.dit import read_meta, reuse_or_train
 from tide_core.models.pixart import PixArt
 from tide_core.models.registry import ModelError
 from tide_core.styled_digits import FACTOR_NAMES, FACTORS, parse_caption, stroke_masks
@@ -151,21 +151,8 @@ class StyledDigits(BuiltHere, PixArt):
 
         s = cfg.styled_digits
         out = Path(s.checkpoint_dir)
-        meta = read_meta(out)
-        if not force and meta.get(cls.meta_key) == s.fingerprint():
-            log(f"styled-digits PixArt at {out} matches the config (fingerprint {s.fingerprint()}): using it")
-            return ModelStatus(str(out), trained_now=False, fingerprint=cls.fingerprint_of(cfg), meta=meta)
-        if meta:
-            log(f"the model at {out} was trained with another config ({meta.get(cls.meta_key)} != "
-                f"{s.fingerprint()}): retraining")
-        log(f"training the styled-digits PixArt: {s.train_steps} steps, batch {s.batch_size}, seed {s.seed}")
-        every = max(1, s.train_steps // 20)
-
-        def progress(step: int, loss: float, lr: float) -> None:
-            if step % every == 0 or step == s.train_steps:
-                log(f"  step {step}/{s.train_steps}  loss {loss:.4f}  lr {lr:.2e}")
-
-        result = train_and_save(s, out, progress=progress)
-        log(f"trained in {result.seconds:.0f}s; saved to {out}")
-        return ModelStatus(str(out), trained_now=True, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(out))
+        trained = reuse_or_train("styled-digits PixArt", out, cls.meta_key, s.fingerprint(), s.train_steps,
+                                 f"{s.train_steps} steps, batch {s.batch_size}, seed {s.seed}",
+                                 lambda progress: train_and_save(s, out, progress=progress), log, force)
+        return ModelStatus(str(out), trained_now=trained, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(out))
 
