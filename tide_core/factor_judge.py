@@ -152,7 +152,10 @@ def save_factor_judge(result: FactorJudgeResult, out_dir: str | Path, settings: 
     out.mkdir(parents=True, exist_ok=True)
     save_file(result.judge.state_dict(), str(out / f"{WEIGHTS}.tmp"))
     (out / f"{WEIGHTS}.tmp").replace(out / WEIGHTS)
-    record = {"test_accuracy": result.test_accuracy, "train_accuracy": result.train_accuracy,
+    # test_accuracy / train_accuracy: the weakest head's (the judge asset's check reads one number)
+    record = {"test_accuracy": min(result.test_accuracy.values()),
+              "train_accuracy": min(result.train_accuracy.values()),
+              "test_accuracy_per_factor": result.test_accuracy, "train_accuracy_per_factor": result.train_accuracy,
               "epochs": result.epochs, "test_images": result.test_images, "settings": settings}
     (out / f"{RECORD}.tmp").write_text(json.dumps(record, indent=2))
     (out / f"{RECORD}.tmp").replace(out / RECORD)

@@ -49,6 +49,13 @@ def class_factors(class_names: list[str]) -> ConditionFactors:
     return ConditionFactors(("class",), (tuple(class_names),), np.arange(len(class_names), dtype=np.int64)[:, None])
 
 
+def asked_accuracy(pred: np.ndarray, want: np.ndarray) -> float | None:
+    """The share of images whose predicted value (pred, int64 [n]) is the one their condition asks for (want,
+    int64 [n], UNASKED where it names none); None when no image's condition names one."""
+    asked = want != UNASKED
+    return float((pred[asked] == want[asked]).mean()) if asked.any() else None
+
+
 @dataclass(frozen=True)
 class FactorAccuracy:
     """How often generated images show what their conditions asked for, factor by factor."""

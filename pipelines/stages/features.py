@@ -273,12 +273,12 @@ def factor_table(a: FactorAssociation) -> pa.Table:
         "normalized_mi": np.clip(a.normalized_mi, 0.0, 1.0), "best_rate": a.best_rate, "lift": _masked(a.lift)})
 
 
-def run_concepts(provenance: dict, judge_class=None) -> Concepts:
-    """The concepts of a run's conditions: the factor values its prompts ask for (a family whose judge knows
-    factors), its prompts' words and tags, or its class names."""
+def run_concepts(provenance: dict, asked: ConditionFactors | None = None) -> Concepts:
+    """The concepts of a run's conditions: the factor values its prompts ask for (``run_factors``, for a family
+    whose judge knows factors), else its prompts' words and tags, or its class names."""
+    if asked is not None:
+        return factor_concepts(asked)
     prompts = provenance.get("prompts")
-    if prompts and judge_class is not None:
-        return factor_concepts(judge_class.condition_factors([p["text"] for p in prompts]))
     if prompts:
         return prompt_concepts([Prompt(p["text"], tuple(p["tags"])) for p in prompts])
     return class_concepts([str(c) for c in provenance["class_names"]])
@@ -301,8 +301,8 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     tables (and drops its top images, which described the old statistics) in one transaction."""
     store, records = layer_saes(ctx, layer, site)
     cfg = ctx.config.features
-    concepts = run_concepts(store.provenance, ctx.family.judge_class)
     asked = run_factors(store.provenance, ctx.family.judge_class)
+    concepts = run_concepts(store.provenance, asked)
     passed = store.samples()["class_id"][store.layout.act_samples.start:]  # the images the pass reads
     images_per_condition = np.bincount(passed, minlength=concepts.incidence.shape[0])
     reports = []

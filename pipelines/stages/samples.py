@@ -11,7 +11,7 @@ import pyarrow as pa
 from pipelines.context import RunContext
 from pipelines.stages.capture import store_version
 from storage import StoreError
-from tide_core.factors import UNASKED
+from tide_core.factors import asked_accuracy
 from tide_core.sampling import from_uint8
 
 
@@ -43,7 +43,7 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
         pred, conf = verdict.pred.astype(np.int32), verdict.confidence.astype(np.float64)
         # the class each condition asks for (a class run: itself; a prompt: the class it names, if any)
         want = ctx.family.judge_class.condition_factors([str(c) for c in names]).codes[class_id, 0]  # [n]
-        accuracy = float((pred == want)[want != UNASKED].mean()) if (want != UNASKED).any() else None
+        accuracy = asked_accuracy(pred, want)
     rows = pa.table({
         "run_id": pa.array([run_id] * n),
         "sample_id": pa.array(np.arange(n, dtype=np.int64)),

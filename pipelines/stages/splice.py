@@ -22,7 +22,7 @@ import torch
 
 from pipelines.context import Log, RunContext
 from storage import ActivationStore
-from tide_core.factors import UNASKED
+from tide_core.factors import UNASKED, asked_accuracy
 from tide_core.models.base import Judge, Judgement
 from tide_core.quality import frechet_distance, pixel_features
 from tide_core.sampling import Sampler, condition_for, from_uint8, to_uint8
@@ -142,8 +142,8 @@ def splice_eval(bench: SpliceBench, sae, log: Log) -> SpliceReport:
     if bench.judge is not None:
         a, b = bench.judge.judge(spliced), bench.original_verdict
         report.update(frechet_to_unspliced=frechet_distance(a.features, b.features),
-                      accuracy_spliced=_accuracy(a.pred, bench.want_class),
-                      accuracy_unspliced=_accuracy(b.pred, bench.want_class),
+                      accuracy_spliced=asked_accuracy(a.pred, bench.want_class),
+                      accuracy_unspliced=asked_accuracy(b.pred, bench.want_class),
                       frechet_spliced=frechet_distance(a.features, bench.real_features),
                       frechet_unspliced=frechet_distance(b.features, bench.real_features),
                       agreement=float((a.pred == b.pred).mean()))
@@ -153,9 +153,3 @@ def splice_eval(bench: SpliceBench, sae, log: Log) -> SpliceReport:
     log(f"  spliced {sae.meta.get('sae_id', '')}: " + json.dumps(
         {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
     return out
-
-
-def _accuracy(pred: np.ndarray, want: np.ndarray) -> float | None:
-    """The share of images whose class is the one their condition asks for (None: no condition names one)."""
-    asked = want != UNASKED
-    return float((pred[asked] == want[asked]).mean()) if asked.any() else None

@@ -11,7 +11,6 @@ what each prompt asked for.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,7 +19,6 @@ import numpy as np
 from tide_core.config import ModelConfig, StyledDigitsConfig, TideConfig
 from tide_core.digits import DigitsData, load_digits, split_indices
 from tide_core.factor_judge import (
-    RECORD,
     FactorJudge,
     fixed_renders,
     judge_factors,
@@ -76,11 +74,6 @@ class FactorJudgeAdapter(Judge):
                                     train_rows, DigitsData(digits.images[test_rows], digits.labels[test_rows]),
                                     test_rows, epochs=j.epochs, seed=j.seed)
         record = save_factor_judge(result, out_dir, cls.settings(cfg))
-        # the graph's judge asset reads one number: the weakest head
-        record = {**record, "test_accuracy_per_factor": record["test_accuracy"],
-                  "test_accuracy": min(record["test_accuracy"].values()),
-                  "train_accuracy": min(record["train_accuracy"].values())}
-        (out_dir / RECORD).write_text(json.dumps(record, indent=2))
         log("factor judge test accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in result.test_accuracy.items()))
         return record
 
