@@ -23,9 +23,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "storage.queries": ("Reads",),
     "storage.connection": ("connect",),
     "storage.schema": (
-        "TABLES", "VIEWS", "Table", "Col", "View", "SPLITS", "CONCEPT_KINDS", "TOP_IMAGE_SCOPES", "OVERALL_STEP",
-        "SAE_CONTEXT",
+        "TABLES", "Table", "Col", "View", "SPLITS", "CONCEPT_KINDS", "TOP_IMAGE_SCOPES", "OVERALL_STEP",
     ),
+    "storage.views": ("VIEWS", "SAE_CONTEXT"),
     "storage.export": ("write_table", "csv_bytes", "json_lines"),
     "storage.table_export": ("export_tables", "ExportedTable"),
     "storage.errors": (

@@ -1,9 +1,11 @@
-"""SQL from the schema's declarations (``storage.schema``): CREATE TABLE with the grain as primary key, the
-comments that carry each grain and column doc into the file, and the views."""
+"""SQL from the schema's declarations (``storage.schema``, ``storage.views``): CREATE TABLE with the grain as
+primary key, the comments that carry each grain and column doc into the file, and the views; and the lookup
+of a table's declaration by name."""
 
 from __future__ import annotations
 
-from storage.schema import TABLES, VIEWS, Table, View
+from storage.schema import TABLES, Table, View
+from storage.views import VIEWS
 
 
 def quote_ident(name: str) -> str:
@@ -52,3 +54,14 @@ def all_ddl() -> list[str]:
     for view in VIEWS.values():
         stmts += view_ddl(view)
     return stmts
+
+
+def table_spec(name: str) -> Table:
+    """The declaration of table ``name``; a ValueError lists the tables (and says views are read-only)."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown table {name!r}; the warehouse tables are {', '.join(TABLES)}"
+            + (" (views are read-only)" if name in VIEWS else "")
+        ) from None

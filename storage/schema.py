@@ -1,4 +1,4 @@
-"""Warehouse schema: every table and view, declared once and rendered to DDL.
+"""Warehouse schema: every table, declared once and rendered to DDL (the views over them: ``storage.views``).
 
 The same declarations drive the DDL, the column validation of ``Warehouse.replace_partition`` and
 the grain checks, so they cannot drift apart. Each table states its grain (the columns that
@@ -283,6 +283,29 @@ TABLES: dict[str, Table] = {
             ),
         ),
         Table(
+            "factor_probes",
+            ("sae_id", "factor", "step", "k"),
+            "one sparse probe of one generative factor at one diffusion step: k of the SAE's latents (k = 0: "
+            "every raw channel of its block) averaged over each image's tokens, predicting the factor value the "
+            "judge sees in the final image; held-out accuracy by stratified cross-validation (families whose "
+            "judge knows factors)",
+            (
+                Col("sae_id", "VARCHAR"),
+                Col("factor", "VARCHAR", "class, colour, thickness or background"),
+                Col("step", "INTEGER", "diffusion step index (features.probe_steps of the captured steps)"),
+                Col("k", "INTEGER", "latents the probe reads (the k with the largest ANOVA F on its training "
+                    "folds); 0: every raw channel, the baseline (the same for every SAE of a layer)"),
+                Col("accuracy", "DOUBLE", "mean held-out accuracy over the folds",
+                    "CHECK (accuracy BETWEEN 0 AND 1)"),
+                Col("accuracy_std", "DOUBLE", "its standard deviation over the folds"),
+                Col("chance", "DOUBLE", "share of the most common value: the accuracy of always guessing it"),
+                Col("n_images", "INTEGER", "images probed (values on fewer images than folds are left out)"),
+                Col("n_values", "INTEGER", "factor values among them"),
+                Col("features", "INTEGER[]", "the k latents picked on all the images; NULL for k = 0"),
+            ),
+            checks=("k >= 0", "n_values >= 2"),
+        ),
+        Table(
             "feature_tokens",
             ("sae_id", "feature_id", "prompt_id", "position"),
             "one SAE latent of a text site (resid_text) at one token of one prompt, over its images and steps; only "
@@ -368,111 +391,3 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
-
-# Readers (dashboards, `tide sql`) go through these views, which attach the SAE's layer/site/variant
-# and class names so a query rarely needs a join of its own.
-SAE_CONTEXT = ("run_id", "layer", "site", "variant", "n_latents")  # what each v_* view adds from `saes`
-_SAE_COLS = ", ".join(f"s.{c}" for c in SAE_CONTEXT)
-
-VIEWS: dict[str, View] = {
-    v.name: v
-    for v in (
-        View(
-            "v_classes",
-            "one class of one run, with its name and image count",
-            "SELECT run_id, class_id, any_value(class_name) AS class_name, count(*) AS n_samples "
-            "FROM samples GROUP BY run_id, class_id",
-        ),
-        View(
-            "v_features",
-            "features with their SAE (layer, site, variant) and the name of top_class",
-            f"SELECT {_SAE_COLS}, f.*, c.class_name AS top_class_name FROM features f "
-            "LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN v_classes c ON c.run_id = s.run_id AND c.class_id = f.top_class",
-        ),
-        View(
-            "v_feature_stats",
-            "feature_stats with their SAE (layer, site, variant) and the step's timestep and model time",
-            f"SELECT {_SAE_COLS}, t.timestep, t.model_time, fs.* FROM feature_stats fs LEFT JOIN saes s USING "
-            "(sae_id) LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = fs.step",
-        ),
-        View(
-            "v_feature_concepts",
-            "feature_concepts with their SAE (layer, site, variant)",
-            f"SELECT {_SAE_COLS}, fc.* FROM feature_concepts fc LEFT JOIN saes s USING (sae_id)",
-        ),
-        View(
-            "v_feature_factors",
-            "feature_factors with their SAE (layer, site, variant) and the step's timestep",
-            f"SELECT {_SAE_COLS}, t.timestep, ff.* FROM feature_factors ff LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = ff.step",
-        ),
-        View(
-            "v_factor_emergence",
-            "per SAE, factor and step: the most informative latent's normalized_mi and how many latents carry "
-            "at least a tenth of the factor: where (layer) and when (step) a factor appears",
-            f"SELECT {_SAE_COLS}, ff.sae_id, ff.factor, ff.step, max(ff.normalized_mi) AS best_normalized_mi, "
-            "arg_max(ff.feature_id, ff.normalized_mi) AS best_feature, "
-            "count(*) FILTER (WHERE ff.normalized_mi >= 0.1) AS carriers "
-            f"FROM feature_factors ff LEFT JOIN saes s USING (sae_id) WHERE ff.step <> {OVERALL_STEP} GROUP BY ALL",
-        ),
-        View(
-            "v_feature_tokens",
-            "feature_tokens per token string (all its prompts and positions) with the SAE (layer, site, variant): "
-            "which words a text-stream latent fires on",
-            f"SELECT ft.sae_id, {_SAE_COLS}, ft.feature_id, ft.token, count(DISTINCT ft.prompt_id) AS prompts, "
-            "sum(ft.fires) AS fires, any_value(ft.token_observations) AS observations, "
-            "sum(ft.fires) / any_value(ft.token_observations) AS fire_rate, "
-            "sum(ft.mean_act * ft.fires) / sum(ft.fires) AS mean_act, max(ft.max_act) AS max_act "
-            "FROM feature_tokens ft LEFT JOIN saes s USING (sae_id) GROUP BY ALL",
-        ),
-        View(
-            "v_sae_metrics",
-            f"sae_metrics with their SAE and the step's timestep and model time; step = {OVERALL_STEP} is the "
-            "aggregate over all steps",
-            f"SELECT {_SAE_COLS}, s.k, s.tokens_seen, t.timestep, t.model_time, m.* FROM sae_metrics m LEFT JOIN saes s "
-            "USING (sae_id) LEFT JOIN steps t ON t.run_id = s.run_id AND t.step = m.step",
-        ),
-        View(
-            "v_sae_sweep_best",
-            f"the best point of each variant on each layer of each sweep: the lowest held-out nmse over all steps "
-            f"among the points with dead_fraction < {MAX_DEAD_FRACTION} (if none, the one with the fewest dead)",
-            "SELECT * FROM sae_sweep WHERE step = -1 QUALIFY row_number() OVER (PARTITION BY sweep_id, layer, "
-            f"variant ORDER BY dead_fraction >= {MAX_DEAD_FRACTION}, CASE WHEN dead_fraction < {MAX_DEAD_FRACTION} "
-            "THEN nmse ELSE dead_fraction END, point) = 1",
-        ),
-        View(
-            "v_top_images",
-            "top_images with their SAE and the image's class (or prompt), seed and judge verdict",
-            f"SELECT {_SAE_COLS}, t.*, sm.class_id, sm.class_name, sm.prompt_id, sm.seed, sm.judge_pred, sm.judge_conf "
-            "FROM top_images t LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN samples sm ON sm.run_id = s.run_id AND sm.sample_id = t.sample_id",
-        ),
-        View(
-            "v_feature_neighbors",
-            "feature_neighbors with the neighbour's label and fire rate",
-            f"SELECT {_SAE_COLS}, n.*, f.label AS neighbor_label, f.fire_rate AS neighbor_fire_rate "
-            "FROM feature_neighbors n LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN features f ON f.sae_id = n.sae_id AND f.feature_id = n.neighbor_id",
-        ),
-        View(
-            "v_edits",
-            "edits with the SAE's layer, the edited image's class; flipped = the judge changed its prediction",
-            "SELECT e.*, s.layer, s.variant, sm.class_id, sm.class_name, "
-            "e.pred_after IS DISTINCT FROM e.pred_before AS flipped "
-            "FROM edits e LEFT JOIN saes s USING (sae_id) "
-            "LEFT JOIN samples sm ON sm.run_id = e.run_id AND sm.sample_id = e.sample_id",
-        ),
-    )
-}
-
-
-def table_spec(name: str) -> Table:
-    """The declaration of table ``name``; a ValueError lists the tables (and says views are read-only)."""
-    try:
-        return TABLES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown table {name!r}; the warehouse tables are {', '.join(TABLES)}"
-            + (" (views are read-only)" if name in VIEWS else "")
-        ) from None

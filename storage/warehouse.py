@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.connection import DEFAULT_LOCK_TIMEOUT_S, REBUILD, connect, count_of
-from storage.ddl import create_table_sql, quote_ident, table_comments_sql, view_ddl
+from storage.ddl import create_table_sql, quote_ident, table_comments_sql, table_spec, view_ddl
 from storage.errors import (
     UnknownSaeError,
     WarehouseError,
@@ -38,7 +38,8 @@ from storage.errors import (
     WarehouseWriteError,
 )
 from storage.queries import Params, Reads, fetch
-from storage.schema import TABLES, TOP_IMAGE_SCOPES, VIEWS, Col, table_spec
+from storage.schema import TABLES, TOP_IMAGE_SCOPES, Col
+from storage.views import VIEWS
 from storage.writes import Replacement, ReplaceResult, Rows, Writes, transaction
 
 # What `from storage.warehouse import ...` offers: the warehouse, its records and the errors it raises.

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from storage.connection import bindable, count_of
-from storage.ddl import quote_ident
+from storage.ddl import quote_ident, table_spec
 from storage.errors import WarehouseWriteError
-from storage.schema import Table, table_spec
+from storage.schema import Table
 
 Rows = pa.Table | pa.RecordBatch | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 _NEW_ROWS = "_tide_new_rows"  # name the incoming Arrow table is registered under during a write

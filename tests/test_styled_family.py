@@ -111,7 +111,7 @@ def test_a_styled_digits_run_end_to_end_scores_every_factor(tmp_path):
                         "num_samples": 12, "shard_size": 6},
            "capture": {"layers": [1], "sites": ["resid"]},
            "sae": {"variants": ["topk"], "spec": {"n_latents": 32, "k": 4}},
-           "edit": {"feature_ids": [0], "n_samples": 2}}
+           "edit": {"feature_ids": [0], "n_samples": 2}, "features": {"probe_folds": 2}}
     project = Project.load(write_config(tmp_path / "run", cfg))
     logs: list[str] = []
     report = materialize(definitions_for(project), warehouse_instance(project), log=logs.append)
@@ -154,7 +154,18 @@ def test_a_styled_digits_run_end_to_end_scores_every_factor(tmp_path):
     first = wh.query("SELECT layer, variant, min(step) AS first_step FROM v_factor_emergence "
                      "WHERE factor = 'colour' AND best_normalized_mi > 0 GROUP BY ALL").to_pylist()
     assert first and first[0]["layer"] == 1
+    # sparse probes of what the judge sees, at every probed step: the SAE's k latents and the raw channels
+    assert wh.check_grain("factor_probes") == 0
+    probes = wh.query("SELECT factor, k, count(DISTINCT step) AS steps, min(accuracy) AS lo, max(accuracy) AS hi, "
+                      "bool_and(features IS NULL) AS raw FROM v_factor_probes GROUP BY ALL ORDER BY ALL").to_pylist()
+    # 12 images: only the colour shows two values on at least 2 images each (the folds); every k, every step
+    assert [(p["factor"], p["k"]) for p in probes] == [("colour", 0), ("colour", 1), ("colour", 4), ("colour", 16)]
+    assert all(p["steps"] == 3 and 0 <= p["lo"] <= p["hi"] <= 1 and p["raw"] == (p["k"] == 0) for p in probes)
     assert (project.root / "dashboard" / "index.html").is_file()
+    # feature pages carry each feature's factor information by step
+    chunks = [json.loads(p.read_text()) for p in (project.root / "dashboard" / "data" / "sae").glob("*/f/*.json")]
+    with_factors = [d["factors"] for c in chunks for d in c["features"].values() if d["factors"]]
+    assert with_factors and {"factor", "step", "normalized_mi"} <= set(with_factors[0])
 
 
 def test_the_committed_model_is_the_one_the_config_trains():

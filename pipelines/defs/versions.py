@@ -44,6 +44,13 @@ def _styled(cfg: TideConfig) -> str:
     return f"styled-{content_key(cfg.model.styled_digits.model_dump(exclude={'checkpoint_dir'}))[:8]}"
 
 
+def _probes(cfg: TideConfig) -> str:
+    """The factor probes' settings, only for the family whose judge knows factors (nobody else has probes)."""
+    if cfg.model.source != STYLED_DIGITS_SOURCE:
+        return ""
+    return f"probes-{content_key(cfg.features.model_dump(include={'probe_steps', 'probe_folds'}))[:8]}"
+
+
 def _acts_kept(cfg: TideConfig) -> str:
     """A streaming run's store keeps the activations of its held-out shards only."""
     return f"acts-from{cfg.first_act_shard()}" if cfg.first_act_shard() else ""
@@ -87,7 +94,8 @@ VERSIONS: dict[str, Version] = {
     # the [sae] defaults leaves the points already run fresh
     "sae_sweep": Version(1, ("sae", "sweep"), exclude=(*SWEEP_GRID_FIELDS, *BATCH_CONFIG_PATHS),
                          extra=_batch),
-    "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature")),
+    "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature"),
+                             extra=_probes),
     "top_images": Version(1, ("features.top_n",)),
     "edits": Version(1, ("edit",)),
     "feature_dashboard": Version(1),

@@ -22,6 +22,7 @@ from distributed import Client
 
 from pipelines.context import RunContext
 from pipelines.stages.feature_tokens import token_table
+from pipelines.stages.probes import probe_inputs, sae_probes
 from pipelines.stages.sae import check_inputs, missing_checkpoint
 from storage import OVERALL_STEP, ActivationStore, SaeRecord
 from tide_core.factors import ConditionFactors
@@ -53,7 +54,7 @@ DECILES = np.linspace(0.1, 0.9, 9)
 CHUNKS_PER_TASK = 8
 MERGE_FAN_IN = 8
 STATS_TABLES = ("feature_stats", "features", "feature_concepts", "feature_neighbors", "feature_tokens",
-                "feature_factors")
+                "feature_factors", "factor_probes")
 
 
 class FeatureError(ValueError):
@@ -305,6 +306,7 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
     concepts = run_concepts(store.provenance, asked)
     passed = store.samples()["class_id"][store.layout.act_samples.start:]  # the images the pass reads
     images_per_condition = np.bincount(passed, minlength=concepts.incidence.shape[0])
+    probes = probe_inputs(ctx, store, layer, site) if asked is not None else None
     reports = []
     sequences: list = []
 
@@ -322,6 +324,8 @@ def build_feature_stats(ctx: RunContext, layer: int, site: str) -> LayerFeatureR
                               cfg.concepts_per_feature)  # before the file is locked
         if asked is not None:
             tables["feature_factors"] = factor_table(factor_association(result.summary, asked, OVERALL_STEP))
+        if probes is not None:
+            tables["factor_probes"] = sae_probes(probes, sae, cfg.probe_folds)
         if result.positions is not None:
             tables["feature_tokens"] = token_table(result.positions, texts(), store.provenance,
                                                    images_per_condition, len(store.layout.steps), rec.n_latents)

@@ -212,6 +212,11 @@ class FeaturesConfig(Section):
     concepts_per_feature: int = Field(64, ge=1, le=10_000)
     """Concepts kept per feature in `feature_concepts` (highest lift first): a run with many prompts has
     thousands of words, most of them noise for any one feature."""
+    probe_steps: int = Field(10, ge=0, le=1000)
+    """Diffusion steps at which `factor_probes` probes each factor (evenly spaced from the first captured
+    step to the last; 0: no probes). Only for families whose judge knows factors (the styled digits)."""
+    probe_folds: int = Field(5, ge=2, le=20)
+    """Cross-validation folds of each probe: every image is held out once."""
     scheduler: str | None = None
     """dask.distributed scheduler address (e.g. "tcp://10.0.0.5:8786") for the statistics pass; unset runs
     it on local threads. The workers must be able to read the activation store's URL."""
