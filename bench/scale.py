@@ -1,6 +1,6 @@
 """Scale-out on one machine: capture shards and SAE layers on 1 process against N worker processes.
 
-    .venv/bin/python bench/scale.py [--config configs/tiny-pixart.toml] [--samples 256] [--workers 2]
+    .venv/bin/python bench/scale.py [--config configs/tiny-pixart.toml] [--samples 256] [--workers 2] [--shard-size 16]
 
 Two fresh warehouses of the same config (in a temporary folder): upstream assets first, untimed; then the
 `activations` partitions (every capture shard) and then the `sae` partitions (every layer x site), timed,
@@ -34,11 +34,12 @@ CAPTURE = "key:activations"
 SAE = "key:sae"
 
 
-def project_at(config: Path, root: Path, samples: int) -> Project:
-    """The config with its warehouse under root and `samples` images (shards of 16), model dirs kept."""
+def project_at(config: Path, root: Path, samples: int, shard_size: int = 16) -> Project:
+    """The config with its warehouse under root and `samples` images in shards of `shard_size`, model dirs
+    kept."""
     data = tomllib.loads(config.read_text())
     base = config.parent
-    over = {"warehouse": {"root": str(root / "wh")}, "sampling": {"num_samples": samples, "shard_size": 16}}
+    over = {"warehouse": {"root": str(root / "wh")}, "sampling": {"num_samples": samples, "shard_size": shard_size}}
     for section in ("digits", "tiny_pixart", "tiny_sd3", "tiny_flux"):
         ckpt = data.get("model", {}).get(section, {}).get("checkpoint_dir")
         if ckpt:
@@ -90,6 +91,8 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny-pixart.toml"))
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shard-size", type=int, default=16, help="samples per capture shard: each shard is one "
+                   "Dagster run, whose fixed cost (~1 s) larger shards spread over more work")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tide-scale-"))
     try:
@@ -102,11 +105,11 @@ def run(args, tmp: Path) -> None:
     from pipelines.parallel import Workers
     from storage import ActivationStore
 
-    serial, single, parallel = (project_at(Path(args.config), tmp / name, args.samples)
+    serial, single, parallel = (project_at(Path(args.config), tmp / name, args.samples, args.shard_size)
                                 for name in ("serial", "single", "parallel"))
     for project in (serial, single, parallel):  # the model, prompts and the store's layout: not measured
         timed(project, "+key:activation_store")
-    print(f"config {args.config}: {args.samples} samples in {serial.num_shards} shards of 16, "
+    print(f"config {args.config}: {args.samples} samples in {serial.num_shards} shards of {args.shard_size}, "
           f"layers {serial.config.capture.layers}, sites {serial.config.capture.sites}")
 
     import torch

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from storage import OVERALL_STEP, SaeRecord, Warehouse
-from storage.schema import SAE_CONTEXT  # not in storage's public API
+from storage.views import SAE_CONTEXT
 
 # Columns the v_* views add from `saes`; the site carries them once per SAE, not once per row.
 _EXCLUDE_CONTEXT = "EXCLUDE (" + ", ".join(SAE_CONTEXT) + ")"
@@ -72,6 +72,7 @@ class FeatureBlock:
     features: pa.Table  # v_features, one row per feature
     steps: pa.Table  # v_feature_stats, one row per (feature, step)
     concepts: pa.Table  # v_feature_concepts, one row per (feature, concept) where the feature fired
+    factors: pa.Table  # v_feature_factors, one row per (feature, factor, step) (styled digits; else empty)
     top: pa.Table  # v_top_images, one row per (feature, scope, rank), heatmaps included
     neighbors: pa.Table  # v_feature_neighbors, one row per (feature, rank)
 
@@ -147,7 +148,7 @@ class WarehouseReader:
             "WHERE f.sae_id = $sae ORDER BY f.feature_id", {"sae": sae_id})
 
     def feature_block(self, sae_id: str, lo: int, hi: int) -> FeatureBlock:
-        with self.wh.reading() as reads:  # five reads, one connection
+        with self.wh.reading() as reads:  # six reads, one connection
             def read(view: str, order: str) -> pa.Table:
                 return reads.query(
                     f"SELECT * {_EXCLUDE_CONTEXT} FROM {view} WHERE sae_id = ? AND feature_id >= ? "
@@ -158,6 +159,7 @@ class WarehouseReader:
                 features=read("v_features", "feature_id"),
                 steps=read("v_feature_stats", "feature_id, step"),
                 concepts=read("v_feature_concepts", "feature_id, fire_rate DESC, concept"),
+                factors=read("v_feature_factors", "feature_id, factor, step"),
                 top=read("v_top_images", "feature_id, scope, rank"),
                 neighbors=read("v_feature_neighbors", "feature_id, rank"),
             )

@@ -102,7 +102,7 @@ def _feature_details(block: FeatureBlock) -> dict[int, dict[str, Any]]:
     docs: dict[int, dict[str, Any]] = {}
 
     def doc(fid: int) -> dict[str, Any]:
-        return docs.setdefault(fid, {"stats": {}, "hist": None, "steps": {}, "concepts": {}, "top": {},
+        return docs.setdefault(fid, {"stats": {}, "hist": None, "steps": {}, "concepts": {}, "factors": {}, "top": {},
                                      "grid": None, "heat_max": None, "neighbors": {}, "edits": []})
 
     feats = block.features
@@ -113,7 +113,8 @@ def _feature_details(block: FeatureBlock) -> dict[int, dict[str, Any]]:
         d = doc(fid)
         d["stats"] = {k: v[i] for k, v in stats.items()}
         d["hist"] = _trim_histogram(hist[i] if hist else None, edges[i] if edges else None)
-    for key, table in (("steps", block.steps), ("concepts", block.concepts), ("neighbors", block.neighbors)):
+    for key, table in (("steps", block.steps), ("concepts", block.concepts), ("factors", block.factors),
+                       ("neighbors", block.neighbors)):
         cols = json_columns(table, _DETAIL_DROP)
         for fid, a, b in _spans(table):
             doc(fid)[key] = {k: v[a:b] for k, v in cols.items()}

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/results.py [--config tide.toml]      # after `make run`
     .venv/bin/python scripts/results.py --schema-only [--check]   # the grains table alone (no warehouse)
+    .venv/bin/python scripts/results.py --styled configs/styled-digits.toml  # also the factor findings
 
 The docs mark each generated block with a pair of HTML comments, ``<!-- generated:NAME -->`` and
 ``<!-- /generated:NAME -->``; this script replaces what lies between them and touches nothing else. Blocks:
@@ -30,6 +31,7 @@ from pipelines.plots import pyplot  # noqa: E402
 from pipelines.project import Project  # noqa: E402
 from pipelines.runner import SESSION_TAG  # noqa: E402
 from pipelines.table_format import format_table  # noqa: E402
+from scripts.factor_findings import FactorResults, styled_blocks  # noqa: E402
 from storage import TABLES, VIEWS, Warehouse  # noqa: E402
 
 README, FINDINGS, ARCHITECTURE = REPO / "README.md", REPO / "docs" / "FINDINGS.md", REPO / "docs" / "ARCHITECTURE.md"
@@ -320,8 +322,8 @@ def _per_step(rows: list[dict], key: str, ylabel: str, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ rewriting
 
 
-def blocks(results: Results | None) -> list[Block]:
-    out = [Block(ARCHITECTURE, "grains", grains)]
+def blocks(results: Results | None, styled: FactorResults | None = None) -> list[Block]:
+    out = [Block(ARCHITECTURE, "grains", grains), *styled_blocks(styled, Block)]
     if results is None:
         return out
     r = results
@@ -370,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="the run whose warehouse to read (default tide.toml)")
     p.add_argument("--schema-only", action="store_true", help="only the blocks that need no warehouse")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is out of date")
+    p.add_argument("--styled", default=None, help="a styled-digits run's config: also its factor findings "
+                   "(probes from its warehouse, edits from bench/factor_edits.py's results)")
+    p.add_argument("--styled-only", action="store_true", help="with --styled: only the factor findings")
     args = p.parse_args(argv)
-    results = None if args.schema_only else Results(Project.load(args.config or REPO / "tide.toml"))
-    changed = regenerate(blocks(results), args.check)
+    results = None if args.schema_only or args.styled_only else Results(Project.load(args.config or REPO / "tide.toml"))
+    styled = FactorResults(Project.load(args.styled)) if args.styled else None
+    changed = regenerate(blocks(results, styled), args.check)
     for name in changed:
         print(("out of date: " if args.check else "updated: ") + name)
     return 1 if args.check and changed else 0

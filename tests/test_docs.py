@@ -12,7 +12,8 @@ def test_the_grains_table_matches_the_schema():
 
 def test_every_generated_block_has_its_markers():
     placeholder = object.__new__(results.Results)  # the block list only, no warehouse
-    for block in results.blocks(placeholder):
+    styled = object.__new__(results.FactorResults)
+    for block in results.blocks(placeholder, styled):
         text = block.path.read_text()
         assert f"<!-- generated:{block.name} -->\n" in text and f"\n<!-- /generated:{block.name} -->" in text, (
             block.path.name, block.name)

@@ -304,6 +304,15 @@ async function featurePage() {
     charts.append(lineChart({ title: `${conditionNoun(run)} selectivity by step`, series: [{ name: "selectivity", color: "#8c564b", x: s.step, y: s.class_selectivity }],
       xlabel: "step (0 = noisiest)", ylabel: "selectivity", mark: st.peak_step }));
   }
+  // Generative factors (styled digits): how much of each factor the feature's firing tells, step by step.
+  const fac = rowsOf(d.factors || {}).filter((r) => r.step >= 0);
+  const factorNames = [...new Set(fac.map((r) => r.factor))].sort();
+  const factorColors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+  const factorChart = fac.length ? lineChart({ title: "information about each factor by step", xlabel: "step (0 = noisiest)",
+    ylabel: "share of the factor's entropy", mark: st.peak_step, series: factorNames.map((n, i) => {
+      const rows = fac.filter((r) => r.factor === n);
+      return { name: n, color: factorColors[i % factorColors.length], x: rows.map((r) => r.step), y: rows.map((r) => r.normalized_mi) };
+    }) }) : null;
   // Concepts: the classes of a class-conditional run (all of them, in class order when few), or the words and
   // tags of a text-conditional run's prompts (the 30 the feature fires on most, relative to its own rate).
   const onlyClasses = d.concepts.every((c) => c.kind === "class");
@@ -322,6 +331,10 @@ async function featurePage() {
   }
   main.append(el("h2", { text: "Activation, concepts and histogram" }),
     legend([["fire rate", "#1f77b4"], ["mean activation when firing", "#2ca02c"], ["max activation", "#d62728"], ["peak step", "#b42318"]]), charts);
+  if (factorChart) {
+    main.append(el("h2", { text: "Generative factors" }),
+      legend(factorNames.map((n, i) => [n, factorColors[i % factorColors.length]])), el("div", { class: "row" }, factorChart));
+  }
   main.append(el("h2", { text: "Nearest features by decoder cosine" }), neighbors(d, sae));
   if (d.edits && d.edits.length) main.append(steering(d.edits, run, className));
   done(`feature ${f} · ${sae.sae_id}`);
