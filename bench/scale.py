@@ -91,8 +91,8 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "tiny-pixart.toml"))
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shard-size", type=int, default=16, help="samples per capture shard: each shard is one "
-                   "Dagster run, whose fixed cost (~1 s) larger shards spread over more work")
+    p.add_argument("--shard-size", type=int, default=16, help="samples per capture shard (each shard is one "
+                   "Dagster run)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tide-scale-"))
     try:
