@@ -179,3 +179,13 @@ def test_the_committed_model_is_the_one_the_config_trains():
     assert meta["styled_digits_config"]["prediction_type"] == "v_prediction"
     scheduler = json.loads((REPO / "models" / "styled-digits" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_a_factor_no_prompt_asks_for_has_no_grid():
+    """Prompts that name only the digit ("a seven"): the style factors get no grid (and no accuracy to check)
+    instead of failing the quality asset."""
+    from pipelines.stages.model import factor_grid_png
+
+    images = np.zeros((6, 3, 8, 8), np.float32)
+    assert factor_grid_png(images, np.full(6, -1), 3) is None
+    assert factor_grid_png(images, np.array([0, 0, 1, 1, -1, -1]), 3)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,8 +102,10 @@ def measure_quality(ctx: RunContext) -> QualityReport:
     want_class = asked.codes[conditions, 0]  # [n]
     per = [float((verdict.pred[conditions == c] == want_class[conditions == c]).mean())
            if (conditions == c).any() else float("nan") for c in range(n_cond)]
-    grids = {name: factor_grid_png(images, asked.codes[conditions, j], len(asked.values[j]))
-             for j, name in enumerate(asked.names)}
+    grids = {name: png for j, name in enumerate(asked.names)  # the factors some prompt asks for
+             if (png := factor_grid_png(images, asked.codes[conditions, j], len(asked.values[j]))) is not None}
+    if asked.names[0] not in grids:  # no prompt names a class: the first images, unsorted
+        grids[asked.names[0]] = png_bytes_of_array(image_grid(to_uint8(images[:10]), rows=1, cols=min(10, n)))
     report = QualityReport(
         accuracy=acc.per_factor[asked.names[0]], per_condition_accuracy=per, per_factor_accuracy=acc.per_factor,
         per_value_accuracy=acc.per_value, missing_values=asked.missing_values(), unknown_words=asked.unknown_words(),
@@ -122,10 +124,13 @@ def measure_quality(ctx: RunContext) -> QualityReport:
     return report
 
 
-def factor_grid_png(images: np.ndarray, want: np.ndarray, n_values: int, cols: int = 10) -> bytes:
-    """A row per value asked for (want: int64 [n], UNASKED where none), its first ``cols`` images by id."""
+def factor_grid_png(images: np.ndarray, want: np.ndarray, n_values: int, cols: int = 10) -> bytes | None:
+    """A row per value asked for (want: int64 [n], UNASKED where none), its first ``cols`` images by id; None
+    when no image asks for any value."""
     rows = [np.flatnonzero(want == v)[:cols] for v in range(n_values)]
     rows = [r for r in rows if len(r)]
+    if not rows:
+        return None
     cols = min(cols, min(len(r) for r in rows))
     pick = np.concatenate([r[:cols] for r in rows])
     return png_bytes_of_array(image_grid(to_uint8(images[pick]), rows=len(rows), cols=cols))
