@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.project import Project  # noqa: E402
+from pipelines.stages.edit_plan import feature_units  # noqa: E402
 from storage import ActivationStore, Warehouse  # noqa: E402
 from tide_core.edit import EditHook, EditSpec, StepWindow  # noqa: E402
 from tide_core.prompts import Prompt, PromptSet  # noqa: E402
@@ -145,11 +146,6 @@ class Bench:
             "AND lift > 1 ORDER BY normalized_mi DESC LIMIT ?",
             [self.saes[layer, variant]["sae_id"], factor, value, N_FEATURES]).to_pylist()]
 
-    def units(self, layer: int, variant: str, feats: set[int]) -> dict[int, float]:
-        rows = self.wh.query("SELECT feature_id, mean_act FROM features WHERE sae_id = ? AND list_contains(?, "
-                             "feature_id)", [self.saes[layer, variant]["sae_id"], sorted(feats)]).to_pylist()
-        return {r["feature_id"]: float(r["mean_act"] or 1.0) for r in rows}
-
     def means(self, layer: int, step: int, f: int) -> np.ndarray:
         """[n_values, d] mean block output per value of factor f (as the judge sees the run's images)."""
         if (layer, step, f) not in self._means:
@@ -164,7 +160,7 @@ class Bench:
 
         def hooks_for(sl):
             rows_a, rows_b = [picks[int(v)] for v in a[sl]], [picks[int(v)] for v in b[sl]]
-            units = self.units(layer, variant, {x for r in rows_b for x in r})
+            units = feature_units(self.wh, self.saes[layer, variant]["sae_id"], sorted({x for r in rows_b for x in r}))
             zero = EditHook(self.model, layer, sae, EditSpec("zero", (), 0.0, window), self.steps, row_features=rows_a)
             add = EditHook(self.model, layer, sae, EditSpec("add", (), strength, window), self.steps,
                            row_features=rows_b, feature_units=units)

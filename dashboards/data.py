@@ -16,8 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage import OVERALL_STEP, SaeRecord, Warehouse
-from storage.views import SAE_CONTEXT
+from storage import OVERALL_STEP, SAE_CONTEXT, SaeRecord, Warehouse
 
 # Columns the v_* views add from `saes`; the site carries them once per SAE, not once per row.
 _EXCLUDE_CONTEXT = "EXCLUDE (" + ", ".join(SAE_CONTEXT) + ")"

@@ -10,9 +10,9 @@ from tide_core.features.probes import (
     factor_probes,
     pooled,
     probe_accuracy,
-    probe_steps,
     top_latents,
 )
+from tide_core.sampling import spread_steps
 
 
 def test_pooled_latents_equal_a_plain_per_image_loop():
@@ -76,6 +76,6 @@ def test_rare_values_and_single_value_factors_are_left_out():
 
 
 def test_probe_steps_are_spread_from_the_first_to_the_last():
-    assert probe_steps(list(range(50)), 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
-    assert probe_steps([0, 10, 20], 10) == [0, 10, 20]
-    assert probe_steps([0, 10, 20, 30], 1) == [0]
+    assert spread_steps(list(range(50)), 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
+    assert spread_steps([0, 10, 20], 10) == [0, 10, 20]
+    assert spread_steps([0, 10, 20, 30], 1) == [0]

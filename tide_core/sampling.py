@@ -46,6 +46,14 @@ def sample_seed(run_seed: int, sample_id: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def spread_steps(steps: Sequence[int], count: int) -> list[int]:
+    """``count`` of ``steps``, evenly spaced from the first to the last (all of them if there are fewer)."""
+    if count >= len(steps):
+        return [int(s) for s in steps]
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, count)).astype(int))
+    return [int(steps[i]) for i in picks]
+
+
 def condition_for(sample_id: int, conditions: Sequence[int]) -> int:
     """Conditions (classes) are assigned round-robin by sample_id, so every shard is balanced."""
     return int(conditions[sample_id % len(conditions)])

@@ -1,6 +1,7 @@
 """Model assets: the DiT's weights, and (for families with a judge) the judge and the sample quality."""
 
 import hashlib
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -75,7 +76,7 @@ def build(project: Project, has_judge: bool, text: bool) -> tuple[list, list]:
         r = measure_quality(tide.context(context))
         targets = {f: SAMPLE_MIN_ACCURACY if i == 0 else STYLE_MIN_ACCURACY for i, f in enumerate(r.per_factor_accuracy)}
         # a factor no prompt asks for has no accuracy (NaN): values_not_asked names it, the check cannot
-        failed = {f: a for f, a in r.per_factor_accuracy.items() if a == a and not a >= targets[f]}
+        failed = {f: a for f, a in r.per_factor_accuracy.items() if not math.isnan(a) and not a >= targets[f]}
         factors = {}
         if len(r.per_factor_accuracy) > 1:  # a judge of several factors: each with its values and grid
             factors = {"per_factor_accuracy": dg.MetadataValue.json({k: round(v, 4) for k, v in

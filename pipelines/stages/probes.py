@@ -14,8 +14,8 @@ import pyarrow as pa
 
 from pipelines.context import RunContext
 from storage import ActivationStore
-from tide_core.features.probes import PROBE_KS, RAW_PROBE, ProbeRows, factor_probes, pooled, probe_steps
-from tide_core.sampling import from_uint8
+from tide_core.features.probes import PROBE_KS, RAW_PROBE, ProbeRows, factor_probes, pooled
+from tide_core.sampling import from_uint8, spread_steps
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def probe_inputs(ctx: RunContext, store: ActivationStore, layer: int, site: str)
     if verdict.factors is None:
         return None  # a judge of classes alone: the class probe is the features table's selectivity
     names = ctx.family.judge_class.condition_factors([]).names
-    steps = probe_steps(store.layout.steps, cfg.probe_steps)
+    steps = spread_steps(store.layout.steps, cfg.probe_steps)
     by_step = dict(zip(store.layout.steps, store.provenance["capture_timesteps"], strict=True))
     acts = {s: store.read_step(site, layer, s) for s in steps}  # [N, P, d] each, read once for every SAE
     labels = np.asarray(verdict.factors, np.int64)  # [N, F]

@@ -25,7 +25,7 @@ from storage import ActivationStore
 from tide_core.factors import UNASKED, asked_accuracy
 from tide_core.models.base import Judge, Judgement
 from tide_core.quality import frechet_distance, pixel_features
-from tide_core.sampling import Sampler, condition_for, from_uint8, to_uint8
+from tide_core.sampling import Sampler, condition_for, from_uint8, spread_steps, to_uint8
 from tide_core.splice import SAESplice
 
 LOSS_TIMESTEPS = 10  # timesteps the denoiser loss is averaged over (evenly spread over the captured ones)
@@ -75,14 +75,13 @@ def make_splice_bench(ctx: RunContext, store: ActivationStore, layer: int, site:
     conditions = np.array([condition_for(int(i), store.provenance["sampling"]["classes"]) for i in ids])
     original = store.images(int(ids[0]), int(ids[-1]) + 1)[ids - ids[0]]
     steps = store.provenance["capture_timesteps"]
-    pick = np.unique(np.linspace(0, len(steps) - 1, min(LOSS_TIMESTEPS, len(steps))).round().astype(int))
     sampler = ctx.sampler()
     want = np.full(len(ids), UNASKED, np.int64)
     if ctx.family.judge_class is not None:
         names = [str(c) for c in store.provenance["class_names"]]
         want = ctx.family.judge_class.condition_factors(names).codes[conditions, 0]
     bench = SpliceBench(sampler=sampler, layer=layer, site=site, ids=ids, conditions=conditions, want_class=want,
-                        original=original, timesteps=[int(steps[i]) for i in pick], loss_clean=0.0,
+                        original=original, timesteps=spread_steps(steps, LOSS_TIMESTEPS), loss_clean=0.0,
                         judge=ctx.judge, original_verdict=None, real_features=None)
     bench.loss_clean = denoiser_loss(bench, None)
     if bench.judge is not None:

@@ -41,14 +41,6 @@ class ProbeRows:
     features: list[list[int] | None]  # [R] the k latents chosen on all the images; None for raw probes
 
 
-def probe_steps(steps: Sequence[int], count: int) -> list[int]:
-    """``count`` of the captured ``steps``, evenly spaced from the first to the last (all if fewer)."""
-    if count >= len(steps):
-        return list(steps)
-    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, count)).astype(int))
-    return [int(steps[i]) for i in picks]
-
-
 @torch.no_grad()
 def pooled(acts: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
            block: int = 8192) -> np.ndarray:
