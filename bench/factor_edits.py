@@ -78,8 +78,16 @@ class Bench:
 
         self.project = Project.load(config)
         cfg = self.project.config
+        if cfg.model.source != "styled-digits":
+            raise SystemExit(f"{config}: model.source is {cfg.model.source!r}; factor edits need the styled digits "
+                             "(--config configs/styled-digits.toml), whose judge knows the factors")
+        if not self.project.duckdb_path.exists():
+            raise SystemExit(f"no warehouse at {self.project.duckdb_path}: run `tide run --config {config}` first")
         self.out, self.batch = out, batch
         self.wh = Warehouse(self.project.duckdb_path)
+        if not self.wh.query("SELECT count(*) FROM feature_factors").column(0)[0].as_py():
+            raise SystemExit(f"{self.project.duckdb_path} has no feature_factors rows: materialize feature_stats "
+                             f"(`tide run --config {config}`) before editing by factor")
         self.store = ActivationStore.open(self.project.store_url, mode="r")
         self.grid = factor_grid()  # [540, 4]: every caption with every factor named is a condition
         self.prompts = PromptSet(tuple(Prompt(caption(c)) for c in self.grid))
