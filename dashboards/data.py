@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage import OVERALL_STEP, SAE_CONTEXT, SaeRecord, Warehouse
 
@@ -42,6 +43,7 @@ class RunInfo:
     store_url: str | None
     n_samples: int
     classes: tuple[ClassInfo, ...]
+    judge_classes: tuple[str, ...] | None = None  # what judge_pred means (a text run's classes are prompts)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class WarehouseReader:
                 created_at=str(r["created_at"]), config=cfg.get("config", cfg),
                 store_url=cfg.get("store_url") if isinstance(cfg.get("store_url"), str) else None,
                 n_samples=sum(c.n_samples for c in mine), classes=mine,
+                judge_classes=tuple(map(str, cfg["judge_classes"])) if isinstance(cfg.get("judge_classes"), list)
+                else None,
             ))
         return out
 
@@ -178,6 +182,14 @@ class WarehouseReader:
         return self.wh.query(
             "SELECT sample_id, feature_id, scope, rank, step, activation FROM v_top_images WHERE sae_id = ? "
             "ORDER BY sample_id, rank, activation DESC", [sae_id])
+
+    def factor_probes(self) -> dict[str, pa.Table]:
+        """sae_id -> its factor probes (factor, step, k, accuracy, chance), for the overview's hierarchy."""
+        rows = self.wh.query("SELECT sae_id, factor, step, k, accuracy, chance FROM factor_probes "
+                             "ORDER BY sae_id, factor, k, step")
+        ids = rows.column("sae_id").to_pylist()
+        return {sid: rows.filter(pc.equal(rows.column("sae_id"), sid)).drop(["sae_id"])
+                for sid in dict.fromkeys(ids)}
 
     def edits(self) -> list[dict[str, Any]]:
         return self.wh.query("SELECT * FROM v_edits ORDER BY edit_id, sample_id").to_pylist()

@@ -71,6 +71,7 @@ def run_doc(run: RunInfo, slug: str, samples: pa.Table, images: RunImages) -> di
         "sample_ids": [int(sample_ids.min()), int(sample_ids.max())] if len(sample_ids) else None,
         "classes": [{"class_id": c.class_id, "class_name": c.class_name, "n_samples": c.n_samples}
                     for c in run.classes],
+        "judge_classes": list(run.judge_classes) if run.judge_classes is not None else None,
         "model": cfg.get("model", {}), "sampling": cfg.get("sampling", {}), "capture": cfg.get("capture", {}),
         "sae": cfg.get("sae", {}), "config": cfg, "timesteps": images.timesteps, "sigmas": images.sigmas,
         "image": images.doc(),

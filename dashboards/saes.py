@@ -27,8 +27,9 @@ EditsByFeature = dict[tuple[str, int], list[dict[str, Any]]]
 
 
 def sae_doc(sae: SaeInfo, slug: str, metrics: dict[str, MetricSeries],
-            splice: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The SAE's entry in site.json: its shape, metrics per split and step, and spliced-sampling quality."""
+            splice: dict[str, dict[str, Any]], probes: pa.Table | None = None) -> dict[str, Any]:
+    """The SAE's entry in site.json: its shape, metrics per split and step, spliced-sampling quality, and
+    its factor probes (column-wise ``factor_probes`` rows: factor, step, k, accuracy, chance), if any."""
     def series(m: MetricSeries) -> dict[str, Any]:
         values = {k: [json_number(v) for v in vs] for k, vs in m.values.items()}
         dead = m.values.get("dead_fraction", [])
@@ -41,6 +42,7 @@ def sae_doc(sae: SaeInfo, slug: str, metrics: dict[str, MetricSeries],
         "tokens_seen": sae.tokens_seen, "n_features": sae.n_features,
         "metrics": {split: series(m) for split, m in metrics.items()},
         "splice": json_value(splice),
+        "probes": json_columns(probes) if probes is not None and probes.num_rows else None,
     }
 
 
@@ -50,16 +52,6 @@ def feature_list_doc(sae: SaeInfo, listing: pa.Table) -> dict[str, Any]:
             if name != "sae_id" and not pa.types.is_nested(listing.schema.field(name).type)]
     columns = {name: json_column(listing.column(name)) for name in flat}
     return {"sae_id": sae.sae_id, "n": listing.num_rows, "columns": columns}
-
-
-def edits_by_feature(rows: list[dict[str, Any]]) -> EditsByFeature:
-    """``v_edits`` rows filed under each feature they edit (an edit of several features is under each)."""
-    out: EditsByFeature = {}
-    for r in rows:
-        item = json_value({k: v for k, v in r.items() if k not in ("config_json", "sae_id")})
-        for fid in r.get("feature_ids") or []:
-            out.setdefault((r["sae_id"], int(fid)), []).append(item)
-    return out
 
 
 def write_feature_chunks(w: SiteWriter, reader: WarehouseReader, sae: SaeInfo, slug: str,

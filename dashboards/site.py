@@ -2,14 +2,17 @@
 
 Layout written under ``out_dir`` (default ``<warehouse root>/dashboard``; see docs/DASHBOARD.md)::
 
-    index.html sae.html feature.html sample.html   the pages (copied from static/, with the
-    dom.js charts.js app.js style.css              scripts and style sheet they load)
+    index.html sae.html feature.html sample.html   the pages (static/shell.html, one per page), and the
+    edits.html                                     scripts and style sheet they load (copied from static/)
+    dom.js charts.js findings.js app.js style.css
     data/site.json                            runs, classes, SAEs with metrics per step: the overview
     data/sae/<slug>/features.json             one SAE's feature list, column-wise (sorted client-side)
     data/sae/<slug>/f/<chunk>.json            CHUNK features' details: per-step curves, concepts,
                                               histogram, top images with heatmaps, neighbours, edits
     data/samples/<run slug>/<block>.json      SAMPLE_BLOCK samples: provenance and the features they top
+    data/edits.json                           every edit with its samples' verdicts and images (if any)
     img/<run slug>/<sample_id>.png            the generated images
+    img/edits/<edit_id>/<sample>-{before,after}.png  each edit's images, copied from the warehouse
 
 Pages are static shells that fetch JSON and render with DOM text nodes, so nothing from the warehouse
 is ever parsed as HTML. A feature page fetches one small chunk file, so the site stays fast however
@@ -34,19 +37,22 @@ import numpy as np
 import pyarrow as pa
 
 from dashboards.data import MetricSeries, RunInfo, SaeInfo, WarehouseReader
+from dashboards.edits import write_edits
 from dashboards.errors import DashboardError
 from dashboards.runs import SAMPLE_BLOCK, Tops, collect_tops, run_doc, write_run_images, write_sample_blocks
-from dashboards.saes import CHUNK, edits_by_feature, feature_list_doc, sae_doc, write_feature_chunks
+from dashboards.saes import CHUNK, feature_list_doc, sae_doc, write_feature_chunks
 from dashboards.writer import SiteWriter, slugs, swap_in
 
 __all__ = ["CHUNK", "DashboardError", "SaeSummary", "SiteReport", "build_site", "default_site_dir"]
 
 SITE_VERSION = 1
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-# Copied as they are. Every page loads dom.js, charts.js, app.js in that order: each uses the names
-# the ones before it define.
-PAGES = ("index.html", "sae.html", "feature.html", "sample.html",
-         "dom.js", "charts.js", "app.js", "style.css")
+# The pages: one shell (static/shell.html) each, differing only in the page app.js renders and the title.
+# Every shell loads dom.js, charts.js, findings.js, app.js in that order: each uses the names the ones
+# before it define.
+PAGES = {"index.html": ("overview", "Overview"), "sae.html": ("sae", "Features"), "feature.html": ("feature", "Feature"),
+         "sample.html": ("sample", "Sample"), "edits.html": ("edits", "Edits")}
+ASSETS = ("dom.js", "charts.js", "findings.js", "app.js", "style.css")  # copied as they are
 
 Log = Callable[[str], None]
 
@@ -117,7 +123,7 @@ def build_site(warehouse_path: str | Path, out_dir: str | Path | None = None, *,
     shutil.rmtree(tmp, ignore_errors=True)
     w = SiteWriter(tmp)
     try:
-        built = _build(w, reader, runs, saes, store_urls or {}, log)
+        built = _build(w, reader, runs, saes, store_urls or {}, warehouse_path.parent, log)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves the old site, and no debris
         raise
@@ -134,15 +140,20 @@ def build_site(warehouse_path: str | Path, out_dir: str | Path | None = None, *,
 
 
 def _build(w: SiteWriter, reader: WarehouseReader, runs: list[RunInfo], saes: list[SaeInfo],
-           store_urls: Mapping[str, str], log: Log) -> _Built:
-    """Write every file of the site: pages, each run's images, each SAE's files, samples, site.json."""
-    for name in PAGES:
+           store_urls: Mapping[str, str], root: Path, log: Log) -> _Built:
+    """Write every file of the site: pages, each run's images, each SAE's files, samples, edits, site.json.
+    ``root``: the warehouse root, which the edits' image paths are relative to."""
+    shell = (STATIC_DIR / "shell.html").read_text()
+    for name, (page, title) in PAGES.items():  # page and title are ours, never warehouse text
+        w.write_bytes(name, shell.replace("{page}", page).replace("{title}", title).encode())
+    for name in ASSETS:
         w.write_bytes(name, (STATIC_DIR / name).read_bytes())
     warnings: list[str] = []
     run_slugs = slugs([r.run_id for r in runs])
     sae_slugs = slugs([s.sae_id for s in saes])
-    metrics, splice = reader.metrics(), reader.splice()
-    edits = edits_by_feature(reader.edits())
+    metrics, splice, probes = reader.metrics(), reader.splice(), reader.factor_probes()
+    edits = write_edits(w, reader.edits(), root)
+    warnings += edits.warnings
 
     samples = {run.run_id: reader.samples(run.run_id) for run in runs}
     run_docs, n_images = [], 0
@@ -163,7 +174,7 @@ def _build(w: SiteWriter, reader: WarehouseReader, runs: list[RunInfo], saes: li
         log(f"[dashboard] {sae.sae_id}: {sae.n_features} features")
         listing = reader.feature_list(sae.sae_id)
         w.write_json(f"data/sae/{slug}/features.json", feature_list_doc(sae, listing))
-        write_feature_chunks(w, reader, sae, slug, edits)
+        write_feature_chunks(w, reader, sae, slug, edits.by_feature)
         collect_tops(tops.setdefault(sae.run_id, {}), reader.appearances(sae.sae_id), sae.sae_id)
         summaries.append(SaeSummary(
             sae_id=sae.sae_id, slug=slug, layer=sae.layer, site=sae.site, variant=sae.variant,
@@ -180,11 +191,12 @@ def _build(w: SiteWriter, reader: WarehouseReader, runs: list[RunInfo], saes: li
         "chunk": CHUNK,
         "sample_block": SAMPLE_BLOCK,
         "runs": run_docs,
-        "saes": [sae_doc(s, sae_slugs[s.sae_id], metrics.get(s.sae_id, {}), splice.get(s.sae_id, {}))
-                 for s in saes],
+        "saes": [sae_doc(s, sae_slugs[s.sae_id], metrics.get(s.sae_id, {}), splice.get(s.sae_id, {}),
+                         probes.get(s.sae_id)) for s in saes],
+        "n_edits": edits.n_edits,
         "warnings": warnings,
     })
-    return _Built(n_images=n_images, warnings=warnings, saes=summaries)
+    return _Built(n_images=n_images + edits.n_images, warnings=warnings, saes=summaries)
 
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:

@@ -387,6 +387,8 @@ TABLES: dict[str, Table] = {
                 Col("conf_before", "DOUBLE"),
                 Col("pred_after", "INTEGER", "judge prediction with the edit"),
                 Col("conf_after", "DOUBLE"),
+                Col("image_before", "VARCHAR", "PNG of the unedited image, relative to the warehouse root"),
+                Col("image_after", "VARCHAR", "PNG of the edited image (same seed), relative to the warehouse root"),
             ),
         ),
     )

@@ -19,7 +19,7 @@ import pytest
 
 from dashboards import server
 from dashboards.png import downscale, encode_png
-from dashboards.site import CHUNK, PAGES, STATIC_DIR, DashboardError, build_site
+from dashboards.site import ASSETS, CHUNK, PAGES, STATIC_DIR, DashboardError, build_site
 from storage import ActivationStore, ShardStats, StoreLayout, Warehouse
 
 EVIL = '<img src=x onerror="alert(1)"><script>alert(2)</script>&amp;'
@@ -178,14 +178,16 @@ def test_site_holds_every_page_and_escapes_nothing_into_html(tmp_path):
     report = build_site(db, tmp_path / "dashboard", log=lambda m: None)
     site = report.out_dir
     assert report.n_saes == 2 and report.n_features == 80 and report.n_images == 24 and not report.warnings
-    assert sorted(PAGES) == sorted(p.name for p in STATIC_DIR.iterdir())  # no static file left behind
-    for page in PAGES:
-        assert (site / page).read_bytes() == (STATIC_DIR / page).read_bytes()
+    assert sorted([*ASSETS, "shell.html"]) == sorted(p.name for p in STATIC_DIR.iterdir())  # nothing left behind
+    for name in ASSETS:
+        assert (site / name).read_bytes() == (STATIC_DIR / name).read_bytes()
+    for name, (page, title) in PAGES.items():  # one shell each, naming the page app.js renders
+        assert f'<body data-page="{page}">' in (site / name).read_text() and f"TIDE · {title}" in (site / name).read_text()
     # the pages are static shells: no warehouse value is ever written into HTML; each loads the scripts
     # in the order they build on each other
     for page in site.glob("*.html"):
         assert "alert" not in page.read_text() and "onerror" not in page.read_text()
-        assert re.findall(r'<script src="([^"]+)"', page.read_text()) == ["dom.js", "charts.js", "app.js"]
+        assert re.findall(r'<script src="([^"]+)"', page.read_text()) == ["dom.js", "charts.js", "findings.js", "app.js"]
     meta = read(site, "data/site.json")
     assert [s["variant"] for s in meta["saes"]] == ["tide", "topk"]
     tide = meta["saes"][0]
@@ -256,3 +258,34 @@ def test_server_serves_the_site_on_localhost_only(tmp_path):
             urllib.request.urlopen(srv.url + "data/nothing.json")
     with pytest.raises(FileNotFoundError, match="tide dashboard --build"):
         server.make_server(tmp_path / "elsewhere")
+
+
+def test_edit_images_are_copied_from_inside_the_warehouse_root_only(tmp_path):
+    """Each edit row's before/after PNGs land under img/edits/; a missing file or a path that leaves the
+    warehouse root is not followed (the row shows no image and the build warns once)."""
+    from dashboards.edits import write_edits
+    from dashboards.writer import SiteWriter
+
+    root = tmp_path / "wh"
+    (root / "edits" / "e1").mkdir(parents=True)
+    png = encode_png(np.full((4, 4, 3), 7, np.uint8))
+    for name in ("0-before.png", "0-after.png", "1-before.png"):
+        (root / "edits" / "e1" / name).write_bytes(png)
+    (tmp_path / "secret.png").write_bytes(png)  # outside the root
+    base = {"edit_id": "e1", "sae_id": "S", "op": "add", "feature_ids": [3, 5], "strength": 2.0, "step_start": 0,
+            "step_end": 1, "config_json": json.dumps({"cfg_renorm": 1.0, "sampler": {"num_steps": 2}}),
+            "pred_before": 1, "pred_after": 2, "flipped": True}
+    rows = [base | {"sample_id": 0, "image_before": "edits/e1/0-before.png", "image_after": "edits/e1/0-after.png"},
+            base | {"sample_id": 1, "image_before": "edits/e1/1-before.png", "image_after": "edits/e1/1-after.png"},
+            base | {"sample_id": 2, "image_before": "../secret.png", "image_after": None}]
+    w = SiteWriter(tmp_path / "site")
+    out = write_edits(w, rows, root)
+    assert out.n_edits == 1 and out.n_images == 3
+    assert (tmp_path / "site" / "img" / "edits" / "e1" / "0-after.png").read_bytes() == png
+    assert not list((tmp_path / "site").rglob("secret.png"))
+    assert len(out.warnings) == 1 and "2 edit image(s)" in out.warnings[0]  # 1-after missing, ../secret refused
+    doc = read(tmp_path / "site", "data/edits.json")["edits"][0]
+    assert (doc["cfg_renorm"], doc["feature_ids"], doc["sampler"]) == (1.0, [3, 5], {"num_steps": 2})
+    assert [(r["img_before"], r["img_after"]) for r in doc["rows"]] == [
+        ("img/edits/e1/0-before.png", "img/edits/e1/0-after.png"), ("img/edits/e1/1-before.png", None), (None, None)]
+    assert [e["img_after"] for e in out.by_feature["S", 5]] == ["img/edits/e1/0-after.png", None, None]

@@ -317,19 +317,38 @@ def test_dashboard_command_and_asset(project, site, tmp_path):
     assert code == 0
 
 
-def test_steering_preview_appears_once_edits_exist(browser, served, project, labelled, saes):
+def test_steering_preview_and_edits_page_appear_once_edits_exist(browser, served, project, labelled, saes):
+    from dashboards.png import encode_png
     from pipelines.stages.dashboard import build_dashboard
     from storage import Warehouse
 
     tide = saes[0]
-    Warehouse(project.duckdb_path).replace_partition("edits", {"edit_id": "e1"}, [
-        {"sample_id": s, "run_id": tide["run_id"], "sae_id": tide["sae_id"], "config_json": "{}",
-         "feature_ids": [labelled], "strength": 4.0, "step_start": 0, "step_end": 2, "pred_before": 3,
-         "conf_before": 0.9, "pred_after": 5, "conf_after": 0.6} for s in (3, 13)])
+    rows = []
+    for s in (3, 13):  # images where the edits asset writes them, named relative to the warehouse root
+        for side, level in (("before", 40), ("after", 200)):
+            path = project.root / "edits" / "e1" / f"{s}-{side}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_png(np.full((16, 16, 1), level, np.uint8)))
+        rows.append({"sample_id": s, "run_id": tide["run_id"], "sae_id": tide["sae_id"], "config_json": "{}",
+                     "feature_ids": [labelled], "strength": 4.0, "step_start": 0, "step_end": 2, "pred_before": 3,
+                     "conf_before": 0.9, "pred_after": 5, "conf_after": 0.6, "op": "add",
+                     "image_before": f"edits/e1/{s}-before.png", "image_after": f"edits/e1/{s}-after.png"})
+    rows[1]["image_after"] = "../../../etc/passwd"  # a path out of the warehouse is data, never followed
+    Warehouse(project.duckdb_path).replace_partition("edits", {"edit_id": "e1"}, rows)
     build_dashboard(quiet(project))  # swapped in under the running server
+    site = json.loads((served.site_dir / "data" / "site.json").read_text())
+    assert site["n_edits"] == 1 and any("not under" in w for w in site["warnings"])
     load(browser, served.url + f"feature.html?sae={tide['sae_id']}&f={labelled}")
     assert browser.evaluate("document.querySelectorAll('#steering tbody tr').length") == 2
+    assert browser.evaluate("document.querySelectorAll('#steering img.big').length") == 3  # 2 before, 1 after
     shot(browser, "feature_steering")
+    load(browser, served.url + "edits.html#e1")
+    assert browser.evaluate("document.querySelectorAll('#e1 .edit-rows tbody tr').length") == 2
+    srcs = browser.evaluate("[...document.querySelectorAll('#e1 img')].map(i => i.getAttribute('src'))")
+    assert srcs == ["img/edits/e1/3-before.png", "img/edits/e1/3-after.png", "img/edits/e1/13-before.png"]
+    shot(browser, "edits")
+    load(browser, served.url + "index.html")
+    assert browser.evaluate("document.querySelector('a[href=\"edits.html\"]') !== null")
     load(browser, served.url + f"feature.html?sae={tide['sae_id']}&f={(labelled + 1) % 64}")
     assert browser.evaluate("document.getElementById('steering')") is None
 

@@ -312,6 +312,11 @@ def test_cli_writes_before_after_rows_and_a_grid(edit_project, capsys):
     assert json.loads(rows[0]["config_json"])["feature_ids"] == [3, 7]
     assert wh.check_grain("edits") == 0
     assert len(list((project.root / "edits").glob("*.png"))) == 1
+    png = {(r["sample_id"], r["strength"], side): (project.root / r[f"image_{side}"]).read_bytes()
+           for r in rows for side in ("before", "after")}  # each row's images, under the warehouse root
+    assert all(b.startswith(b"\x89PNG\r\n\x1a\n") for b in png.values())
+    assert all(png[s, 0.0, "after"] == png[s, 0.0, "before"] for s in (16, 17, 18))
+    assert any(png[s, 2.0, "after"] != png[s, 2.0, "before"] for s in (16, 17, 18))
     assert main(args) == 0  # a rerun replaces its rows
     assert wh.query("SELECT count(*) AS n FROM edits").column("n")[0].as_py() == 6
     assert main([*args[:3], "--features", "99"]) == 2

@@ -166,6 +166,10 @@ def test_a_styled_digits_run_end_to_end_scores_every_factor(tmp_path):
     chunks = [json.loads(p.read_text()) for p in (project.root / "dashboard" / "data" / "sae").glob("*/f/*.json")]
     with_factors = [d["factors"] for c in chunks for d in c["features"].values() if d["factors"]]
     assert with_factors and {"factor", "step", "normalized_mi"} <= set(with_factors[0])
+    # the overview charts the probes: every SAE carries its rows, column-wise
+    site = json.loads((project.root / "dashboard" / "data" / "site.json").read_text())
+    assert all(set(s["probes"]) == {"factor", "step", "k", "accuracy", "chance"} for s in site["saes"])
+    assert sorted(set(site["saes"][0]["probes"]["k"])) == [0, 1, 4, 16]
 
 
 def test_the_committed_model_is_the_one_the_config_trains():

@@ -1,6 +1,7 @@
-// TIDE feature browser, the pages: overview, feature list (SAE), feature and sample pages. Each page
-// is a shell (index/sae/feature/sample.html) whose body names it; start() fetches data/site.json and
-// renders that page from JSON written by dashboards/site.py, with the helpers of dom.js and charts.js.
+// TIDE feature browser, the pages: overview, feature list (SAE), feature and sample pages (the edits page
+// is in findings.js). Each page is a shell (index/sae/feature/sample/edits.html) whose body names it;
+// start() fetches data/site.json and renders that page from JSON written by dashboards/site.py, with the
+// helpers of dom.js, charts.js and findings.js.
 "use strict";
 
 // ---------------------------------------------------------------------------------- overview
@@ -14,6 +15,12 @@ function overview() {
   for (const run of SITE.runs) main.append(runCard(run));
   main.append(el("h2", { text: "Sparse autoencoders" }), saeTable());
   main.append(metricPlots());
+  const probes = probePlots();
+  if (probes) main.append(probes);
+  if (SITE.n_edits) {
+    main.append(el("h2", { text: "Edits" }), el("p", {}, link("edits.html", `${SITE.n_edits} edits`),
+      el("span", { class: "muted", text: ": samples regenerated with features edited, before and after" })));
+  }
   done("Overview");
 }
 
@@ -307,11 +314,10 @@ async function featurePage() {
   // Generative factors (styled digits): how much of each factor the feature's firing tells, step by step.
   const fac = rowsOf(d.factors || {}).filter((r) => r.step >= 0);
   const factorNames = [...new Set(fac.map((r) => r.factor))].sort();
-  const factorColors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
   const factorChart = fac.length ? lineChart({ title: "information about each factor by step", xlabel: "step (0 = noisiest)",
     ylabel: "share of the factor's entropy", mark: st.peak_step, series: factorNames.map((n, i) => {
       const rows = fac.filter((r) => r.factor === n);
-      return { name: n, color: factorColors[i % factorColors.length], x: rows.map((r) => r.step), y: rows.map((r) => r.normalized_mi) };
+      return { name: n, color: factorColor(n, i), x: rows.map((r) => r.step), y: rows.map((r) => r.normalized_mi) };
     }) }) : null;
   // Concepts: the classes of a class-conditional run (all of them, in class order when few), or the words and
   // tags of a text-conditional run's prompts (the 30 the feature fires on most, relative to its own rate).
@@ -333,7 +339,7 @@ async function featurePage() {
     legend([["fire rate", "#1f77b4"], ["mean activation when firing", "#2ca02c"], ["max activation", "#d62728"], ["peak step", "#b42318"]]), charts);
   if (factorChart) {
     main.append(el("h2", { text: "Generative factors" }),
-      legend(factorNames.map((n, i) => [n, factorColors[i % factorColors.length]])), el("div", { class: "row" }, factorChart));
+      legend(factorNames.map((n, i) => [n, factorColor(n, i)])), el("div", { class: "row" }, factorChart));
   }
   main.append(el("h2", { text: "Nearest features by decoder cosine" }), neighbors(d, sae));
   if (d.edits && d.edits.length) main.append(steering(d.edits, run, className));
@@ -372,22 +378,6 @@ function neighbors(d, sae) {
       el("td", { class: "text", text: n.neighbor_label ?? "" })))));
 }
 
-function steering(edits, run, className) {
-  return el("section", { id: "steering" }, el("h2", { text: "Steering preview" }),
-    el("p", { class: "muted", text: "Images regenerated with this feature edited during sampling (v_edits); the judge's verdict before and after." }),
-    el("table", { class: "data", style: "max-width:900px" },
-      el("thead", {}, el("tr", {}, ["sample", "class", "edit", "strength", "steps", "judge before", "judge after", "flipped"].map((c) => el("th", { text: c })))),
-      el("tbody", {}, edits.map((e) => el("tr", {},
-        el("td", {}, link(sampleUrl(e.run_id, e.sample_id), imageAvailable(run) ? el("img", { class: "thumb", src: imagePath(run, e.sample_id), alt: "" }) : `#${e.sample_id}`)),
-        el("td", { class: "text", text: e.class_name ?? className(e.class_id) }),
-        el("td", { class: "text", text: [e.op ?? "edit", e.target_class != null ? `towards ${className(e.target_class)}` : ""].join(" ").trim() }),
-        el("td", { text: fmt(e.strength) }),
-        el("td", { text: `${fmt(e.step_start)}–${fmt(e.step_end)}` }),
-        el("td", { class: "text", text: `${className(e.pred_before)} (${pct(e.conf_before)})` }),
-        el("td", { class: "text", text: `${className(e.pred_after)} (${pct(e.conf_after)})` }),
-        el("td", { text: e.flipped ? "yes" : "no" }))))));
-}
-
 // ------------------------------------------------------------------------------ sample page
 
 async function samplePage() {
@@ -409,7 +399,7 @@ async function samplePage() {
     el("div", { class: "row" }, imageAvailable(run) ? frame(run, sid, 256) : el("p", { class: "muted", text: run.image.reason }),
       el("section", { class: "card" }, kvTable([
         [conditionNoun(run), s.class_name ?? className(s.class_id)], [conditionNoun(run) === "prompt" ? "prompt index" : "class id", s.class_id], ["seed", s.seed], ["shard", s.shard],
-        ["judge prediction", s.judge_pred === null ? "not judged" : `${className(s.judge_pred)} (${pct(s.judge_conf)})`],
+        ["judge prediction", s.judge_pred === null ? "not judged" : `${judgeName(run, s.judge_pred)} (${pct(s.judge_conf)})`],
         ["run", link(`index.html#run-${run.slug}`, run.run_id)]]))));
   const tops = SITE.saes.filter((sae) => s.top[sae.sae_id] && s.top[sae.sae_id].length);
   main.append(el("h2", { text: "Features that rank this image among their top images" }));
@@ -426,7 +416,7 @@ async function samplePage() {
 
 // ------------------------------------------------------------------------------------- start
 
-const PAGES = { overview, sae: saePage, feature: featurePage, sample: samplePage };
+const PAGES = { overview, sae: saePage, feature: featurePage, sample: samplePage, edits: editsPage };
 
 (async function start() {
   try {

@@ -119,6 +119,12 @@ function classNameOf(run, cid) {
   const c = run ? run.classes.find((k) => k.class_id === cid) : null;
   return c ? (c.class_name ?? String(cid)) : (cid === null || cid === undefined ? "–" : String(cid));
 }
+// The judge's verdict by name: its own classes where the run records them (a text run's conditions are
+// prompts, while its judge predicts a digit), else the run's classes.
+function judgeName(run, pred) {
+  if (pred === null || pred === undefined) return "–";
+  return run && run.judge_classes ? (run.judge_classes[pred] ?? String(pred)) : classNameOf(run, pred);
+}
 // What a run's conditions are called: its prompts (a text-conditional run) or its classes.
 const conditionNoun = (run) => (run && run.sampling && run.sampling.prompts ? "prompt" : "class");
 const saeTitle = (s) => `layer ${s.layer} · ${s.site} · ${s.variant} (${s.n_latents} latents${s.k ? `, k=${s.k}` : ""})`;

@@ -2,7 +2,8 @@
 
 ``EditSession``: the DiT, run sampler, judge and SAE, loaded once; it samples the same seeds without the edit
 (cached, shared by every edit of a sweep) and with it, and judges both. Results go to one `edits` row per
-(edit, sample) and a before/after grid PNG under <warehouse>/edits/. Every check that can fail runs in
+(edit, sample), each image before and after as a PNG under <warehouse>/edits/<edit_id>/ (the rows say
+where), and a before/after grid PNG under <warehouse>/edits/. Every check that can fail runs in
 ``plan_edits`` (pipelines.stages.edit_plan), before the DiT is loaded.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dashboards.png import encode_png
 from pipelines.context import RunContext
 from pipelines.plots import png_bytes_of_figure, pyplot, save_png
 from pipelines.project import content_key
@@ -119,7 +121,9 @@ class EditResult:
     references: Judged | None  # style: the reference of each sample, unedited
     delta_ratio: float  # mean |dec(z') - dec(z)| / |x| over edited steps and tokens
 
-    def rows(self, run_id: str) -> list[dict]:
+    def rows(self, run_id: str, image_dir: str | None = None) -> list[dict]:
+        """``edits`` rows; image_dir: where ``write_edit_images`` put the images, relative to the warehouse
+        root (None: not written, the rows name none)."""
         cfg = json.dumps(self.config, sort_keys=True)
         judged = self.before.pred is not None
         out = []
@@ -136,6 +140,8 @@ class EditResult:
                 "conf_before": float(self.before.conf[i]) if judged else None,
                 "pred_after": int(self.after.pred[i]) if judged else None,
                 "conf_after": float(self.after.conf[i]) if judged else None,
+                "image_before": None if image_dir is None else f"{image_dir}/{int(sid)}-before.png",
+                "image_after": None if image_dir is None else f"{image_dir}/{int(sid)}-after.png",
             })
         return out
 
@@ -248,15 +254,29 @@ def run_configured_edits(ctx: RunContext, publish: bool = True) -> EditsReport:
     name = f"{plan.target.sae_id}-{e.op}-" + edit_id_of({"ids": [r.edit_id for r in results]})[1:9]
     path = save_png(png, ctx.project.edits_dir / f"{name}.png")
     if publish:
-        publish_edits(ctx.warehouse, results, plan.target.run_id)
+        image_dirs = {r.edit_id: write_edit_images(ctx.project.root, ctx.project.edits_dir, r) for r in results}
+        publish_edits(ctx.warehouse, results, plan.target.run_id, image_dirs)
     return EditsReport(plan=plan, results=results, summaries=summaries, grid_path=path, grid_png=png)
 
 
-def publish_edits(wh: Warehouse, results: Sequence[EditResult], run_id: str) -> None:
-    """Replace each edit's rows (partition = edit_id), all in one transaction."""
+def write_edit_images(root: Path, edits_dir: Path, r: EditResult) -> str:
+    """Each sample's image before and after the edit, <edits_dir>/<edit_id>/<sample_id>-{before,after}.png;
+    returns that folder relative to the warehouse root, as the rows record it (an edit id names its config,
+    so a rerun rewrites the same files)."""
+    folder = edits_dir / r.edit_id
+    for i, sid in enumerate(r.sample_ids):
+        for name, judged in (("before", r.before), ("after", r.after)):
+            save_png(encode_png(judged.images[i]), folder / f"{int(sid)}-{name}.png")
+    return folder.relative_to(root).as_posix()
+
+
+def publish_edits(wh: Warehouse, results: Sequence[EditResult], run_id: str,
+                  image_dirs: dict[str, str] | None = None) -> None:
+    """Replace each edit's rows (partition = edit_id), all in one transaction; ``image_dirs``: edit_id ->
+    where ``write_edit_images`` put its images (written first, so no row names a file not there yet)."""
     with wh.transaction() as tx:
         for r in results:
-            tx.replace_partition("edits", {"edit_id": r.edit_id}, r.rows(run_id))
+            tx.replace_partition("edits", {"edit_id": r.edit_id}, r.rows(run_id, (image_dirs or {}).get(r.edit_id)))
 
 
 def grid_png(results: Sequence[EditResult], title: str = "") -> bytes:
@@ -276,7 +296,8 @@ def grid_png(results: Sequence[EditResult], title: str = "") -> bytes:
             ax = axes[i, j]
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.imshow(judged.images[i][..., 0], cmap="gray", vmin=0, vmax=255)
+            img = judged.images[i]  # uint8 [H, W, C]: grey digits, RGB styled digits and decoded latents
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
             if judged.pred is not None:
                 ax.set_xlabel(f"{int(judged.pred[i])} ({judged.conf[i]:.2f})", fontsize=6)
     for i in range(n):

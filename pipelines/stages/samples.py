@@ -57,7 +57,10 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
         "judge_conf": pa.array(conf, type=pa.float64()) if conf is not None else pa.nulls(n, pa.float64()),
     })
     with ctx.warehouse.transaction() as tx:
-        tx.upsert_run(run_id, {"config": ctx.config.model_dump(mode="json"), "store_url": store.url},
+        # judge_classes: what judge_pred means (a digit), which for a text run is not a prompt index
+        judge = ctx.family.judge_class
+        tx.upsert_run(run_id, {"config": ctx.config.model_dump(mode="json"), "store_url": store.url,
+                               "judge_classes": list(judge.class_names) if judge is not None else None},
                       code_version=prov.get("code_version", ""), model_source=prov["model"]["source"],
                       model_hash=prov["model"]["config_hash"])
         tx.replace_partition("samples", {"run_id": run_id}, rows)

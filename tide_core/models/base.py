@@ -133,6 +133,7 @@ class Judge(ABC):
     image was generated for, and embeds images in a feature space for Frechet distances."""
 
     name: ClassVar[str]  # the asset's name in the graph
+    class_names: ClassVar[tuple[str, ...]]  # what each value of Judgement.pred means, in code order
 
     @classmethod
     @abstractmethod

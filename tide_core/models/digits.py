@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tide_core.config import ModelConfig, TideConfig
-from tide_core.digits import load_digits, split
+from tide_core.digits import CLASS_NAMES, load_digits, split
 from tide_core.judge import judge_images, load_judge, save_judge, train_judge
 from tide_core.models.base import Judge, Judgement, Log, ModelInfo, ModelStatus, resolve_device
 from tide_core.models.dit import ClassDiT, read_meta, refuse_prompts, reuse_or_train
@@ -31,6 +31,8 @@ JUDGE_WEIGHTS = "judge.safetensors"
 class DigitsJudge(Judge):
     """The digit classifier: predicts the class a generated digit shows; its penultimate 128-d features
     are the space of the family's Frechet distances (an FID analogue for 16 x 16 digits)."""
+
+    class_names = tuple(CLASS_NAMES)
 
     def __init__(self, module):
         self.module = module

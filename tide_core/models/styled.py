@@ -32,7 +32,7 @@ from tide_core.models.built import BuiltHere
 from tide_core.models.dit import read_meta, reuse_or_train
 from tide_core.models.pixart import PixArt
 from tide_core.models.registry import ModelError
-from tide_core.styled_digits import FACTOR_NAMES, FACTORS, parse_caption, stroke_masks
+from tide_core.styled_digits import DIGIT_WORDS, FACTOR_NAMES, FACTORS, parse_caption, stroke_masks
 
 REFERENCE_SEED = 7  # styles of the real renders the Frechet distances compare against
 
@@ -54,6 +54,8 @@ def _masks(size: int) -> np.ndarray:
 
 class FactorJudgeAdapter(Judge):
     """The styled digits' judge: one CNN, a head per factor; the class head's verdict is ``pred``."""
+
+    class_names = DIGIT_WORDS
 
     def __init__(self, module: FactorJudge):
         self.module = module
