@@ -19,8 +19,12 @@ the other factors that show what they showed before (preserved_style: of the oth
 the class alone, which this model does not draw as asked, so its judged class moves with any change to the
 strokes); both = success with every other style factor kept; FD = Frechet distance of the images to real renders in the judge's features (before: the unedited images'). A
 search on --search-seeds picks each method's layer, window and strength for the colour edit (most "both");
-the other edits use each method's colour choice. Results append to bench/out/factor_edits/results.jsonl
-(a rerun skips what is there). Usage: python bench/factor_edits.py --config configs/styled-digits.toml
+the other edits use each method's colour choice. Then each method's colour cell again with CFG
+renormalisation on (``--cfg-renorm``, before and after images alike) and with the edit on the conditional
+CFG half only (the guidance then scales the edit as it scales the prompt). Results append to
+bench/out/factor_edits/results.jsonl
+(a rerun skips what is there), and the cells reported go to report.json (the findings' table). Usage:
+python bench/factor_edits.py --config configs/styled-digits.toml
 The last line names the best colour-edit success.
 """
 
@@ -52,7 +56,7 @@ from tide_core.styled_digits import FACTOR_NAMES, FACTORS, caption, factor_grid 
 SEED_OFFSET = 7919  # held-out seeds: the run's sampler seed + this
 N_FEATURES = 8
 STYLE = (1, 2, 3)  # colour, thickness, background: the factor indices a style transfer copies
-SEARCH = {"tide": (1.0, 2.0, 8.0, 32.0), "topk": (1.0, 2.0, 8.0, 32.0), "dim": (1.0, 2.0, 4.0)}  # strengths
+SEARCH = {"tide": (0.5, 1.0, 2.0, 8.0, 32.0), "topk": (0.5, 1.0, 2.0, 8.0, 32.0), "dim": (1.0, 2.0, 4.0)}  # strengths
 WINDOWS = ("early", "late", "all")
 
 
@@ -72,7 +76,7 @@ class Observers:
 
 
 class Bench:
-    def __init__(self, config: str, out: Path, batch: int):
+    def __init__(self, config: str, out: Path, batch: int, cfg_renorm: float):
         from tide_core.models.registry import load_model
         from tide_core.models.styled import FactorJudgeAdapter
 
@@ -93,7 +97,8 @@ class Bench:
         self.prompts = PromptSet(tuple(Prompt(caption(c)) for c in self.grid))
         self.model = load_model(cfg.model, self.prompts, cfg.sampling.negative_prompt)
         s = cfg.sampling
-        self.sampler = Sampler(self.model, s.scheduler, s.num_steps, s.guidance_scale, s.seed + SEED_OFFSET)
+        self.samplers = {renorm: Sampler(self.model, s.scheduler, s.num_steps, s.guidance_scale, s.seed + SEED_OFFSET,
+                                         cfg_renorm=renorm) for renorm in (None, cfg_renorm)}
         self.steps = s.num_steps
         self.judge = FactorJudgeAdapter.load(self.project.judge_dir)
         self.real = self.judge.judge(FactorJudgeAdapter.reference_images(cfg)[1]).features
@@ -118,9 +123,11 @@ class Bench:
             idx = idx * size + codes[:, j]
         return idx
 
-    def sample(self, ids: np.ndarray, conds: np.ndarray, hooks_for=None, refs: tuple | None = None) -> np.ndarray:
+    def sample(self, ids: np.ndarray, conds: np.ndarray, hooks_for=None, refs: tuple | None = None,
+               renorm: float | None = None) -> np.ndarray:
         """Images [N, 3, H, W]; ``hooks_for(slice)`` gives the hooks of one batch; ``refs`` (ids, conds) are
-        appended to each batch as style references and dropped from the result."""
+        appended to each batch as style references and dropped from the result; ``renorm``: the sampler's
+        CFG renormalisation (None: off)."""
         out = []
         for a in range(0, len(ids), self.batch):
             sl = slice(a, a + self.batch)
@@ -131,7 +138,7 @@ class Bench:
             with contextlib.ExitStack() as stack:
                 for h in hooks:
                     stack.enter_context(h)
-                images = self.sampler.sample(b_ids.tolist(), b_conds.tolist(),
+                images = self.samplers[renorm].sample(b_ids.tolist(), b_conds.tolist(),
                                              observer=Observers(hooks) if hooks else None).images
             out.append(images[: len(ids[sl])])
         return np.concatenate(out)
@@ -161,7 +168,7 @@ class Bench:
             self._means[layer, step, f] = value_means(acts, self.run_values[:, f], len(FACTORS[f].values))
         return self._means[layer, step, f]
 
-    def sae_hooks(self, variant, layer, window, strength, f, a, b):
+    def sae_hooks(self, variant, layer, window, strength, f, a, b, branch="both"):
         names = FACTORS[f].values
         picks = {v: self.latents_of(layer, variant, FACTOR_NAMES[f], names[v]) for v in range(len(names))}
         sae = self.sae(layer, variant)
@@ -169,13 +176,14 @@ class Bench:
         def hooks_for(sl):
             rows_a, rows_b = [picks[int(v)] for v in a[sl]], [picks[int(v)] for v in b[sl]]
             units = feature_units(self.wh, self.saes[layer, variant]["sae_id"], sorted({x for r in rows_b for x in r}))
-            zero = EditHook(self.model, layer, sae, EditSpec("zero", (), 0.0, window), self.steps, row_features=rows_a)
-            add = EditHook(self.model, layer, sae, EditSpec("add", (), strength, window), self.steps,
+            zero = EditHook(self.model, layer, sae, EditSpec("zero", (), 0.0, window, branch=branch), self.steps,
+                            row_features=rows_a)
+            add = EditHook(self.model, layer, sae, EditSpec("add", (), strength, window, branch=branch), self.steps,
                            row_features=rows_b, feature_units=units)
             return [zero, add]
         return hooks_for
 
-    def dim_hooks(self, layer, window, strength, pairs):
+    def dim_hooks(self, layer, window, strength, pairs, branch="both"):
         """pairs: [(f, a [N], b [N])]: the direction of each row sums b - a over the factors."""
         def hooks_for(sl):
             dirs = {}
@@ -185,7 +193,7 @@ class Bench:
                     mu = self.means(layer, step, f)
                     d = d + np.nan_to_num(mu[b[sl]] - mu[a[sl]])  # [n, D]; a value never shown: no push
                 dirs[step] = d
-            return [SteerHook(self.model, layer, dirs, strength)]
+            return [SteerHook(self.model, layer, dirs, strength, branch=branch)]
         return hooks_for
 
     def style_hooks(self, variant, layer, window, strength, n_refs):
@@ -199,15 +207,16 @@ class Bench:
             return [EditHook(self.model, layer, sae, spec, self.steps, n_references=n_refs(sl))]
         return hooks_for
 
-    def before(self, n: int, references: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    def before(self, n: int, references: bool = False, renorm: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
         """The first n held-out seeds, their asked factor codes (a shuffled factor grid: every value as often)
         and the judge's verdict on them unedited; ``references``: other seeds and prompts, for style."""
-        if (n, references) not in self._before:
+        if (n, references, renorm) not in self._before:
             rng = np.random.default_rng(1 if references else 0)
             ids = np.arange(n, dtype=np.int64) + (100_000 if references else 0)
             asked = self.grid[rng.permutation(len(self.grid))[np.arange(n) % len(self.grid)]]  # [n, 4]
-            self._before[n, references] = (ids, asked, self.judged(self.sample(ids, self.code(asked))))
-        return self._before[n, references]
+            self._before[n, references, renorm] = (ids, asked, self.judged(self.sample(ids, self.code(asked),
+                                                                                       renorm=renorm)))
+        return self._before[n, references, renorm]
 
     # --- cells --------------------------------------------------------------------------------------
 
@@ -220,17 +229,21 @@ class Bench:
         return row
 
     def edit(self, kind: str, method: str, layer: int | None, window: str | None, strength: float | None,
-             n: int) -> dict:
-        """One cell: edit `kind` (a factor name, or "style") by `method` on the first n held-out seeds."""
+             n: int, renorm: float | None = None, branch: str = "both") -> dict:
+        """One cell: edit `kind` (a factor name, or "style") by `method` on the first n held-out seeds;
+        ``renorm``: CFG renormalisation of the sampler (None: off), ``branch``: the CFG halves edited."""
         key = f"{kind}|{method}|L{layer}|{window}|{strength}|n{n}"
+        key += (f"|renorm{renorm}" if renorm is not None else "") + (f"|{branch}" if branch != "both" else "")
         if key in self.done:
             return self.done[key]
-        ids, asked, before = self.before(n)
+        ids, asked, before = self.before(n, renorm=renorm)
         rng = np.random.default_rng(1)
         t0 = time.perf_counter()
         win = StepWindow.named(window, self.steps) if window else None
         if kind == "style":
-            ref_ids, ref_asked, ref = self.before(n, references=True)
+            if branch != "both":
+                raise ValueError("the style op edits both CFG halves (target and reference share the pass)")
+            ref_ids, ref_asked, ref = self.before(n, references=True, renorm=renorm)
             target = before["values"].copy()
             target[:, STYLE] = ref["values"][:, STYLE]
             changed = list(STYLE)
@@ -238,13 +251,14 @@ class Bench:
             if method == "prompt":
                 want = ref_asked.copy()
                 want[:, 0] = asked[:, 0]
-                after = self.sample(ids, self.code(want))
+                after = self.sample(ids, self.code(want), renorm=renorm)
             elif method == "dim":
                 pairs = [(f, before["values"][:, f], ref["values"][:, f]) for f in STYLE]
-                after = self.sample(ids, self.code(asked), self.dim_hooks(layer, win, strength, pairs))
+                after = self.sample(ids, self.code(asked), self.dim_hooks(layer, win, strength, pairs), renorm=renorm)
             else:
                 after = self.sample(ids, self.code(asked), self.style_hooks(method, layer, win, strength,
-                                                                             lambda sl: len(ids[sl])), refs=refs)
+                                                                             lambda sl: len(ids[sl])), refs=refs,
+                                    renorm=renorm)
         else:
             f = FACTOR_NAMES.index(kind)
             size = len(FACTORS[f].values)
@@ -256,11 +270,13 @@ class Bench:
             if method == "prompt":
                 want = asked.copy()
                 want[:, f] = b
-                after = self.sample(ids, self.code(want))
+                after = self.sample(ids, self.code(want), renorm=renorm)
             elif method == "dim":
-                after = self.sample(ids, self.code(asked), self.dim_hooks(layer, win, strength, [(f, a, b)]))
+                after = self.sample(ids, self.code(asked), self.dim_hooks(layer, win, strength, [(f, a, b)], branch),
+                                    renorm=renorm)
             else:
-                after = self.sample(ids, self.code(asked), self.sae_hooks(method, layer, win, strength, f, a, b))
+                after = self.sample(ids, self.code(asked), self.sae_hooks(method, layer, win, strength, f, a, b, branch),
+                                    renorm=renorm)
         got = self.judged(after)
         keep = [j for j in range(len(FACTORS)) if j not in changed]
         # images whose targeted factors already showed the target (a style reference like the target, or a
@@ -271,6 +287,7 @@ class Bench:
         style_kept = [j for j in keep if j != 0]  # the model draws these; its class is not the one asked
         return self.record(key, {
             "kind": kind, "method": method, "layer": layer, "window": window, "strength": strength, "n": n,
+            "cfg_renorm": renorm, "branch": branch,
             "eligible": int(eligible.sum()), "success": float(success.mean()),
             "preserved": float(same[:, keep].mean()), "preserved_style": float(same[:, style_kept].mean()) if style_kept else None,
             "kept_class": float(same[:, 0].mean()) if 0 in keep else None,
@@ -290,6 +307,19 @@ def best_settings(bench: Bench, layers: list[int], n: int) -> dict[str, tuple]:
     return best
 
 
+def print_table(rows: list[dict]) -> None:
+    print("\n| edit | method | layer | window | strength | renorm | branch | success | preserved | preserved_style "
+          "| kept_class | both | FD before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kept = "-" if r["kept_class"] is None else f"{r['kept_class']:.3f}"
+        style = "-" if r["preserved_style"] is None else f"{r['preserved_style']:.3f}"
+        renorm = "off" if r.get("cfg_renorm") is None else r["cfg_renorm"]
+        print(f"| {r['kind']} | {r['method']} | {r['layer']} | {r['window']} | {r['strength']} | {renorm} | "
+              f"{r.get('branch', 'both')} | {r['success']:.3f} | {r['preserved']:.3f} | {style} | {kept} | "
+              f"{r['both']:.3f} | {r['fd_before']:.0f} -> {r['fd_after']:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/styled-digits.toml")
@@ -297,11 +327,13 @@ def main() -> None:
     p.add_argument("--search-seeds", type=int, default=40, help="seeds per cell of the colour search")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--out", default="bench/out/factor_edits")
+    p.add_argument("--cfg-renorm", type=float, default=1.0,
+                   help="the CFG renormalisation cap of the renorm-on colour cells (|guided| <= cap x |cond|)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(args.config, out, args.batch)
+    bench = Bench(args.config, out, args.batch, args.cfg_renorm)
     layers = sorted({layer for layer, _ in bench.saes})
     best = best_settings(bench, layers, args.search_seeds)
     rows = []
@@ -311,19 +343,25 @@ def main() -> None:
             if kind == "style" and method in ("tide", "topk"):
                 strength = 1.0  # the style op: 1 moves each latent all the way to the reference's level
             rows.append(bench.edit(kind, method, layer, window, strength, args.seeds))
-    print("\n| edit | method | layer | window | strength | success | preserved | preserved_style | kept_class | both "
-          "| FD before -> after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        kept = "-" if r["kept_class"] is None else f"{r['kept_class']:.3f}"
-        style = "-" if r["preserved_style"] is None else f"{r['preserved_style']:.3f}"
-        print(f"| {r['kind']} | {r['method']} | {r['layer']} | {r['window']} | {r['strength']} | {r['success']:.3f} | "
-              f"{r['preserved']:.3f} | {style} | {kept} | {r['both']:.3f} | "
-              f"{r['fd_before']:.0f} -> {r['fd_after']:.0f} |")
-    colour = [r for r in rows if r["kind"] == "colour" and r["method"] != "prompt"]
+    print_table(rows)
+    # the colour cells again: CFG renormalisation on (before and after alike), and the edit on the
+    # conditional half only; each method at its searched layer, window and strength
+    variants = []
+    for method in ("tide", "topk", "dim", "prompt"):
+        layer, window, strength = best[method] if method != "prompt" else (None, None, None)
+        variants.append(bench.edit("colour", method, layer, window, strength, args.seeds, renorm=args.cfg_renorm))
+        if method != "prompt":
+            variants.append(bench.edit("colour", method, layer, window, strength, args.seeds, branch="cond"))
+    print(f"\nColour edit, CFG renormalisation (cap {args.cfg_renorm}) and the conditional half only:")
+    print_table([r for r in rows if r["kind"] == "colour"] + variants)
+    # what scripts/results.py --styled puts in docs/FINDINGS.md: the cells this run reported
+    (out / "report.json").write_text(json.dumps({"seeds": args.seeds, "cfg_renorm": args.cfg_renorm, "rows": rows,
+                                                 "variants": variants}, indent=1))
+    colour = [r for r in rows + variants if r["kind"] == "colour" and r["method"] != "prompt"]
     top = max(colour, key=lambda r: r["success"])
     print(f"best_colour_edit_success={top['success']:.3f} ({top['method']}, layer {top['layer']}, {top['window']}, "
-          f"strength {top['strength']}; preserved {top['preserved']:.3f}; prompt edit "
+          f"strength {top['strength']}, renorm {top.get('cfg_renorm') or 'off'}, branch {top.get('branch', 'both')}; "
+          f"preserved {top['preserved']:.3f}; prompt edit "
           f"{next(r['success'] for r in rows if r['kind'] == 'colour' and r['method'] == 'prompt'):.3f})")
 
 

@@ -109,6 +109,27 @@ def test_boosting_adds_the_decoder_direction_in_units_and_only_to_the_conditiona
     assert torch.equal(edited[0][2:], plain[0][2:])  # the unconditional half is untouched
 
 
+@pytest.mark.parametrize("branch", ["both", "cond"])
+def test_steering_adds_each_rows_direction_at_its_steps_to_the_branches_asked(sampler, branch):
+    from tide_core.steer import SteerHook, value_means
+
+    ids, classes = [0, 1], [5, 6]
+    _, plain = run(sampler, ids, classes, record=True)
+    dirs = {0: np.stack([np.eye(32)[3], -2 * np.eye(32)[9]])}  # [rows, D] at step 0 only
+    _, edited = run(sampler, ids, classes, SteerHook(sampler.model, LAYER, dirs, 1.5, branch=branch), record=True)
+    diff = edited[0] - plain[0]  # [2 rows x 2 halves, T, D]: cond rows first
+    halves = 1 if branch == "cond" else 2
+    want = torch.zeros_like(diff)
+    for h in range(halves):
+        want[2 * h, :, 3], want[2 * h + 1, :, 9] = 1.5, -3.0
+    assert torch.allclose(diff, want, atol=1e-5)
+    acts = np.arange(12, dtype=np.float32).reshape(3, 2, 2)  # [N, P, d]: per-image means [1, 2], [5, 6], [9, 10]
+    means = value_means(acts, np.array([1, -1, 1]), 3)
+    assert np.isnan(means[0]).all() and np.allclose(means[1], [(1 + 9) / 2, (2 + 10) / 2])
+    with pytest.raises(ValueError, match="'both' or 'cond'"):
+        SteerHook(sampler.model, LAYER, dirs, 1.0, branch="uncond")
+
+
 def test_style_copies_the_reference_latents(sampler):
     ids, classes, ref = [0, 1], [2, 3], 9
     sae = exact_sae(32)

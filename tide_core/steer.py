@@ -4,18 +4,20 @@ against.
 A direction for "value a -> value b" of a factor at one step is the mean block output over the images that
 show b minus the mean over those that show a (every token weighed alike), from the stored activations of
 that step. During a window of sampling steps the hook adds ``strength`` times each row's direction to every
-token of that row, in both CFG halves (as the feature edits and the splice do), so strength 1 moves a row's
-mean activation from a's to b's. A ``StepObserver``; removable; deterministic.
+token of that row, in both CFG halves (as the feature edits and the splice do) or the conditional one only,
+so strength 1 moves a row's mean activation from a's to b's. A ``StepObserver``; removable; deterministic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 import numpy as np
 import torch
 
 from tide_core.capture import BlockHook
+from tide_core.edit import Branch
 from tide_core.models.base import DiTAdapter
 
 
@@ -33,10 +35,15 @@ def value_means(acts: np.ndarray, values: np.ndarray, n_values: int) -> np.ndarr
 
 class SteerHook(BlockHook):
     """Adds strength * directions[step][row] to every token of each row of block ``layer``'s output at the
-    steps ``directions`` names; ``directions[step]`` is [n_rows, D] (one direction per image of the batch)."""
+    steps ``directions`` names; ``directions[step]`` is [n_rows, D] (one direction per image of the batch).
+    branch: the CFG halves steered, both (the push survives guidance as it is) or the conditional one only
+    (guidance then scales the push with the prompt's)."""
 
-    def __init__(self, model: DiTAdapter, layer: int, directions: Mapping[int, np.ndarray], strength: float):
-        self.model, self.layer, self.strength = model, layer, float(strength)
+    def __init__(self, model: DiTAdapter, layer: int, directions: Mapping[int, np.ndarray], strength: float,
+                 branch: Branch = "both"):
+        if branch not in get_args(Branch):
+            raise ValueError(f"branch must be 'both' or 'cond', got {branch!r}")
+        self.model, self.layer, self.strength, self.branch = model, layer, float(strength), branch
         self._dirs = {int(s): torch.as_tensor(np.asarray(d), dtype=torch.float32) for s, d in directions.items()}
         self._step = None
         self._guided = False
@@ -55,5 +62,7 @@ class SteerHook(BlockHook):
         halves = 2 if self._guided else 1
         b, n_tok, d = tokens.shape  # [halves * n, T, D]
         delta = self.strength * self._dirs[self._step].to(tokens.device)  # [n, D]
-        shifted = tokens.float().reshape(halves, b // halves, n_tok, d) + delta[None, :, None, :]
+        shifted = tokens.float().reshape(halves, b // halves, n_tok, d).clone()
+        edited = 1 if self.branch == "cond" else halves  # the cond half comes first
+        shifted[:edited] += delta[None, :, None, :]
         return shifted.reshape(b, n_tok, d).to(tokens.dtype)
