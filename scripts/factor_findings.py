@@ -1,7 +1,9 @@
 """The styled-digits blocks of docs/FINDINGS.md: the factor hierarchy (sparse probes by step and layer) and
-the factor edits with their baselines, from a styled run's warehouse and `bench/factor_edits.py`'s results.
+the factor edits with their baselines, from a styled run's warehouse and `bench/factor_edits.py`'s report;
+and the same hierarchy blocks (tagged "open") for the run whose prompts name only the digit.
 
-    .venv/bin/python scripts/results.py --styled configs/styled-digits.toml
+    .venv/bin/python scripts/results.py --styled configs/styled-digits.toml \
+        --styled-open configs/styled-digits-open.toml
 
 (``scripts/results.py`` renders these blocks beside the default run's when given ``--styled``.)
 """
@@ -17,15 +19,16 @@ from storage import Warehouse
 
 REPO = Path(__file__).resolve().parent.parent
 FINDINGS, IMG = REPO / "docs" / "FINDINGS.md", REPO / "docs" / "img"
-EDITS = REPO / "bench" / "out" / "factor_edits" / "results.jsonl"
+EDITS = REPO / "bench" / "out" / "factor_edits" / "report.json"  # the cells the bench's last run reported
 DECIDED = 0.9  # a factor is decided at the first step whose raw probe closes this share of chance -> final
 
 
 class FactorResults:
     """The queries behind the styled-digits findings, on one styled run's warehouse."""
 
-    def __init__(self, project: Project):
-        self.project = project
+    def __init__(self, project: Project, tag: str = ""):
+        """tag: "" for the shipped prompts' run, else a suffix of the block names and the figure's file."""
+        self.project, self.tag = project, tag
         self.wh = Warehouse(project.duckdb_path)
 
     def _raw(self) -> list[dict]:
@@ -100,41 +103,45 @@ class FactorResults:
         axes[-1].legend(fontsize=7)
         fig.tight_layout()
         IMG.mkdir(parents=True, exist_ok=True)
-        fig.savefig(IMG / "findings_factor_probes.png", dpi=110)
+        name = f"findings_factor_probes{'_' + self.tag if self.tag else ''}.png"
+        fig.savefig(IMG / name, dpi=110)
         plt.close(fig)
-        return "![factor probes by step and layer](img/findings_factor_probes.png)"
+        return f"![factor probes by step and layer](img/{name})"
 
     def edits(self) -> str:
-        """The factor-edit bench's reported cells (the most seeds per edit and method)."""
+        """The factor-edit bench's reported cells: every edit by each method at its searched setting, then
+        the colour edit with CFG renormalisation on and on the conditional half only."""
         if not EDITS.exists():
-            return "(no `bench/factor_edits.py` results on this machine)"
-        rows = [json.loads(line) for line in EDITS.read_text().splitlines()]
-        n = max(r["n"] for r in rows)
-        order = {k: i for i, k in enumerate(("colour", "thickness", "background", "class", "style"))}
-        rows = sorted((r for r in rows if r["n"] == n), key=lambda r: (order[r["kind"]], r["method"]))
+            return "(no `bench/factor_edits.py` report on this machine)"
+        report = json.loads(EDITS.read_text())
+        rows, n = report["rows"] + report["variants"], report["seeds"]
         out = [f"{n} held-out seeds per cell; each score over the images whose targeted factor did not already "
                "show the target (eligible). preserved: share of the other factors unchanged; preserved_style: of "
                "the other style factors; kept_class: the judged class unchanged; both: success with every other "
                "style factor kept.", "",
-               "| edit | method | layer | window | strength | eligible | success | preserved | preserved_style | "
-               "kept_class | both | FD before -> after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| edit | method | layer | window | strength | CFG renorm | branch | eligible | success | preserved | "
+               "preserved_style | kept_class | both | FD before -> after |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def f(v):
             return "-" if v is None else f"{v:.3f}"
 
         for r in rows:
             out.append(f"| {r['kind']} | {r['method']} | {r['layer'] or '-'} | {r['window'] or '-'} | "
-                       f"{r['strength'] if r['strength'] is not None else '-'} | {r['eligible']} | {f(r['success'])} | "
+                       f"{r['strength'] if r['strength'] is not None else '-'} | "
+                       f"{'off' if r.get('cfg_renorm') is None else r['cfg_renorm']} | {r.get('branch', 'both')} | "
+                       f"{r['eligible']} | {f(r['success'])} | "
                        f"{f(r['preserved'])} | {f(r['preserved_style'])} | {f(r['kept_class'])} | {f(r['both'])} | "
                        f"{r['fd_before']:.0f} -> {r['fd_after']:.0f} |")
         return "\n".join(out)
 
 
 def styled_blocks(results: FactorResults | None, block) -> list:
-    """The FINDINGS blocks of a styled run (``block``: scripts/results.py's Block)."""
+    """The FINDINGS blocks of a styled run (``block``: scripts/results.py's Block); the edits only for the
+    untagged (shipped prompts') run, which the bench edits."""
     if results is None:
         return []
-    r = results
-    return [block(FINDINGS, name, fn) for name, fn in (
-        ("factor-probes", r.probes), ("factor-decided", r.decided), ("factor-probes-figure", r.figure),
-        ("factor-edits", r.edits))]
+    r, tag = results, f"-{results.tag}" if results.tag else ""
+    fns = [("factor-probes", r.probes), ("factor-decided", r.decided), ("factor-probes-figure", r.figure)]
+    fns += [] if tag else [("factor-edits", r.edits)]
+    return [block(FINDINGS, name + tag, fn) for name, fn in fns]

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/results.py [--config tide.toml]      # after `make run`
     .venv/bin/python scripts/results.py --schema-only [--check]   # the grains table alone (no warehouse)
     .venv/bin/python scripts/results.py --styled configs/styled-digits.toml  # also the factor findings
+        [--styled-open configs/styled-digits-open.toml]                      # and the open prompts' probes
 
 The docs mark each generated block with a pair of HTML comments, ``<!-- generated:NAME -->`` and
 ``<!-- /generated:NAME -->``; this script replaces what lies between them and touches nothing else. Blocks:
@@ -322,8 +323,9 @@ def _per_step(rows: list[dict], key: str, ylabel: str, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ rewriting
 
 
-def blocks(results: Results | None, styled: FactorResults | None = None) -> list[Block]:
-    out = [Block(ARCHITECTURE, "grains", grains), *styled_blocks(styled, Block)]
+def blocks(results: Results | None, styled: FactorResults | None = None,
+           styled_open: FactorResults | None = None) -> list[Block]:
+    out = [Block(ARCHITECTURE, "grains", grains), *styled_blocks(styled, Block), *styled_blocks(styled_open, Block)]
     if results is None:
         return out
     r = results
@@ -374,11 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is out of date")
     p.add_argument("--styled", default=None, help="a styled-digits run's config: also its factor findings "
                    "(probes from its warehouse, edits from bench/factor_edits.py's results)")
+    p.add_argument("--styled-open", default=None, help="the styled run whose prompts name only the digit "
+                   "(configs/styled-digits-open.toml): also its factor probes")
     p.add_argument("--styled-only", action="store_true", help="with --styled: only the factor findings")
     args = p.parse_args(argv)
     results = None if args.schema_only or args.styled_only else Results(Project.load(args.config or REPO / "tide.toml"))
     styled = FactorResults(Project.load(args.styled)) if args.styled else None
-    changed = regenerate(blocks(results, styled), args.check)
+    styled_open = FactorResults(Project.load(args.styled_open), tag="open") if args.styled_open else None
+    changed = regenerate(blocks(results, styled, styled_open), args.check)
     for name in changed:
         print(("out of date: " if args.check else "updated: ") + name)
     return 1 if args.check and changed else 0

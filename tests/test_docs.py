@@ -12,8 +12,9 @@ def test_the_grains_table_matches_the_schema():
 
 def test_every_generated_block_has_its_markers():
     placeholder = object.__new__(results.Results)  # the block list only, no warehouse
-    styled = object.__new__(results.FactorResults)
-    for block in results.blocks(placeholder, styled):
+    styled, styled_open = object.__new__(results.FactorResults), object.__new__(results.FactorResults)
+    styled.tag, styled_open.tag = "", "open"
+    for block in results.blocks(placeholder, styled, styled_open):
         text = block.path.read_text()
         assert f"<!-- generated:{block.name} -->\n" in text and f"\n<!-- /generated:{block.name} -->" in text, (
             block.path.name, block.name)
