@@ -130,6 +130,26 @@ def test_steering_adds_each_rows_direction_at_its_steps_to_the_branches_asked(sa
         SteerHook(sampler.model, LAYER, dirs, 1.0, branch="uncond")
 
 
+def test_hit_rate_compares_the_judges_class_with_the_class_the_target_condition_asks_for():
+    """In a text run condition 7 is a prompt (say "a red three"): the judge's verdicts are digits, so a hit
+    is a verdict of 3, not of 7; a target prompt that names no class has no hit rate."""
+    from pipelines.stages.edit import EditResult, Judged, summarise
+
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+
+    def result(target_judged):
+        return EditResult(edit_id="e", spec=EditSpec("add", (1,), 2.0, StepWindow(0, 1)), config={},
+                          sample_ids=np.arange(3), class_ids=np.zeros(3, np.int64), feature_ids=[[1]] * 3,
+                          reference_ids=None, target_class=7, before=Judged(images, np.array([1, 3, 2]), np.ones(3)),
+                          after=Judged(images, np.array([3, 3, 1]), np.ones(3)), references=None, delta_ratio=0.1,
+                          target_judged=target_judged)
+
+    s = summarise(result(3))
+    assert (s.eligible, s.hit_rate, s.changed) == (2, 0.5, 2 / 3)  # samples 0 and 2 were not a 3; one became one
+    assert summarise(result(-1)).hit_rate is None and summarise(result(-1)).eligible == 0
+    assert summarise(result(None)).eligible == 3  # a class run: the condition is the judge's class (7)
+
+
 def test_style_copies_the_reference_latents(sampler):
     ids, classes, ref = [0, 1], [2, 3], 9
     sae = exact_sae(32)

@@ -9,6 +9,7 @@ where), and a before/after grid PNG under <warehouse>/edits/. Every check that c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,11 +116,12 @@ class EditResult:
     class_ids: np.ndarray  # int64 [n] classes the samples were sampled for
     feature_ids: list[list[int]]  # per sample
     reference_ids: np.ndarray | None  # int64 [n] (style) or None
-    target_class: int | None
+    target_class: int | None  # the condition whose features were picked (a class, or a prompt's index)
     before: Judged
     after: Judged
     references: Judged | None  # style: the reference of each sample, unedited
     delta_ratio: float  # mean |dec(z') - dec(z)| / |x| over edited steps and tokens
+    target_judged: int | None = None  # the judge's class that target_class asks for (-1: it names none)
 
     def rows(self, run_id: str, image_dir: str | None = None) -> list[dict]:
         """``edits`` rows; image_dir: where ``write_edit_images`` put the images, relative to the warehouse
@@ -212,8 +214,9 @@ def summarise(r: EditResult) -> EditSummary:
         return EditSummary(r.edit_id, label, None, None, 0, r.delta_ratio)
     changed = float((r.after.pred != r.before.pred).mean())
     hit, eligible = None, 0
-    c = r.target_class
-    if c is not None and r.spec.op != "style":
+    # the judge's class, not the condition: in a text run condition 4 is a prompt, which may ask for a seven
+    c = r.target_class if r.target_judged is None else r.target_judged
+    if c is not None and c >= 0 and r.spec.op != "style":
         boosting = not suppresses(r.spec.op, r.spec.strength)
         ok = r.before.pred != c if boosting else r.before.pred == c
         eligible = int(ok.sum())
@@ -240,10 +243,15 @@ def run_configured_edits(ctx: RunContext, publish: bool = True) -> EditsReport:
     ctx.log(f"editing with {plan.target.sae_id}: op {e.op}, features {plan.feature_ids or 'all'}, "
             f"{len(plan.sample_ids)} samples, {len(plan.specs)} settings")
     session = open_session(ctx, plan.target, cfg_renorm=e.cfg_renorm, unconditional=e.unconditional)
+    judged = None
+    if plan.target_class is not None and ctx.family.judge_class is not None:
+        asked = ctx.family.judge_class.condition_factors(list(session.sampler.model.condition_names))
+        judged = int(asked.codes[plan.target_class, 0])  # the class factor the target condition asks for
     results, summaries = [], []
     for spec in plan.specs:
-        r = run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
-                     reference_ids=plan.reference_ids, target_class=plan.target_class)
+        r = dataclasses.replace(run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
+                                         reference_ids=plan.reference_ids, target_class=plan.target_class),
+                                target_judged=judged)
         results.append(r)
         summaries.append(summarise(r))
         s = summaries[-1]
