@@ -91,7 +91,7 @@ class WarehouseReader:
         for r in runs:
             mine = tuple(ClassInfo(int(c["class_id"]), c["class_name"], int(c["n_samples"]))
                          for c in classes if c["run_id"] == r["run_id"])
-            cfg = _json_object(r["config_json"])
+            cfg = json_object(r["config_json"])
             out.append(RunInfo(
                 run_id=r["run_id"], model_source=r["model_source"], code_version=r["code_version"],
                 created_at=str(r["created_at"]), config=cfg.get("config", cfg),
@@ -195,7 +195,8 @@ class WarehouseReader:
         return self.wh.query("SELECT * FROM v_edits ORDER BY edit_id, sample_id").to_pylist()
 
 
-def _json_object(text: Any) -> dict[str, Any]:
+def json_object(text: Any) -> dict[str, Any]:
+    """A JSON column's object ({} for NULL, malformed JSON or a non-object: warehouse text is not trusted)."""
     if isinstance(text, dict):
         return text
     try:

@@ -13,11 +13,11 @@ path inside the warehouse root is followed, never ``..`` or an absolute path.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dashboards.data import json_object
 from dashboards.saes import EditsByFeature
 from dashboards.writer import SiteWriter, json_value
 
@@ -46,7 +46,7 @@ def write_edits(w: SiteWriter, rows: list[dict[str, Any]], warehouse_root: Path)
         images = {side: _copy(w, root, r.get(f"image_{side}"), missing, out) for side in ("before", "after")}
         entry = edits.get(r["edit_id"])
         if entry is None:
-            config = _config(r.get("config_json"))
+            config = json_object(r.get("config_json"))
             entry = edits[r["edit_id"]] = json_value({
                 "edit_id": r["edit_id"], "sae_id": r["sae_id"], "layer": r.get("layer"),
                 "variant": r.get("variant"), "op": r.get("op"), "feature_ids": r.get("feature_ids") or [],
@@ -83,11 +83,3 @@ def _copy(w: SiteWriter, root: Path, rel: str | None, missing: list[str], out: E
     w.write_bytes(dest, src.read_bytes())
     out.n_images += 1
     return dest
-
-
-def _config(text: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

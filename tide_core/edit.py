@@ -46,6 +46,18 @@ from tide_core.models.base import DiTAdapter
 EditOp = Literal["add", "scale", "clamp", "zero", "style"]
 EDIT_OPS: tuple[str, ...] = get_args(EditOp)
 Branch = Literal["both", "cond"]
+
+
+def check_branch(branch: str) -> None:
+    if branch not in get_args(Branch):
+        raise EditError(f"branch must be 'both' or 'cond', got {branch!r}")
+
+
+def edited_halves(branch: Branch, guided: bool) -> tuple[int, int]:
+    """(halves in the batch, halves to edit): a guided batch stacks [cond; uncond], the cond half first, so
+    editing the first ``edited`` of ``halves`` edits what ``branch`` asks for."""
+    halves = 2 if guided else 1
+    return halves, 1 if branch == "cond" else halves
 @dataclass(frozen=True)
 class EditSpec:
     """One feature edit: which latents, how, how much and when."""
@@ -68,8 +80,7 @@ class EditSpec:
             raise EditError(f"op {self.op!r} takes strength >= 0 (got {self.strength}): "
                             + ("1 keeps the feature, 0 zeroes it" if self.op == "scale"
                                else "1 copies the reference's latents, 0 changes nothing"))
-        if self.branch not in get_args(Branch):
-            raise EditError(f"branch must be 'both' or 'cond', got {self.branch!r}")
+        check_branch(self.branch)
         if self.pooled and self.op != "style":
             raise EditError(f"pooled applies to op 'style' only, not {self.op!r}")
         self.window.check(num_steps)
@@ -230,7 +241,7 @@ class EditHook(BlockHook):
     def _edit(self, output: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
-        halves = 2 if self._guided else 1
+        halves, edited = edited_halves(self.spec.branch, self._guided)
         b, n_tok, d = output.shape  # [halves * n, T, D]
         if d != self.sae.spec.d_in:
             raise EditError(f"layer {self.layer} outputs {d} channels but the SAE expects {self.sae.spec.d_in}: "
@@ -239,7 +250,6 @@ class EditHook(BlockHook):
             raise EditError(f"feature maps cover {self._units.shape[0]} tokens but the model has {n_tok} per image")
         n = b // halves
         h = output.float().reshape(halves, n, n_tok, d)  # [halves, n, T, D]
-        edited = 1 if self.spec.branch == "cond" else halves  # the cond half comes first
         with torch.no_grad():
             if self.spec.op == "add":  # z' - z does not depend on z: no need to encode
                 z = h.new_zeros(edited, n, n_tok, len(self._features))  # [H, n, T, |F|]

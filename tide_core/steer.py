@@ -11,13 +11,12 @@ so strength 1 moves a row's mean activation from a's to b's. A ``StepObserver``;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import get_args
 
 import numpy as np
 import torch
 
 from tide_core.capture import BlockHook
-from tide_core.edit import Branch
+from tide_core.edit import Branch, check_branch, edited_halves
 from tide_core.models.base import DiTAdapter
 
 
@@ -41,8 +40,7 @@ class SteerHook(BlockHook):
 
     def __init__(self, model: DiTAdapter, layer: int, directions: Mapping[int, np.ndarray], strength: float,
                  branch: Branch = "both"):
-        if branch not in get_args(Branch):
-            raise ValueError(f"branch must be 'both' or 'cond', got {branch!r}")
+        check_branch(branch)
         self.model, self.layer, self.strength, self.branch = model, layer, float(strength), branch
         self._dirs = {int(s): torch.as_tensor(np.asarray(d), dtype=torch.float32) for s, d in directions.items()}
         self._step = None
@@ -59,10 +57,9 @@ class SteerHook(BlockHook):
     def _edit(self, tokens: torch.Tensor) -> torch.Tensor | None:
         if self._step not in self._dirs:
             return None
-        halves = 2 if self._guided else 1
+        halves, edited = edited_halves(self.branch, self._guided)
         b, n_tok, d = tokens.shape  # [halves * n, T, D]
         delta = self.strength * self._dirs[self._step].to(tokens.device)  # [n, D]
         shifted = tokens.float().reshape(halves, b // halves, n_tok, d).clone()
-        edited = 1 if self.branch == "cond" else halves  # the cond half comes first
         shifted[:edited] += delta[None, :, None, :]
         return shifted.reshape(b, n_tok, d).to(tokens.dtype)

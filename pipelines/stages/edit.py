@@ -9,7 +9,6 @@ where), and a before/after grid PNG under <warehouse>/edits/. Every check that c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -156,9 +155,10 @@ def edit_id_of(config: dict) -> str:
 def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
              row_features: Sequence[Sequence[int]] | None = None, units: dict[int, float] | None = None,
              maps: dict[int, np.ndarray] | None = None, reference_ids: Sequence[int] | None = None,
-             target_class: int | None = None) -> EditResult:
+             target_class: int | None = None, target_judged: int | None = None) -> EditResult:
     """Sample ``sample_ids`` with the edit (references, for style, appended to the batch) and judge it
-    against the cached unedited images of the same seeds."""
+    against the cached unedited images of the same seeds. target_judged: the judge's class target_class
+    asks for (``Judge.asked_classes``), when that is not target_class itself (a text run's prompt)."""
     ids = np.asarray(sample_ids, np.int64)
     refs = None if reference_ids is None else np.asarray(reference_ids, np.int64)
     if refs is not None and len(refs) not in (1, len(ids)):
@@ -192,7 +192,8 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
     paired = None if refs is None else refs[np.arange(len(ids)) % len(refs)]  # [n] reference of each sample
     return EditResult(edit_id=edit_id_of(config), spec=spec, config=config, sample_ids=ids,
                       class_ids=session.class_of(ids), feature_ids=per_row, reference_ids=paired,
-                      target_class=target_class, before=before, after=after, delta_ratio=ratio,
+                      target_class=target_class, target_judged=target_judged, before=before, after=after,
+                      delta_ratio=ratio,
                       references=None if paired is None else session.before(paired))
 
 
@@ -245,13 +246,12 @@ def run_configured_edits(ctx: RunContext, publish: bool = True) -> EditsReport:
     session = open_session(ctx, plan.target, cfg_renorm=e.cfg_renorm, unconditional=e.unconditional)
     judged = None
     if plan.target_class is not None and ctx.family.judge_class is not None:
-        asked = ctx.family.judge_class.condition_factors(list(session.sampler.model.condition_names))
-        judged = int(asked.codes[plan.target_class, 0])  # the class factor the target condition asks for
+        judged = int(ctx.family.judge_class.asked_classes(list(session.sampler.model.condition_names))[
+            plan.target_class])
     results, summaries = [], []
     for spec in plan.specs:
-        r = dataclasses.replace(run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
-                                         reference_ids=plan.reference_ids, target_class=plan.target_class),
-                                target_judged=judged)
+        r = run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
+                     reference_ids=plan.reference_ids, target_class=plan.target_class, target_judged=judged)
         results.append(r)
         summaries.append(summarise(r))
         s = summaries[-1]

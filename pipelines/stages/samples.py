@@ -41,8 +41,7 @@ def publish_samples(ctx: RunContext) -> PublishedSamples:
     if ctx.judge is not None:
         verdict = ctx.judge.judge(from_uint8(store.images()))
         pred, conf = verdict.pred.astype(np.int32), verdict.confidence.astype(np.float64)
-        # the class each condition asks for (a class run: itself; a prompt: the class it names, if any)
-        want = ctx.family.judge_class.condition_factors([str(c) for c in names]).codes[class_id, 0]  # [n]
+        want = ctx.family.judge_class.asked_classes([str(c) for c in names])[class_id]  # [n]
         accuracy = asked_accuracy(pred, want)
     rows = pa.table({
         "run_id": pa.array([run_id] * n),

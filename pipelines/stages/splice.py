@@ -79,7 +79,7 @@ def make_splice_bench(ctx: RunContext, store: ActivationStore, layer: int, site:
     want = np.full(len(ids), UNASKED, np.int64)
     if ctx.family.judge_class is not None:
         names = [str(c) for c in store.provenance["class_names"]]
-        want = ctx.family.judge_class.condition_factors(names).codes[conditions, 0]
+        want = ctx.family.judge_class.asked_classes(names)[conditions]
     bench = SpliceBench(sampler=sampler, layer=layer, site=site, ids=ids, conditions=conditions, want_class=want,
                         original=original, timesteps=spread_steps(steps, LOSS_TIMESTEPS), loss_clean=0.0,
                         judge=ctx.judge, original_verdict=None, real_features=None)

@@ -166,6 +166,12 @@ class Judge(ABC):
         the class alone, condition c being class c."""
         return class_factors(condition_names)
 
+    @classmethod
+    def asked_classes(cls, condition_names: list[str]) -> np.ndarray:
+        """int64 [C]: the class (a ``Judgement.pred`` code) each condition asks for, UNASKED where it names
+        none; a class run's condition c asks for class c, a prompt for the class it names."""
+        return cls.condition_factors(condition_names).codes[:, 0]
+
 
 class DiTAdapter(ABC):
     """One DiT family: class methods describe and prepare it, an instance is the loaded model."""
