@@ -330,6 +330,9 @@ def main() -> None:
     p.add_argument("--cfg-renorm", type=float, default=1.0,
                    help="the CFG renormalisation cap of the renorm-on colour cells (|guided| <= cap x |cond|)")
     args = p.parse_args()
+    if not args.cfg_renorm > 0:
+        p.error(f"--cfg-renorm must be > 0 (the cap on |guided| / |cond|; 1 rescales to the conditional norm), "
+                f"got {args.cfg_renorm}")
     torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,9 @@ class FactorResults:
     def __init__(self, project: Project, tag: str = ""):
         """tag: "" for the shipped prompts' run, else a suffix of the block names and the figure's file."""
         self.project, self.tag = project, tag
+        if not project.duckdb_path.exists():
+            raise SystemExit(f"no warehouse at {project.duckdb_path}: run `tide run --config {project.config_path}` "
+                             "first (its factor probes are what these blocks show)")
         self.wh = Warehouse(project.duckdb_path)
 
     def _raw(self) -> list[dict]:
