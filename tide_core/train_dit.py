@@ -12,18 +12,17 @@ import copy
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from tide_core.config import DigitsDiTConfig
 from tide_core.digits import CLASS_NAMES, DigitsData
 from tide_core.files import atomic_directory
+from tide_core.train_state import Resumable, resume_path
 
 TIDE_MODEL_FILE = "tide_model.json"
 
@@ -92,8 +91,12 @@ def train_digits_dit(
     data: DigitsData,
     progress: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
+    resume: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> DiTTrainResult:
-    """Train the default DiT; ``progress(step, loss, lr)`` is called every log_every steps."""
+    """Train the default DiT; ``progress(step, loss, lr)`` is called every log_every steps. With ``resume``
+    (a ``resume_path``) the state is saved there every ``cfg.resume_every`` steps and a killed run goes on
+    from its last save."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(cfg.seed)
@@ -107,9 +110,10 @@ def train_digits_dit(
     images = torch.from_numpy(data.images)  # [N, 1, S, S]
     labels = torch.from_numpy(data.labels)
     null = len(CLASS_NAMES)
-    losses, loss_steps, window = [], [], []
-    t0 = time.perf_counter()
-    for step in range(cfg.train_steps):
+    state = Resumable(resume, cfg.fingerprint(), cfg.resume_every, {"model": model, "ema": ema}, opt,
+                      torch_generator=gen)
+    done = state.restore(log)
+    for step in range(done.step, cfg.train_steps):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
         x0, y = images[idx], labels[idx].clone()
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.class_dropout
@@ -128,14 +132,11 @@ def train_digits_dit(
         opt.step()
         # Short runs (tests) cannot wait for a 0.999 EMA to forget the random init.
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == cfg.train_steps:
-            losses.append(float(np.mean(window)))
-            loss_steps.append(step + 1)
-            window = []
-            if progress is not None:
-                progress(step + 1, losses[-1], opt.param_groups[0]["lr"])
-    seconds = time.perf_counter() - t0
+        if done.record(step, loss.item(), log_every, cfg.train_steps) and progress is not None:
+            progress(step + 1, done.losses[-1][1], opt.param_groups[0]["lr"])
+        state.save_if_due(done, cfg.train_steps)
+    seconds = done.seconds
+    loss_steps, losses = [s for s, _ in done.losses], [v for _, v in done.losses]
     weights = torch.cat([p.detach().flatten() for p in ema.parameters()]).numpy().tobytes()
     meta = {
         "digits_config": cfg.model_dump(),
@@ -149,11 +150,14 @@ def train_digits_dit(
 
 
 def train_and_save(cfg: DigitsDiTConfig, out_dir: str | Path, command: str = "tide train-dit",
-                   progress: Callable[[int, float, float], None] | None = None) -> DiTTrainResult:
-    """Train the default DiT on all digits and write its checkpoint directory (atomically)."""
+                   progress: Callable[[int, float, float], None] | None = None,
+                   log: Callable[[str], None] | None = None) -> DiTTrainResult:
+    """Train the default DiT on all digits (resuming a killed run of the same recipe) and write its
+    checkpoint directory (atomically)."""
     from tide_core.digits import load_digits
 
-    result = train_digits_dit(cfg, load_digits(cfg.image_size), progress=progress)
+    resume = resume_path(out_dir)
+    result = train_digits_dit(cfg, load_digits(cfg.image_size), progress=progress, resume=resume, log=log)
     result.meta.update({
         "command": command,
         "torch": torch.__version__,
@@ -162,6 +166,7 @@ def train_and_save(cfg: DigitsDiTConfig, out_dir: str | Path, command: str = "ti
         "loss_curve": {"step": result.loss_steps, "loss": [round(v, 5) for v in result.losses]},
     })
     save_checkpoint(result, out_dir)
+    resume.unlink(missing_ok=True)  # the checkpoint is whole: nothing left to resume
     return result
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from tide_core.files import atomic_directory
 from tide_core.styled_digits import FACTORS, captions, draw_styles, render, stroke_masks
 from tide_core.tiny_text import save_t5_tokenizer, tiny_t5
 from tide_core.train_dit import TIDE_MODEL_FILE, _ema_update, lr_at
+from tide_core.train_state import Resumable, resume_path
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
 
@@ -57,8 +58,11 @@ def build_transformer(cfg: StyledDigitsConfig) -> nn.Module:
 
 
 def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[int, float, float], None] | None = None,
-                        log_every: int = 50) -> StyledTrainResult:
-    """Train both networks; ``progress(step, loss, lr)`` every ``log_every`` steps."""
+                        log_every: int = 50, resume: Path | None = None,
+                        log: Callable[[str], None] | None = None) -> StyledTrainResult:
+    """Train both networks; ``progress(step, loss, lr)`` every ``log_every`` steps. With ``resume`` (a
+    ``resume_path``) the loop's state is saved there every ``cfg.resume_every`` steps and a run killed before
+    goes on from its last save."""
     from diffusers import DDPMScheduler
 
     digits = load_digits(8)
@@ -74,8 +78,10 @@ def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     no_conditions = {"resolution": None, "aspect_ratio": None}
-    losses, window, t0 = [], [], time.perf_counter()
-    for step in range(cfg.train_steps):
+    state = Resumable(resume, cfg.fingerprint(), cfg.resume_every, {"transformer": transformer, "encoder": encoder,
+                      "ema_transformer": ema_t, "ema_encoder": ema_e}, opt, rng, gen)
+    done = state.restore(log)
+    for step in range(done.step, cfg.train_steps):
         rows = train_rows[rng.integers(len(train_rows), size=cfg.batch_size)]
         codes = draw_styles(digits.labels[rows], rng)  # [B, F]
         texts = [("" if rng.random() < cfg.caption_dropout else c) for c in captions(codes, rng, cfg.factor_drop)]
@@ -101,13 +107,10 @@ def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short runs cannot wait for a 0.999 EMA
         _ema_update(ema_t, transformer, decay)
         _ema_update(ema_e, encoder, decay)
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == cfg.train_steps:
-            losses.append((step + 1, round(float(np.mean(window)), 5)))
-            window = []
-            if progress is not None:
-                progress(step + 1, losses[-1][1], opt.param_groups[0]["lr"])
-    seconds = time.perf_counter() - t0
+        if done.record(step, loss.item(), log_every, cfg.train_steps) and progress is not None:
+            progress(step + 1, done.losses[-1][1], opt.param_groups[0]["lr"])
+        state.save_if_due(done, cfg.train_steps)
+    seconds, losses = done.seconds, done.losses
     weights = torch.cat([p.detach().flatten() for p in ema_t.parameters()]).numpy().tobytes()
     meta = {"styled_digits_config": cfg.model_dump(), "styled_digits_fingerprint": cfg.fingerprint(),
             "weights_sha256": hashlib.sha256(weights).hexdigest(), "train_seconds": round(seconds, 1),
@@ -118,13 +121,20 @@ def train_styled_digits(cfg: StyledDigitsConfig, tokenizer, progress: Callable[[
 
 
 def train_and_save(cfg: StyledDigitsConfig, out_dir: str | Path, command: str = "tide train-dit",
-                   progress: Callable[[int, float, float], None] | None = None) -> StyledTrainResult:
-    """Build the tokenizer, train, and write the pipeline directory (atomically)."""
+                   progress: Callable[[int, float, float], None] | None = None,
+                   log: Callable[[str], None] | None = None) -> StyledTrainResult:
+    """Build the tokenizer, train (resuming a killed run of the same recipe), and write the pipeline
+    directory (atomically)."""
     from transformers import T5TokenizerFast
 
+    resume = resume_path(out_dir)
+    with tempfile.TemporaryDirectory() as words:  # the tokenizer to train with; the directory gets its own copy
+        save_t5_tokenizer(Path(words))
+        tokenizer = T5TokenizerFast.from_pretrained(words)
+    # Trained before the directory is opened, so a kill during training leaves no half-written directory
+    result = train_styled_digits(cfg, tokenizer, progress, resume=resume, log=log)
     with atomic_directory(out_dir) as tmp:
         save_t5_tokenizer(tmp / "tokenizer")
-        result = train_styled_digits(cfg, T5TokenizerFast.from_pretrained(tmp / "tokenizer"), progress)
         result.transformer.save_pretrained(tmp / "transformer")
         result.text_encoder.save_pretrained(tmp / "text_encoder")
         (tmp / "scheduler").mkdir()
@@ -135,4 +145,5 @@ def train_and_save(cfg: StyledDigitsConfig, out_dir: str | Path, command: str = 
                  "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": [None, None]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / TIDE_MODEL_FILE).write_text(json.dumps({**result.meta, "command": command}, indent=2, sort_keys=True))
+    resume.unlink(missing_ok=True)  # the checkpoint is whole: nothing left to resume
     return result

@@ -25,6 +25,9 @@ class PixelDiTConfig(Section):
     """Attention heads per block."""
     head_dim: int = Field(32, ge=8, le=256)
     """Channels per head; the residual width is num_heads * head_dim."""
+    resume_every: int = Field(200, ge=1)
+    """Training steps between saves of the loop's state beside the checkpoint (``.<name>.resume.pt``),
+    from which a killed training goes on; not part of the recipe (the weights do not depend on it)."""
 
     @model_validator(mode="after")
     def _patch_divides(self) -> PixelDiTConfig:
@@ -38,7 +41,7 @@ class PixelDiTConfig(Section):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the trained weights (not where they are stored)."""
-        payload = self.model_dump(exclude={"checkpoint_dir"})
+        payload = self.model_dump(exclude={"checkpoint_dir", "resume_every"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

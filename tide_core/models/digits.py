@@ -98,7 +98,7 @@ class DigitsDiT(ClassDiT):
         ckpt = Path(d.checkpoint_dir)
         trained = reuse_or_train("default DiT", ckpt, "digits_fingerprint", d.fingerprint(), d.train_steps,
                                  f"{d.train_steps} steps, batch {d.batch_size}, seed {d.seed}",
-                                 lambda progress: train_and_save(d, ckpt, progress=progress), log, force)
+                                 lambda progress: train_and_save(d, ckpt, progress=progress, log=log), log, force)
         return ModelStatus(str(ckpt), trained_now=trained, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(ckpt))
 
     @classmethod

@@ -148,6 +148,6 @@ class StyledDigits(BuiltHere, PixArt):
         out = Path(s.checkpoint_dir)
         trained = reuse_or_train("styled-digits PixArt", out, cls.meta_key, s.fingerprint(), s.train_steps,
                                  f"{s.train_steps} steps, batch {s.batch_size}, seed {s.seed}",
-                                 lambda progress: train_and_save(s, out, progress=progress), log, force)
+                                 lambda progress: train_and_save(s, out, progress=progress, log=log), log, force)
         return ModelStatus(str(out), trained_now=trained, fingerprint=cls.fingerprint_of(cfg), meta=read_meta(out))
 
