@@ -5,8 +5,8 @@ rows written before the images were kept name none). The images are copied to ``
 site stays one folder a static server (or a zip) can carry. A row's path is data from the warehouse: only a
 path inside the warehouse root is followed, never ``..`` or an absolute path.
 
-* ``data/edits.json``: one entry per edit (its SAE, op, features, strength, steps, target, sampler settings)
-  with one row per sample: the judge's verdict before and after and the two images; the edits page.
+* ``data/edits.json``: one entry per edit (its SAE, op, features, strength, steps, target class or concept,
+  sampler settings) with one row per sample: the judge's verdict before and after and the two images; the edits page.
 * ``EditsSite.by_feature``: the rows each feature page's steering preview shows (an edit of several
   features under each), with the same image paths.
 """
@@ -23,7 +23,7 @@ from dashboards.writer import SiteWriter, json_value
 
 # The columns each sample row keeps on the site (the edit's own columns go once, into its entry).
 _ROW_COLS = ("sample_id", "run_id", "class_id", "class_name", "reference_id", "pred_before", "conf_before",
-             "pred_after", "conf_after", "flipped")
+             "pred_after", "conf_after", "flipped", "concept_before", "concept_after")
 
 
 @dataclass
@@ -51,7 +51,8 @@ def write_edits(w: SiteWriter, rows: list[dict[str, Any]], warehouse_root: Path)
                 "edit_id": r["edit_id"], "sae_id": r["sae_id"], "layer": r.get("layer"),
                 "variant": r.get("variant"), "op": r.get("op"), "feature_ids": r.get("feature_ids") or [],
                 "per_sample_features": bool(config.get("per_sample_features")), "target_class": r.get("target_class"),
-                "strength": r.get("strength"), "step_start": r.get("step_start"), "step_end": r.get("step_end"),
+                "concept": config.get("concept"), "strength": r.get("strength"), "step_start": r.get("step_start"),
+                "step_end": r.get("step_end"),
                 "cfg_renorm": config.get("cfg_renorm"), "pooled": config.get("pooled"),
                 "unconditional": config.get("unconditional"), "sampler": config.get("sampler"), "rows": []})
         row = json_value({k: r.get(k) for k in _ROW_COLS}) | {"img_before": images["before"],

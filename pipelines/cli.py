@@ -167,10 +167,10 @@ def edit_overrides(args) -> dict:
             raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
 
     features = ints(args.features)
-    if features is None and args.target_class is not None:
-        features = []  # --class picks the features, whatever edit.feature_ids says
+    if features is None and (args.target_class is not None or args.concept is not None):
+        features = []  # --class / --concept pick the features, whatever edit.feature_ids says
     return dict(sae_id=args.sae, layer=args.layer, variant=args.variant, op=args.op,
-                target_class=args.target_class, feature_ids=features, n_features=args.n_features,
+                target_class=args.target_class, concept=args.concept, feature_ids=features, n_features=args.n_features,
                 min_fire_rate=args.min_fire_rate, strengths=args.strength, windows=args.window,
                 units=args.units, n_samples=args.samples, sample_ids=ints(args.sample_ids),
                 reference_ids=ints(args.reference), branch=args.branch, cfg_renorm=args.cfg_renorm,
@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "zero: ablate; style: move latents towards a reference image's")
     e.add_argument("--class", dest="target_class", type=int,
                    help="edit the latents most selective for this class (from the features table)")
-    e.add_argument("--features", help="explicit latent ids, comma-separated (instead of --class)")
+    e.add_argument("--concept", help="edit the latents most associated with this concept instead of a class's: "
+                   "a class name, prompt word or factor value (red, colour:red), as feature_concepts lists them")
+    e.add_argument("--features", help="explicit latent ids, comma-separated (instead of --class / --concept)")
     e.add_argument("--n-features", type=int, help="how many of the class's most selective latents")
     e.add_argument("--min-fire-rate", type=float, help="skip latents firing on fewer tokens than this")
     e.add_argument("--strength", type=float, action="append",

@@ -389,6 +389,11 @@ TABLES: dict[str, Table] = {
                 Col("conf_after", "DOUBLE"),
                 Col("image_before", "VARCHAR", "PNG of the unedited image, relative to the warehouse root"),
                 Col("image_after", "VARCHAR", "PNG of the edited image (same seed), relative to the warehouse root"),
+                Col("concept", "VARCHAR", "concept the latents were picked for (feature_concepts); NULL if by "
+                    "class or id"),
+                Col("concept_before", "BOOLEAN", "the judge sees the concept in the unedited image; NULL if it "
+                    "does not score the concept"),
+                Col("concept_after", "BOOLEAN", "the judge sees the concept in the edited image"),
             ),
         ),
     )

@@ -334,18 +334,29 @@ def test_steering_preview_and_edits_page_appear_once_edits_exist(browser, served
                      "conf_before": 0.9, "pred_after": 5, "conf_after": 0.6, "op": "add",
                      "image_before": f"edits/e1/{s}-before.png", "image_after": f"edits/e1/{s}-after.png"})
     rows[1]["image_after"] = "../../../etc/passwd"  # a path out of the warehouse is data, never followed
-    Warehouse(project.duckdb_path).replace_partition("edits", {"edit_id": "e1"}, rows)
+    wh = Warehouse(project.duckdb_path)
+    wh.replace_partition("edits", {"edit_id": "e1"}, rows)
+    by_concept = [r | {"config_json": json.dumps({"concept": "class:3"}), "concept": "3", "concept_before": False,
+                       "concept_after": True, "image_before": None, "image_after": None} for r in rows]
+    wh.replace_partition("edits", {"edit_id": "e2"}, by_concept)
     build_dashboard(quiet(project))  # swapped in under the running server
     site = json.loads((served.site_dir / "data" / "site.json").read_text())
-    assert site["n_edits"] == 1 and any("not under" in w for w in site["warnings"])
+    assert site["n_edits"] == 2 and any("not under" in w for w in site["warnings"])
     load(browser, served.url + f"feature.html?sae={tide['sae_id']}&f={labelled}")
-    assert browser.evaluate("document.querySelectorAll('#steering tbody tr').length") == 2
+    assert browser.evaluate("document.querySelectorAll('#steering tbody tr').length") == 4  # e1 and e2
     assert browser.evaluate("document.querySelectorAll('#steering img.big').length") == 3  # 2 before, 1 after
     shot(browser, "feature_steering")
     load(browser, served.url + "edits.html#e1")
     assert browser.evaluate("document.querySelectorAll('#e1 .edit-rows tbody tr').length") == 2
     srcs = browser.evaluate("[...document.querySelectorAll('#e1 img')].map(i => i.getAttribute('src'))")
     assert srcs == ["img/edits/e1/3-before.png", "img/edits/e1/3-after.png", "img/edits/e1/13-before.png"]
+    assert "shows 3 before" not in browser.evaluate("document.getElementById('e1').textContent")
+    assert "towards 3 (class)" in browser.evaluate("document.querySelector('#e2 h2').textContent")
+    heads = browser.evaluate("[...document.querySelectorAll('#e2 thead th')].map(t => t.textContent)")
+    assert heads[-2:] == ["shows 3 before", "after"]
+    cells = browser.evaluate("[...document.querySelectorAll('#e2 tbody tr')].map(r => [...r.cells].slice(-2)"
+                             ".map(c => c.textContent))")
+    assert cells == [["no", "yes"], ["no", "yes"]]
     shot(browser, "edits")
     load(browser, served.url + "index.html")
     assert browser.evaluate("document.querySelector('a[href=\"edits.html\"]') !== null")

@@ -315,6 +315,53 @@ def test_feature_selection_takes_the_most_selective_for_the_class(edit_project):
     assert feature_maps(wh, sae_id, [2])[2].tolist() == [0.0, 1.0, 1.0]  # mean heatmap, peak 1
 
 
+def put_concepts(wh, sae_id, rows):
+    wh.replace_partition("feature_concepts", {"sae_id": sae_id}, [
+        {"feature_id": f, "concept": c, "kind": "class", "images": 10, "fire_rate": rate, "mean_act": 0.5,
+         "lift": lift} for f, c, rate, lift in rows])
+
+
+def test_concept_edits_take_the_highest_lift_latents_and_score_the_concept(edit_project):
+    """--concept picks latents from feature_concepts (lift > 1, highest first), edits held-out samples of
+    conditions without the concept, and each row says whether the judge saw it before and after."""
+    from pipelines.stages.edit import run_configured_edits, summarise
+    from pipelines.stages.edit_plan import plan_edits, with_edit
+    from tide_core.sampling import condition_for
+
+    project, wh, sae_id = edit_project
+    put_features(wh, sae_id, [(f, f % 10, 0.5, 0.01) for f in range(64)])
+    put_concepts(wh, sae_id, [(5, "3", 0.2, 2.0), (9, "3", 0.3, 4.0), (11, "3", 0.0001, 9.0), (12, "3", 0.4, 0.9),
+                              (13, "4", 0.5, 8.0)])
+    p = with_edit(project, sae_id=sae_id, concept="3", feature_ids=[], n_features=5, n_samples=2,
+                  windows=["1-2"])
+    plan = plan_edits(quiet(p))
+    assert plan.feature_ids == [9, 5]  # 11 fires too rarely, 12 not more often with the concept
+    assert plan.target_class is None and (plan.concept.kind, plan.concept.factor, plan.concept.value) == ("class", 0, 3)
+    classes = quiet(p).store().provenance["sampling"]["classes"]
+    assert all(condition_for(int(i), classes) != 3 for i in plan.sample_ids)
+    assert plan_edits(quiet(with_edit(p, concept="class:3"))).feature_ids == [9, 5]
+    for bad, match in (("purple", "not a concept of this run; its concepts are class:0, class:1"),
+                       ("word:3", "not a concept of this run")):
+        with pytest.raises(EditError, match=match):
+            plan_edits(quiet(with_edit(p, concept=bad)))
+    with pytest.raises(EditError, match="lower edit.min_fire_rate"):
+        plan_edits(quiet(with_edit(p, concept="3", min_fire_rate=0.9)))
+    with pytest.raises(ValueError, match="both pick the latents"):
+        with_edit(p, feature_ids=[1])
+    assert with_edit(p, target_class=4).config.edit.concept is None  # a class asked for replaces the concept
+
+    r = run_configured_edits(quiet(p)).results[0]
+    rows = wh.query("SELECT * FROM edits WHERE edit_id = ? ORDER BY sample_id", [r.edit_id]).to_pylist()
+    assert [row["concept"] for row in rows] == ["3", "3"] and rows[0]["target_class"] is None
+    assert [row["concept_before"] for row in rows] == [row["pred_before"] == 3 for row in rows]
+    assert [row["concept_after"] for row in rows] == [row["pred_after"] == 3 for row in rows]
+    assert json.loads(rows[0]["config_json"])["concept"] == "class:3"
+    s = summarise(r)
+    assert s.eligible == sum(not row["concept_before"] for row in rows)
+    if s.eligible:
+        assert s.hit_rate == np.mean([row["concept_after"] for row in rows if not row["concept_before"]])
+
+
 def test_plan_refuses_an_sae_of_another_model_or_run(edit_project):
     from pipelines.stages.edit_plan import plan_edits, with_edit
 

@@ -74,8 +74,13 @@ async function editsPage() {
   done("Edits");
 }
 
+function conceptLabel(c) {  // "colour:red" (edits' config) -> "red (colour)"
+  const i = c.indexOf(":");
+  return i < 0 ? c : `${c.slice(i + 1)} (${c.slice(0, i)})`;
+}
+
 function editTitle(e) {
-  const target = e.target_class != null ? ` towards ${e.target_class}` : "";
+  const target = e.concept ? ` towards ${conceptLabel(e.concept)}` : e.target_class != null ? ` towards ${e.target_class}` : "";
   return `${e.op}${e.pooled ? " pooled" : ""} ${fmt(e.strength)} at steps ${e.step_start}–${e.step_end}, layer ${e.layer ?? "?"} ${e.variant ?? ""}${target}`;
 }
 
@@ -87,12 +92,16 @@ function editCard(e) {
     ? el("span", {}, e.feature_ids.slice(0, 16).map((f, i) => el("span", {}, i ? ", " : "", link(featureUrl(e.sae_id, f), `#${f}`))), e.feature_ids.length > 16 ? " …" : "")
     : "all latents";
   const s = e.sampler || {};
+  // a concept the judge scores (a class, a styled factor value): whether each image shows it
+  const scored = e.concept && e.rows.some((r) => r.concept_before != null);
+  const shows = (v) => el("td", { text: v == null ? "–" : v ? "yes" : "no" });
+  const conceptCols = scored ? [`shows ${e.concept.split(":").pop()} before`, "after"] : [];
   return el("section", { class: "card", id: e.edit_id }, el("h2", { text: editTitle(e) }),
     kvTable([["edit", e.edit_id], ["SAE", sae ? link(saeUrl(sae), e.sae_id) : e.sae_id], ["features", feats],
       ["CFG renormalisation", e.cfg_renorm == null ? "off" : fmt(e.cfg_renorm)], ["unconditional", e.unconditional ? "yes" : "no"],
       ["sampler", e.sampler ? `${s.scheduler ?? "?"}, ${s.num_steps ?? "?"} steps, guidance ${s.guidance_scale ?? "?"}` : "–"]]),
     el("table", { class: "data edit-rows", style: "max-width:900px" },
-      el("thead", {}, el("tr", {}, ["sample", conditionNoun(run), "before", "after", "judge before", "judge after", "changed"].map((c) => el("th", { text: c })))),
+      el("thead", {}, el("tr", {}, ["sample", conditionNoun(run), "before", "after", "judge before", "judge after", "changed", ...conceptCols].map((c) => el("th", { text: c })))),
       el("tbody", {}, e.rows.map((r) => el("tr", {},
         el("td", {}, r.run_id ? link(sampleUrl(r.run_id, r.sample_id), `#${r.sample_id}`) : `seed of #${r.sample_id}`),
         el("td", { class: "text", text: r.class_name ?? className(r.class_id) }),
@@ -100,7 +109,8 @@ function editCard(e) {
         el("td", {}, editImage(r.img_after, `sample ${r.sample_id} after`)),
         el("td", { class: "text", text: r.pred_before == null ? "not judged" : `${judgeName(run, r.pred_before)} (${pct(r.conf_before)})` }),
         el("td", { class: "text", text: r.pred_after == null ? "not judged" : `${judgeName(run, r.pred_after)} (${pct(r.conf_after)})` }),
-        el("td", { text: r.flipped ? "yes" : "no" }))))));
+        el("td", { text: r.flipped ? "yes" : "no" }),
+        ...(scored ? [shows(r.concept_before), shows(r.concept_after)] : []))))));
 }
 
 // ------------------------------------------------------------------ feature page: steering preview
@@ -116,7 +126,7 @@ function steering(edits, run, className) {
         el("td", { class: "text", text: e.class_name ?? className(e.class_id) }),
         el("td", {}, e.img_before ? editImage(e.img_before, "before") : imageAvailable(run) ? el("img", { class: "thumb", src: imagePath(run, e.sample_id), alt: "" }) : "–"),
         el("td", {}, editImage(e.img_after, "after")),
-        el("td", { class: "text" }, link(`edits.html#${encodeURIComponent(e.edit_id)}`, [e.op ?? "edit", e.target_class != null ? `towards ${className(e.target_class)}` : ""].join(" ").trim())),
+        el("td", { class: "text" }, link(`edits.html#${encodeURIComponent(e.edit_id)}`, [e.op ?? "edit", e.concept ? `towards ${e.concept}` : e.target_class != null ? `towards ${className(e.target_class)}` : ""].join(" ").trim())),
         el("td", { text: fmt(e.strength) }),
         el("td", { text: `${fmt(e.step_start)}–${fmt(e.step_end)}` }),
         el("td", { class: "text", text: `${judgeName(run, e.pred_before)} (${pct(e.conf_before)})` }),

@@ -20,7 +20,7 @@ from dashboards.png import encode_png
 from pipelines.context import RunContext
 from pipelines.plots import png_bytes_of_figure, pyplot, save_png
 from pipelines.project import content_key
-from pipelines.stages.edit_plan import EditPlan, plan_edits, suppresses
+from pipelines.stages.edit_plan import ConceptPick, EditPlan, plan_edits, suppresses
 from pipelines.stages.sae import split_samples
 from storage import SaeRecord, Warehouse
 from tide_core.edit import EditError, EditHook, EditSpec, StepRecord, check_sae_fits
@@ -36,6 +36,7 @@ class Judged:
     images: np.ndarray  # uint8 [n, H, W, C]
     pred: np.ndarray | None  # int64 [n]
     conf: np.ndarray | None  # float32 [n]
+    factors: np.ndarray | None = None  # int64 [n, F]: every factor the judge scores (Judgement.factor_pred)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class EditSession:
     run_classes: list[int]
     heldout: np.ndarray  # int64 sample ids never used to train the SAE
     null_class: int | None = None  # set: sample unconditionally (this condition, no guidance)
-    _before: dict[int, tuple] = field(default_factory=dict)
+    _before: dict[int, Judged] = field(default_factory=dict)  # sample id -> its unedited image, judged
 
     @property
     def num_steps(self) -> int:
@@ -65,7 +66,7 @@ class EditSession:
         if self.judge is None:
             return Judged(images_u8, None, None)
         v = self.judge.judge(from_uint8(images_u8))
-        return Judged(images_u8, v.pred, v.confidence)
+        return Judged(images_u8, v.pred, v.confidence, v.factor_pred)
 
     def sample(self, sample_ids: Sequence[int], observer=None, batch_size: int = 64) -> np.ndarray:
         """uint8 [n, H, W, C] images of the run's sample ids (their seeds and classes)."""
@@ -80,12 +81,12 @@ class EditSession:
         if todo:
             got = self.judge_images(self.sample(todo))
             for j, sid in enumerate(todo):
-                self._before[sid] = (got.images[j], None if got.pred is None else got.pred[j],
-                                     None if got.conf is None else got.conf[j])
+                self._before[sid] = Judged(got.images[j:j + 1], *(None if a is None else a[j:j + 1]
+                                                                  for a in (got.pred, got.conf, got.factors)))
         rows = [self._before[int(i)] for i in sample_ids]
-        if rows[0][1] is None:
-            return Judged(np.stack([r[0] for r in rows]), None, None)
-        return Judged(np.stack([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+        return Judged(np.concatenate([r.images for r in rows]),
+                      *(None if getattr(rows[0], a) is None else np.concatenate([getattr(r, a) for r in rows])
+                        for a in ("pred", "conf", "factors")))
 
 
 def open_session(ctx: RunContext, target: SaeRecord, cfg_renorm: float | None = None,
@@ -121,12 +122,15 @@ class EditResult:
     references: Judged | None  # style: the reference of each sample, unedited
     delta_ratio: float  # mean |dec(z') - dec(z)| / |x| over edited steps and tokens
     target_judged: int | None = None  # the judge's class that target_class asks for (-1: it names none)
+    concept: ConceptPick | None = None  # set: the latents were picked for this concept
 
     def rows(self, run_id: str, image_dir: str | None = None) -> list[dict]:
         """``edits`` rows; image_dir: where ``write_edit_images`` put the images, relative to the warehouse
         root (None: not written, the rows name none)."""
         cfg = json.dumps(self.config, sort_keys=True)
         judged = self.before.pred is not None
+        shown = [None, None] if self.concept is None else [self.concept.shown(j.factors)
+                                                           for j in (self.before, self.after)]
         out = []
         for i, sid in enumerate(self.sample_ids):
             out.append({
@@ -143,6 +147,9 @@ class EditResult:
                 "conf_after": float(self.after.conf[i]) if judged else None,
                 "image_before": None if image_dir is None else f"{image_dir}/{int(sid)}-before.png",
                 "image_after": None if image_dir is None else f"{image_dir}/{int(sid)}-after.png",
+                "concept": None if self.concept is None else self.concept.name,
+                "concept_before": None if shown[0] is None else bool(shown[0][i]),
+                "concept_after": None if shown[1] is None else bool(shown[1][i]),
             })
         return out
 
@@ -155,7 +162,8 @@ def edit_id_of(config: dict) -> str:
 def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
              row_features: Sequence[Sequence[int]] | None = None, units: dict[int, float] | None = None,
              maps: dict[int, np.ndarray] | None = None, reference_ids: Sequence[int] | None = None,
-             target_class: int | None = None, target_judged: int | None = None) -> EditResult:
+             target_class: int | None = None, target_judged: int | None = None,
+             concept: ConceptPick | None = None) -> EditResult:
     """Sample ``sample_ids`` with the edit (references, for style, appended to the batch) and judge it
     against the cached unedited images of the same seeds. target_judged: the judge's class target_class
     asks for (``Judge.asked_classes``), when that is not target_class itself (a text run's prompt)."""
@@ -188,11 +196,14 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
                     "seed": s.seed},
         "unconditional": session.null_class is not None,
     }
+    if concept is not None:  # only then: the ids of edits picked otherwise stay what they were
+        config["concept"] = f"{concept.kind}:{concept.name}"
     ratio = StepRecord.mean_ratio(hook.records)
     paired = None if refs is None else refs[np.arange(len(ids)) % len(refs)]  # [n] reference of each sample
     return EditResult(edit_id=edit_id_of(config), spec=spec, config=config, sample_ids=ids,
                       class_ids=session.class_of(ids), feature_ids=per_row, reference_ids=paired,
-                      target_class=target_class, target_judged=target_judged, before=before, after=after,
+                      target_class=target_class, target_judged=target_judged, concept=concept,
+                      before=before, after=after,
                       delta_ratio=ratio,
                       references=None if paired is None else session.before(paired))
 
@@ -204,7 +215,7 @@ class EditSummary:
     edit_id: str
     label: str
     changed: float | None  # fraction of samples whose predicted class changed
-    hit_rate: float | None  # boosting: became target_class; suppressing: stopped being target_class
+    hit_rate: float | None  # boosting: became target_class (shows the concept); suppressing: stopped
     eligible: int  # samples hit_rate is over (not target_class before / target_class before)
     delta_ratio: float
 
@@ -214,15 +225,21 @@ def summarise(r: EditResult) -> EditSummary:
     if r.before.pred is None:
         return EditSummary(r.edit_id, label, None, None, 0, r.delta_ratio)
     changed = float((r.after.pred != r.before.pred).mean())
-    hit, eligible = None, 0
     # the judge's class, not the condition: in a text run condition 4 is a prompt, which may ask for a seven
     c = r.target_class if r.target_judged is None else r.target_judged
-    if c is not None and c >= 0 and r.spec.op != "style":
+    if r.concept is not None:
+        before, after = r.concept.shown(r.before.factors), r.concept.shown(r.after.factors)  # bool [n] or None
+    elif c is not None and c >= 0:
+        before, after = r.before.pred == c, r.after.pred == c
+    else:
+        before = after = None
+    hit, eligible = None, 0
+    if before is not None and r.spec.op != "style":
         boosting = not suppresses(r.spec.op, r.spec.strength)
-        ok = r.before.pred != c if boosting else r.before.pred == c
+        ok = ~before if boosting else before
         eligible = int(ok.sum())
         if eligible:
-            hit = float(((r.after.pred == c) if boosting else (r.after.pred != c))[ok].mean())
+            hit = float((after if boosting else ~after)[ok].mean())
     return EditSummary(r.edit_id, label, changed, hit, eligible, r.delta_ratio)
 
 
@@ -251,14 +268,16 @@ def run_configured_edits(ctx: RunContext, publish: bool = True) -> EditsReport:
     results, summaries = [], []
     for spec in plan.specs:
         r = run_edit(session, spec, plan.sample_ids, units=plan.units, maps=plan.maps,
-                     reference_ids=plan.reference_ids, target_class=plan.target_class, target_judged=judged)
+                     reference_ids=plan.reference_ids, target_class=plan.target_class, target_judged=judged,
+                     concept=plan.concept)
         results.append(r)
         summaries.append(summarise(r))
         s = summaries[-1]
         ctx.log(f"  {s.edit_id} {s.label}: changed {_pct(s.changed)}, hit rate {_pct(s.hit_rate)} "
                 f"(of {s.eligible}), |delta|/|x| {s.delta_ratio:.3f}")
-    png = grid_png(results, title=f"{plan.target.sae_id}: {e.op}" +
-                   (f" towards class {plan.target_class}" if plan.target_class is not None else ""))
+    towards = (f" towards {plan.concept.kind} {plan.concept.name}" if plan.concept is not None else
+               f" towards class {plan.target_class}" if plan.target_class is not None else "")
+    png = grid_png(results, title=f"{plan.target.sae_id}: {e.op}{towards}")
     name = f"{plan.target.sae_id}-{e.op}-" + edit_id_of({"ids": [r.edit_id for r in results]})[1:9]
     path = save_png(png, ctx.project.edits_dir / f"{name}.png")
     if publish:

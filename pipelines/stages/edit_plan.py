@@ -1,6 +1,7 @@
 """What to edit: the `[edit]` request (config or `tide edit`) resolved against the warehouse before any model
 is loaded: the SAE (checked against the configured model), the features most selective for a class
-(`v_features`), their units (mean activation) and spatial maps, the samples and style references."""
+(`v_features`) or most associated with a concept (`feature_concepts`), their units (mean activation) and
+spatial maps, the samples and style references."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pipelines.stages.sae import missing_checkpoint, split_samples
 from storage import ActivationStore, SaeRecord, UnknownSaeError, Warehouse
 from tide_core.config import EditConfig, parse_config
 from tide_core.edit import EditError, EditSpec, StepWindow
+from tide_core.factors import ConditionFactors
+from tide_core.features.concepts import Concepts
 from tide_core.sampling import condition_for
 
 UNIT_OPS = ("add", "clamp")  # ops whose strength is in units of each feature (units, spatial maps)
@@ -33,6 +36,8 @@ def with_edit(project: Project, **overrides) -> Project:
     """The project with `[edit]` fields replaced (e.g. from the CLI), validated like the config file."""
     data = project.config.model_dump(mode="json")
     data["edit"] = {**data["edit"], **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("target_class") is not None and overrides.get("concept") is None:
+        data["edit"]["concept"] = None  # a class asked for now replaces the config's concept
     return dataclasses.replace(project, config=parse_config(data, origin="tide edit arguments"))
 
 
@@ -89,6 +94,66 @@ def select_features(wh: Warehouse, sae_id: str, class_id: int, n: int, min_fire_
     return [int(f) for f in rows]
 
 
+@dataclass(frozen=True)
+class ConceptPick:
+    """A concept an edit's latents were picked for, and how the judge scores it."""
+
+    name: str  # as in feature_concepts.concept ("red", "seven", a prompt word)
+    kind: str  # class, word, tag, or a factor (colour, thickness, background)
+    conditions: np.ndarray  # bool [C]: the run's conditions that carry it
+    factor: int | None = None  # column of the judge's factor verdicts that scores it (None: the judge cannot)
+    value: int | None = None  # its value code in that column
+
+    def shown(self, factor_pred: np.ndarray | None) -> np.ndarray | None:
+        """bool [n]: the judge sees the concept (factor_pred: int64 [n, F]); None if it cannot tell."""
+        if factor_pred is None or self.factor is None:
+            return None
+        return factor_pred[:, self.factor] == self.value
+
+
+def pick_concept(wh: Warehouse, sae_id: str, concept: str, concepts: Concepts,
+                 asked: ConditionFactors | None) -> ConceptPick:
+    """``concept`` ("red", or "colour:red" where one name has several kinds) among the run's concepts,
+    with the judge's column for it: a factor value of a factor-judged run, or a class of a class run."""
+    kind, _, name = concept.rpartition(":")
+    hits = [k for k, (n, kd) in enumerate(zip(concepts.names, concepts.kinds, strict=True))
+            if n == name and kind in ("", kd)]
+    if not hits:
+        known = sorted({f"{kd}:{n}" for n, kd in zip(concepts.names, concepts.kinds, strict=True)})
+        raise EditError(f"edit.concept={concept!r} is not a concept of this run; its concepts are "
+                        f"{', '.join(known[:40])}{' ...' if len(known) > 40 else ''}")
+    if len(hits) > 1:
+        kinds = ", ".join(f"{concepts.kinds[k]}:{name}" for k in hits)
+        raise EditError(f"edit.concept={concept!r} names concepts of several kinds: write one of {kinds}")
+    k = hits[0]
+    kind = concepts.kinds[k]
+    factor = value = None
+    if asked is not None and kind in asked.names:  # a factor value ("colour=red" where two factors share it)
+        factor = asked.names.index(kind)
+        value = asked.values[factor].index(name.rpartition("=")[2])
+    elif asked is None and kind == "class":  # a class run: the judge's class codes are the run's class ids
+        factor, value = 0, int(concepts.names.index(name))
+    return ConceptPick(name, kind, concepts.incidence[:, k], factor, value)
+
+
+def select_concept_features(wh: Warehouse, sae_id: str, pick: ConceptPick, n: int,
+                            min_fire_rate: float = 0.0) -> list[int]:
+    """The n latents with the highest lift for the concept (``feature_concepts``: fire rate on the images
+    that carry it over the rate on all images), among those firing on at least min_fire_rate of its
+    images' tokens and more often with it than without (lift > 1)."""
+    rows = wh.query("SELECT feature_id FROM feature_concepts WHERE sae_id = ? AND concept = ? AND kind = ? "
+                    "AND fire_rate >= ? AND lift > 1 ORDER BY lift DESC, fire_rate DESC, feature_id LIMIT ?",
+                    [sae_id, pick.name, pick.kind, min_fire_rate, n]).column(0).to_pylist()
+    if not rows:
+        have = wh.query("SELECT count(*) FROM feature_concepts WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
+        if not have:
+            raise EditError(f"the `feature_concepts` table has no rows for SAE {sae_id}: materialize the feature "
+                            "statistics first, or name the features (--features / edit.feature_ids)")
+        raise EditError(f"no latent of SAE {sae_id} fires more often with {pick.kind}:{pick.name} than without "
+                        f"on at least {min_fire_rate} of its tokens: lower edit.min_fire_rate (--min-fire-rate)")
+    return [int(f) for f in rows]
+
+
 def feature_units(wh: Warehouse, sae_id: str, feature_ids: Sequence[int]) -> dict[int, float]:
     """Each feature's mean activation when it fires (the unit of add / clamp strengths, units=mean_act)."""
     rows = wh.query("SELECT feature_id, mean_act FROM features WHERE sae_id = ? AND list_contains(?, feature_id)",
@@ -132,6 +197,7 @@ class EditPlan:
     sample_ids: np.ndarray
     reference_ids: np.ndarray | None
     target_class: int | None
+    concept: ConceptPick | None = None  # set: the latents were picked for this concept (edit.concept)
 
 
 def plan_edits(ctx: RunContext) -> EditPlan:
@@ -140,14 +206,21 @@ def plan_edits(ctx: RunContext) -> EditPlan:
     num_steps = ctx.config.sampling.num_steps
     wh, store = ctx.warehouse, ctx.store()
     target = resolve_sae(ctx)
-    if e.target_class is not None and not e.feature_ids:
+    if e.target_class is not None and not e.feature_ids and e.concept is None:
         classes = store.provenance["sampling"]["classes"]
         if e.target_class not in classes:
             raise EditError(f"edit.target_class={e.target_class} is not a class of the run (classes {classes})")
+    concept = None
     if e.feature_ids:
         features = list(e.feature_ids)  # checked against the SAE with each spec below
     elif e.op == "style":
         features = []  # all latents
+    elif e.concept is not None:
+        from pipelines.stages.features import run_concepts, run_factors  # the concepts feature_concepts holds
+
+        asked = run_factors(store.provenance, ctx.family.judge_class)
+        concept = pick_concept(wh, target.sae_id, e.concept, run_concepts(store.provenance, asked), asked)
+        features = select_concept_features(wh, target.sae_id, concept, e.n_features, e.min_fire_rate)
     else:
         features = select_features(wh, target.sae_id, e.target_class, e.n_features, e.min_fire_rate)
     units = feature_units(wh, target.sae_id, features) if e.units == "mean_act" and e.op in UNIT_OPS else None
@@ -157,15 +230,16 @@ def plan_edits(ctx: RunContext) -> EditPlan:
     specs = [EditSpec(e.op, tuple(features), s, w, e.branch, pooled=e.pooled) for w in windows for s in strengths]
     for spec in specs:
         spec.check(target.n_latents, num_steps)
-    samples, refs = _samples(ctx, e, target, store)
+    samples, refs = _samples(ctx, e, target, store, concept)
+    by_class = not e.feature_ids and concept is None
     return EditPlan(target=target, specs=specs, feature_ids=features, units=units, maps=maps, sample_ids=samples,
-                    reference_ids=refs, target_class=None if e.feature_ids else e.target_class)
+                    reference_ids=refs, target_class=e.target_class if by_class else None, concept=concept)
 
 
-def _samples(ctx: RunContext, e: EditConfig, target: SaeRecord,
-             store: ActivationStore) -> tuple[np.ndarray, np.ndarray | None]:
-    """edit.sample_ids, or held-out samples: of other classes when boosting target_class, of it when any
-    strength suppresses it (``suppresses``)."""
+def _samples(ctx: RunContext, e: EditConfig, target: SaeRecord, store: ActivationStore,
+             concept: ConceptPick | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """edit.sample_ids, or held-out samples: of other classes when boosting target_class (of conditions
+    without the concept), of it (with it) when any strength suppresses it (``suppresses``)."""
     n_run = store.layout.num_samples
     classes = store.provenance["sampling"]["classes"]
     for name, ids in (("sample_ids", e.sample_ids), ("reference_ids", e.reference_ids)):
@@ -177,13 +251,16 @@ def _samples(ctx: RunContext, e: EditConfig, target: SaeRecord,
         ids = np.asarray(e.sample_ids, np.int64)
     else:
         pool = heldout
-        if e.target_class is not None and not e.feature_ids and e.op != "style" and not e.unconditional:
+        by_class = e.target_class is not None and concept is None
+        if (by_class or concept is not None) and not e.feature_ids and e.op != "style" and not e.unconditional:
             suppress = any(suppresses(e.op, s) for s in e.strengths or [0.0])  # zero may list none
             cls = np.array([condition_for(int(i), classes) for i in heldout])
-            pool = heldout[(cls == e.target_class) if suppress else (cls != e.target_class)]
+            has = cls == e.target_class if by_class else concept.conditions[cls]  # [n] carries the target
+            pool = heldout[has if suppress else ~has]
         ids = pool[:e.n_samples]
         if len(ids) == 0:
-            raise EditError(f"no held-out sample fits edit.target_class={e.target_class}: give edit.sample_ids")
+            asked = f"edit.concept={e.concept}" if concept is not None else f"edit.target_class={e.target_class}"
+            raise EditError(f"no held-out sample fits {asked}: give edit.sample_ids")
     if e.op != "style":
         if e.reference_ids:
             raise EditError(f"edit.reference_ids only apply to op 'style', not {e.op!r}")

@@ -247,12 +247,18 @@ class EditConfig(Section):
     target_class: int | None = 0
     """Edit the n_features latents most selective for this class (read from the `features` table). In a
     text-conditional run the conditions are the prompts: this is a prompt's position in the prompt file."""
+    concept: str | None = None
+    """Edit the n_features latents most associated with this concept instead of target_class's: a class
+    name, a prompt word or tag, or a factor value ("red"; "colour:red" where a name has several kinds), as
+    `feature_concepts` lists them (highest lift first). Where the judge scores the concept (a class, a
+    styled factor value), each `edits` row says whether it shows before and after the edit."""
     feature_ids: list[int] | None = None
-    """Explicit latents to edit instead of target_class's most selective ones."""
+    """Explicit latents to edit instead of target_class's (or concept's) most selective ones."""
     n_features: int = Field(8, ge=1, le=4096)
-    """How many of target_class's most selective latents are edited."""
+    """How many of target_class's most selective latents (or concept's) are edited."""
     min_fire_rate: float = Field(0.001, ge=0.0, le=1.0)
-    """Latents firing on fewer tokens than this are never picked by class (their selectivity is noise)."""
+    """Latents firing on fewer tokens than this (of the concept's images' tokens, for a concept) are never
+    picked by class or concept (their selectivity is noise)."""
     strengths: list[float] = Field(default_factory=lambda: [16.0, 64.0], min_length=1)
     """Strengths shown side by side. add / clamp: multiples of each feature's unit (see units); scale: a
     factor; style: the fraction of the way to the reference's latents (1 = copy); zero ignores it."""
@@ -283,6 +289,13 @@ class EditConfig(Section):
     cfg_renorm: float | None = Field(None, gt=0.0)
     """If set, cap each image's guided noise prediction at this times the conditional one's norm (before
     and after images alike); unset = off."""
+
+    @model_validator(mode="after")
+    def _one_feature_choice(self) -> EditConfig:
+        if self.concept is not None and self.feature_ids:
+            raise ValueError(f"edit.concept={self.concept!r} and edit.feature_ids={self.feature_ids} both pick the "
+                             "latents: keep one")
+        return self
 
 
 class WarehouseConfig(Section):
