@@ -81,17 +81,23 @@ def resolve_sae(ctx: RunContext) -> SaeRecord:
 def select_features(wh: Warehouse, sae_id: str, class_id: int, n: int, min_fire_rate: float = 0.0) -> list[int]:
     """The n latents most selective for class_id (top_class = class_id, highest class_selectivity first),
     ignoring those firing on fewer than min_fire_rate of tokens."""
-    rows = wh.query("SELECT feature_id FROM v_features WHERE sae_id = ? AND top_class = ? AND fire_rate >= ? "
-                    "AND class_selectivity IS NOT NULL ORDER BY class_selectivity DESC, fire_rate DESC, "
-                    "feature_id LIMIT ?", [sae_id, class_id, min_fire_rate, n]).column(0).to_pylist()
-    if not rows:
-        have = wh.query("SELECT count(*) FROM features WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
-        if not have:
-            raise EditError(f"the `features` table has no rows for SAE {sae_id}: materialize the feature "
-                            "statistics first, or name the features (--features / edit.feature_ids)")
-        raise EditError(f"no feature of SAE {sae_id} has top_class {class_id} and fire_rate >= {min_fire_rate}: "
-                        "lower edit.min_fire_rate (--min-fire-rate) or check the class id")
-    return [int(f) for f in rows]
+    return _picked(wh, sae_id, "features", "SELECT feature_id FROM v_features WHERE sae_id = ? AND top_class = ? "
+                   "AND fire_rate >= ? AND class_selectivity IS NOT NULL ORDER BY class_selectivity DESC, "
+                   "fire_rate DESC, feature_id LIMIT ?", [sae_id, class_id, min_fire_rate, n],
+                   f"no feature of SAE {sae_id} has top_class {class_id} and fire_rate >= {min_fire_rate}: "
+                   "lower edit.min_fire_rate (--min-fire-rate) or check the class id")
+
+
+def _picked(wh: Warehouse, sae_id: str, table: str, sql: str, params: list, none_match: str) -> list[int]:
+    """The feature ids ``sql`` picks from the statistics in ``table``; when none, an error that says
+    whether the statistics are missing or nothing matched (``none_match``)."""
+    rows = wh.query(sql, params).column(0).to_pylist()
+    if rows:
+        return [int(f) for f in rows]
+    if not wh.query(f"SELECT count(*) FROM {table} WHERE sae_id = ?", [sae_id]).column(0)[0].as_py():
+        raise EditError(f"the `{table}` table has no rows for SAE {sae_id}: materialize the feature statistics "
+                        "first, or name the features (--features / edit.feature_ids)")
+    raise EditError(none_match)
 
 
 @dataclass(frozen=True)
@@ -141,17 +147,11 @@ def select_concept_features(wh: Warehouse, sae_id: str, pick: ConceptPick, n: in
     """The n latents with the highest lift for the concept (``feature_concepts``: fire rate on the images
     that carry it over the rate on all images), among those firing on at least min_fire_rate of its
     images' tokens and more often with it than without (lift > 1)."""
-    rows = wh.query("SELECT feature_id FROM feature_concepts WHERE sae_id = ? AND concept = ? AND kind = ? "
-                    "AND fire_rate >= ? AND lift > 1 ORDER BY lift DESC, fire_rate DESC, feature_id LIMIT ?",
-                    [sae_id, pick.name, pick.kind, min_fire_rate, n]).column(0).to_pylist()
-    if not rows:
-        have = wh.query("SELECT count(*) FROM feature_concepts WHERE sae_id = ?", [sae_id]).column(0)[0].as_py()
-        if not have:
-            raise EditError(f"the `feature_concepts` table has no rows for SAE {sae_id}: materialize the feature "
-                            "statistics first, or name the features (--features / edit.feature_ids)")
-        raise EditError(f"no latent of SAE {sae_id} fires more often with {pick.kind}:{pick.name} than without "
-                        f"on at least {min_fire_rate} of its tokens: lower edit.min_fire_rate (--min-fire-rate)")
-    return [int(f) for f in rows]
+    return _picked(wh, sae_id, "feature_concepts", "SELECT feature_id FROM feature_concepts WHERE sae_id = ? "
+                   "AND concept = ? AND kind = ? AND fire_rate >= ? AND lift > 1 ORDER BY lift DESC, fire_rate DESC, "
+                   "feature_id LIMIT ?", [sae_id, pick.name, pick.kind, min_fire_rate, n],
+                   f"no latent of SAE {sae_id} fires more often with {pick.kind}:{pick.name} than without on at "
+                   f"least {min_fire_rate} of its tokens: lower edit.min_fire_rate (--min-fire-rate)")
 
 
 def feature_units(wh: Warehouse, sae_id: str, feature_ids: Sequence[int]) -> dict[int, float]:
