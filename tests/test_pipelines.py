@@ -62,6 +62,11 @@ def test_code_versions_follow_only_the_config_fields_an_asset_reads(tmp_path):
     rate = versions({"sae": {"spec": {"threshold_rate": 0.02}}})
     assert {k for k in base if base[k] != rate[k]} == {"sae"} and "-batch-" in rate["sae"]
     assert versions({"sae": {"spec": {"threshold_rate": 0.01}}}) == base
+    # how often a DiT training saves its state is not part of any result
+    assert versions({"model": {"digits": {"resume_every": 7}}}) == base
+    # edit.concept counts only when set, so warehouses with edits from before it keep their versions
+    concept = versions({"edit": {"concept": "3"}})
+    assert {k for k in base if base[k] != concept[k]} == {"edits"} and "-concept-" in concept["edits"]
 
 
 def test_definitions_module_imports_no_torch():

@@ -29,8 +29,8 @@ class Version:
 
     revision: int
     config: tuple[str, ...] = ()
-    # where a result is kept is not what it is
-    exclude: tuple[str, ...] = tuple(f"{m}.checkpoint_dir" for m in BUILT_MODELS)
+    # where a result is kept is not what it is, nor how often a training saves its state to resume
+    exclude: tuple[str, ...] = (*(f"{m}.checkpoint_dir" for m in BUILT_MODELS), "model.digits.resume_every")
     # a setting hashed only when it is away from its default, so a config that leaves it alone keeps the
     # versions it had before the setting existed ("" at the default)
     extra: Callable[[TideConfig], str] | None = None
@@ -41,7 +41,7 @@ def _styled(cfg: TideConfig) -> str:
     families existed, whose versions it must not change."""
     if cfg.model.source != STYLED_DIGITS_SOURCE:
         return ""
-    return f"styled-{content_key(cfg.model.styled_digits.model_dump(exclude={'checkpoint_dir'}))[:8]}"
+    return f"styled-{content_key(cfg.model.styled_digits.model_dump(exclude={'checkpoint_dir', 'resume_every'}))[:8]}"
 
 
 def _probes(cfg: TideConfig) -> str:
@@ -58,6 +58,11 @@ def _acts_kept(cfg: TideConfig) -> str:
 
 def _capture(cfg: TideConfig) -> str:
     return "-".join(p for p in (_styled(cfg), _acts_kept(cfg)) if p)
+
+
+def _concept(cfg: TideConfig) -> str:
+    """edit.concept, only when set (it was added after warehouses with edits existed)."""
+    return "" if cfg.edit.concept is None else f"concept-{content_key(cfg.edit.concept)[:8]}"
 
 
 def _block_order(cfg: TideConfig) -> str:
@@ -97,7 +102,7 @@ VERSIONS: dict[str, Version] = {
     "feature_stats": Version(2, ("features.top_n", "features.neighbors", "features.concepts_per_feature"),
                              extra=_probes),
     "top_images": Version(1, ("features.top_n",)),
-    "edits": Version(1, ("edit",)),
+    "edits": Version(1, ("edit",), exclude=("edit.concept",), extra=_concept),
     "feature_dashboard": Version(1),
 }
 

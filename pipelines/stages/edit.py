@@ -203,8 +203,7 @@ def run_edit(session: EditSession, spec: EditSpec, sample_ids: Sequence[int], *,
     return EditResult(edit_id=edit_id_of(config), spec=spec, config=config, sample_ids=ids,
                       class_ids=session.class_of(ids), feature_ids=per_row, reference_ids=paired,
                       target_class=target_class, target_judged=target_judged, concept=concept,
-                      before=before, after=after,
-                      delta_ratio=ratio,
+                      before=before, after=after, delta_ratio=ratio,
                       references=None if paired is None else session.before(paired))
 
 

@@ -117,8 +117,7 @@ class ConceptPick:
         return factor_pred[:, self.factor] == self.value
 
 
-def pick_concept(wh: Warehouse, sae_id: str, concept: str, concepts: Concepts,
-                 asked: ConditionFactors | None) -> ConceptPick:
+def pick_concept(concept: str, concepts: Concepts, asked: ConditionFactors | None) -> ConceptPick:
     """``concept`` ("red", or "colour:red" where one name has several kinds) among the run's concepts,
     with the judge's column for it: a factor value of a factor-judged run, or a class of a class run."""
     kind, _, name = concept.rpartition(":")
@@ -219,7 +218,7 @@ def plan_edits(ctx: RunContext) -> EditPlan:
         from pipelines.stages.features import run_concepts, run_factors  # the concepts feature_concepts holds
 
         asked = run_factors(store.provenance, ctx.family.judge_class)
-        concept = pick_concept(wh, target.sae_id, e.concept, run_concepts(store.provenance, asked), asked)
+        concept = pick_concept(e.concept, run_concepts(store.provenance, asked), asked)
         features = select_concept_features(wh, target.sae_id, concept, e.n_features, e.min_fire_rate)
     else:
         features = select_features(wh, target.sae_id, e.target_class, e.n_features, e.min_fire_rate)
