@@ -315,7 +315,9 @@ def grid_png(results: Sequence[EditResult], title: str = "") -> bytes:
                                          for r in results]
     if first.references is not None:
         cols.insert(0, ("reference", first.references))
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.05 * len(cols), 1.15 * n + 0.6), squeeze=False)
+    height = 1.15 * n + 0.6  # inches
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.05 * len(cols), height), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.75 / height)  # room for the title and column titles, whatever the row count
     for j, (name, judged) in enumerate(cols):
         axes[0, j].set_title(name, fontsize=6)
         for i in range(n):
@@ -329,7 +331,7 @@ def grid_png(results: Sequence[EditResult], title: str = "") -> bytes:
     for i in range(n):
         axes[i, 0].set_ylabel(f"#{int(first.sample_ids[i])} c{int(first.class_ids[i])}", fontsize=6)
     if title:
-        fig.suptitle(title, fontsize=7)
+        fig.suptitle(title, fontsize=7, y=1 - 0.1 / height)
     return png_bytes_of_figure(fig)
 
 
