@@ -49,6 +49,7 @@ Branch = Literal["both", "cond"]
 
 
 def check_branch(branch: str) -> None:
+    """The CFG halves an edit or steering hook may change: both, or the conditional one."""
     if branch not in get_args(Branch):
         raise EditError(f"branch must be 'both' or 'cond', got {branch!r}")
 
@@ -58,6 +59,8 @@ def edited_halves(branch: Branch, guided: bool) -> tuple[int, int]:
     editing the first ``edited`` of ``halves`` edits what ``branch`` asks for."""
     halves = 2 if guided else 1
     return halves, 1 if branch == "cond" else halves
+
+
 @dataclass(frozen=True)
 class EditSpec:
     """One feature edit: which latents, how, how much and when."""

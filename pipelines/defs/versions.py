@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipelines.project import content_key
-from tide_core.config import STYLED_DIGITS_SOURCE, SWEEP_GRID_FIELDS, TideConfig
+from tide_core.config import STYLED_DIGITS_SOURCE, SWEEP_GRID_FIELDS, DigitsDiTConfig, TideConfig
 from tide_core.sae.spec import BATCH_CONFIG_PATHS, batch_settings
 
 BUILT_MODELS = ("model.digits", "model.tiny_pixart", "model.tiny_sd3", "model.tiny_flux")
@@ -29,8 +29,9 @@ class Version:
 
     revision: int
     config: tuple[str, ...] = ()
-    # where a result is kept is not what it is, nor how often a training saves its state to resume
-    exclude: tuple[str, ...] = (*(f"{m}.checkpoint_dir" for m in BUILT_MODELS), "model.digits.resume_every")
+    # where a result is kept is not what it is (nor, for a DiT trained here, the rest of its NOT_RECIPE)
+    exclude: tuple[str, ...] = (*(f"{m}.checkpoint_dir" for m in BUILT_MODELS if m != "model.digits"),
+                                *(f"model.digits.{f}" for f in sorted(DigitsDiTConfig.NOT_RECIPE)))
     # a setting hashed only when it is away from its default, so a config that leaves it alone keeps the
     # versions it had before the setting existed ("" at the default)
     extra: Callable[[TideConfig], str] | None = None
@@ -41,7 +42,7 @@ def _styled(cfg: TideConfig) -> str:
     families existed, whose versions it must not change."""
     if cfg.model.source != STYLED_DIGITS_SOURCE:
         return ""
-    return f"styled-{content_key(cfg.model.styled_digits.model_dump(exclude={'checkpoint_dir', 'resume_every'}))[:8]}"
+    return f"styled-{cfg.model.styled_digits.fingerprint()[:8]}"
 
 
 def _probes(cfg: TideConfig) -> str:

@@ -38,6 +38,16 @@ class Judged:
     conf: np.ndarray | None  # float32 [n]
     factors: np.ndarray | None = None  # int64 [n, F]: every factor the judge scores (Judgement.factor_pred)
 
+    def take(self, index) -> Judged:
+        """These images' rows at ``index`` (an int slice or an index array), verdicts and all."""
+        return Judged(*(None if a is None else a[index] for a in (self.images, self.pred, self.conf, self.factors)))
+
+    @staticmethod
+    def concat(parts: Sequence[Judged]) -> Judged:
+        """Parts (all judged, or none) one after another."""
+        cols = zip(*((j.images, j.pred, j.conf, j.factors) for j in parts), strict=True)
+        return Judged(*(None if c[0] is None else np.concatenate(c) for c in cols))
+
 
 @dataclass
 class EditSession:
@@ -81,12 +91,8 @@ class EditSession:
         if todo:
             got = self.judge_images(self.sample(todo))
             for j, sid in enumerate(todo):
-                self._before[sid] = Judged(got.images[j:j + 1], *(None if a is None else a[j:j + 1]
-                                                                  for a in (got.pred, got.conf, got.factors)))
-        rows = [self._before[int(i)] for i in sample_ids]
-        return Judged(np.concatenate([r.images for r in rows]),
-                      *(None if getattr(rows[0], a) is None else np.concatenate([getattr(r, a) for r in rows])
-                        for a in ("pred", "conf", "factors")))
+                self._before[sid] = got.take(slice(j, j + 1))
+        return Judged.concat([self._before[int(i)] for i in sample_ids])
 
 
 def open_session(ctx: RunContext, target: SaeRecord, cfg_renorm: float | None = None,

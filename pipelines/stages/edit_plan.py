@@ -18,7 +18,7 @@ from storage import ActivationStore, SaeRecord, UnknownSaeError, Warehouse
 from tide_core.config import EditConfig, parse_config
 from tide_core.edit import EditError, EditSpec, StepWindow
 from tide_core.factors import ConditionFactors
-from tide_core.features.concepts import Concepts
+from tide_core.features.concepts import Concepts, run_concepts, run_factors
 from tide_core.sampling import condition_for
 
 UNIT_OPS = ("add", "clamp")  # ops whose strength is in units of each feature (units, spatial maps)
@@ -137,7 +137,7 @@ def pick_concept(concept: str, concepts: Concepts, asked: ConditionFactors | Non
         factor = asked.names.index(kind)
         value = asked.values[factor].index(name.rpartition("=")[2])
     elif asked is None and kind == "class":  # a class run: the judge's class codes are the run's class ids
-        factor, value = 0, int(concepts.names.index(name))
+        factor, value = 0, k
     return ConceptPick(name, kind, concepts.incidence[:, k], factor, value)
 
 
@@ -215,8 +215,6 @@ def plan_edits(ctx: RunContext) -> EditPlan:
     elif e.op == "style":
         features = []  # all latents
     elif e.concept is not None:
-        from pipelines.stages.features import run_concepts, run_factors  # the concepts feature_concepts holds
-
         asked = run_factors(store.provenance, ctx.family.judge_class)
         concept = pick_concept(e.concept, run_concepts(store.provenance, asked), asked)
         features = select_concept_features(wh, target.sae_id, concept, e.n_features, e.min_fire_rate)

@@ -25,7 +25,6 @@ from pipelines.stages.feature_tokens import token_table
 from pipelines.stages.probes import probe_inputs, sae_probes
 from pipelines.stages.sae import check_inputs, missing_checkpoint
 from storage import OVERALL_STEP, ActivationStore, SaeRecord
-from tide_core.factors import ConditionFactors
 from tide_core.features import (
     HIST_EDGES,
     Chunk,
@@ -33,19 +32,16 @@ from tide_core.features import (
     FeatureSummary,
     PositionStats,
     StepPartial,
-    class_concepts,
     concept_rows,
     decoder_neighbors,
-    factor_concepts,
     merge_all,
-    prompt_concepts,
     selectivity,
     step_partial,
     summarise,
     tree_reduce,
 )
-from tide_core.features.factor_association import FactorAssociation, factor_association, scored_factors
-from tide_core.prompts import Prompt
+from tide_core.features.concepts import run_concepts, run_factors
+from tide_core.features.factor_association import FactorAssociation, factor_association
 from tide_core.sae import SparseAutoencoder
 
 DECILES = np.linspace(0.1, 0.9, 9)
@@ -256,33 +252,12 @@ def _trimmed_histograms(hist: np.ndarray) -> tuple[list, list]:
     return counts, edges
 
 
-def run_factors(provenance: dict, judge_class=None) -> ConditionFactors | None:
-    """What a prompted run's conditions ask of each factor its family's judge scores (None: a class run,
-    or no judge); only the factors some prompt names."""
-    prompts = provenance.get("prompts")
-    if not prompts or judge_class is None:
-        return None
-    asked = scored_factors(judge_class.condition_factors([p["text"] for p in prompts]))
-    return asked if asked.names else None
-
-
 def factor_table(a: FactorAssociation) -> pa.Table:
     """feature_factors rows of one SAE (without sae_id, the partition)."""
     return pa.table({
         "feature_id": a.feature_id, "factor": pa.array(a.factor, pa.string()), "step": a.step.astype(np.int32),
         "best_value": pa.array(a.best_value, pa.string()), "mutual_info": a.mutual_info,
         "normalized_mi": np.clip(a.normalized_mi, 0.0, 1.0), "best_rate": a.best_rate, "lift": _masked(a.lift)})
-
-
-def run_concepts(provenance: dict, asked: ConditionFactors | None = None) -> Concepts:
-    """The concepts of a run's conditions: the factor values its prompts ask for (``run_factors``, for a family
-    whose judge knows factors), else its prompts' words and tags, or its class names."""
-    if asked is not None:
-        return factor_concepts(asked)
-    prompts = provenance.get("prompts")
-    if prompts:
-        return prompt_concepts([Prompt(p["text"], tuple(p["tags"])) for p in prompts])
-    return class_concepts([str(c) for c in provenance["class_names"]])
 
 
 def save_summary(path: Path, summary: FeatureSummary) -> None:

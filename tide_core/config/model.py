@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -39,9 +39,12 @@ class PixelDiTConfig(Section):
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim
 
+    # where the weights are stored and how often training saves its state: not what the weights are
+    NOT_RECIPE: ClassVar[frozenset[str]] = frozenset({"checkpoint_dir", "resume_every"})
+
     def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not where they are stored)."""
-        payload = self.model_dump(exclude={"checkpoint_dir", "resume_every"})
+        """Hash of everything that changes the trained weights (``NOT_RECIPE`` left out)."""
+        payload = self.model_dump(exclude=set(self.NOT_RECIPE))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

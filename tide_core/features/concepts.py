@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tide_core.factors import ConditionFactors
+from tide_core.features.factor_association import scored_factors
 from tide_core.features.summary import FeatureSummary
 from tide_core.prompts import Prompt
 
@@ -111,3 +112,24 @@ def concept_rows(summary: FeatureSummary, concepts: Concepts, images_per_conditi
     return ConceptRows(feature_id=ff.astype(np.int64), concept=[concepts.names[k] for k in kk],
                        kind=[concepts.kinds[k] for k in kk], images=k_images[kk], fire_rate=rate[kk, ff],
                        mean_act=mean[kk, ff], lift=lift[kk, ff])
+
+
+def run_factors(provenance: dict, judge_class=None) -> ConditionFactors | None:
+    """What a prompted run's conditions ask of each factor its family's judge scores (None: a class run,
+    or no judge); only the factors some prompt names."""
+    prompts = provenance.get("prompts")
+    if not prompts or judge_class is None:
+        return None
+    asked = scored_factors(judge_class.condition_factors([p["text"] for p in prompts]))
+    return asked if asked.names else None
+
+
+def run_concepts(provenance: dict, asked: ConditionFactors | None = None) -> Concepts:
+    """The concepts of a run's conditions: the factor values its prompts ask for (``run_factors``, for a family
+    whose judge knows factors), else its prompts' words and tags, or its class names."""
+    if asked is not None:
+        return factor_concepts(asked)
+    prompts = provenance.get("prompts")
+    if prompts:
+        return prompt_concepts([Prompt(p["text"], tuple(p["tags"])) for p in prompts])
+    return class_concepts([str(c) for c in provenance["class_names"]])
